@@ -1,0 +1,91 @@
+"""The one exception tree of tagmill.
+
+Every error a user can cause is a :class:`TagmillError`. Each class knows the exit
+code the CLI returns for it and the HTTP status the server answers with, so the two
+front ends never disagree about what went wrong.
+
+    TagmillError                      exit 1   HTTP 500
+    ├── InputError                    exit 2   HTTP 400   bad options or values
+    │   ├── SourceError               exit 3   HTTP 400   an import source cannot be read as asked
+    │   ├── LabelRuleError            exit 2   HTTP 400   a --derive rule does not parse or names unknown tags
+    │   └── UnreadableImageError      exit 2   HTTP 422   bytes that are not a usable image
+    ├── DatasetError                  exit 4   HTTP 500   a packed dataset is missing, incomplete or corrupt
+    │   └── EmptyDatasetError         exit 5   HTTP 500   an import would leave nothing trainable
+    └── StorageError                  exit 6   HTTP 502   a path or URL cannot be read or written
+"""
+
+from __future__ import annotations
+
+
+class TagmillError(Exception):
+    """Base of every error tagmill reports to a user."""
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class InputError(TagmillError):
+    """Options or values given by the user are invalid."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class SourceError(InputError):
+    """An import source does not exist, or cannot be read in the format asked for."""
+
+    exit_code = 3
+
+
+class LabelRuleError(InputError):
+    """A label rule (``--derive``) does not parse, or names tags the data does not have."""
+
+
+class UnreadableImageError(InputError):
+    """Bytes that cannot be decoded into a usable image (corrupt, truncated, a bomb...)."""
+
+    http_status = 422
+
+    def __init__(self, message: str, *, reason: str = "unreadable", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: short machine-readable category used in import reports ("unreadable", "bomb", ...)
+        self.reason = reason
+
+
+class DatasetError(TagmillError):
+    """A packed dataset is missing, incomplete (no dataset.json) or fails its checksums."""
+
+    exit_code = 4
+
+
+class EmptyDatasetError(DatasetError):
+    """An import would produce a dataset that cannot be trained on."""
+
+    exit_code = 5
+
+
+class StorageError(TagmillError):
+    """A local path or fsspec URL cannot be read or written (missing, permissions, auth)."""
+
+    exit_code = 6
+    http_status = 502
+
+
+__all__ = [
+    "TagmillError",
+    "InputError",
+    "SourceError",
+    "LabelRuleError",
+    "UnreadableImageError",
+    "DatasetError",
+    "EmptyDatasetError",
+    "StorageError",
+]

@@ -1,0 +1,162 @@
+"""Paths and URLs: every file tagmill reads or writes goes through here.
+
+A location is a local path or any fsspec URL (``s3://bucket/prefix``, ``file://...``).
+Writes are atomic: a reader never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from tagmill.errors import StorageError
+
+# Options passed to every fsspec filesystem (endpoint URLs, profiles...). The CLI
+# fills this from --storage-option; the library reads it in one place.
+_storage_options: dict[str, Any] = {}
+
+
+def set_storage_options(options: dict[str, Any]) -> None:
+    _storage_options.clear()
+    _storage_options.update(options)
+
+
+def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``location`` and the path inside it."""
+    try:
+        return url_to_fs(location, **_storage_options)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {location}: {exc}") from exc
+
+
+def is_local(location: str) -> bool:
+    return "://" not in location or location.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL, with '/' separators for URLs."""
+    if is_local(base) and "://" not in base:
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def basename(location: str) -> str:
+    return posixpath.basename(location.rstrip("/"))
+
+
+@contextlib.contextmanager
+def storage_errors(location: str) -> Iterator[None]:
+    """Turn the many ways I/O fails (OSError, botocore errors...) into StorageError."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise StorageError(f"not found: {location}") from exc
+    except PermissionError as exc:
+        raise StorageError(f"permission denied: {location} ({exc})") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot access {location}: {exc}") from exc
+    except Exception as exc:  # botocore/aiohttp errors have no common base we can import lazily
+        if type(exc).__module__.split(".")[0] in {"botocore", "aiobotocore", "aiohttp", "s3fs"}:
+            raise StorageError(f"cannot access {location}: {exc}") from exc
+        raise
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        return fs.exists(path)
+
+
+def isdir(location: str) -> bool:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        return fs.isdir(path)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        return fs.cat_file(path)
+
+
+def read_text(location: str, encoding: str = "utf-8-sig") -> str:
+    """Read a text file; the default encoding drops a UTF-8 byte-order mark."""
+    data = read_bytes(location)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise StorageError(f"{location} is not {encoding} text: {exc}") from exc
+
+
+def list_files(root: str) -> list[str]:
+    """Every file under ``root``, as sorted '/'-separated paths relative to it."""
+    fs, path = filesystem(root)
+    with storage_errors(root):
+        if not fs.isdir(path):
+            raise StorageError(f"not a directory: {root}")
+        found = fs.find(path)
+    prefix = path.rstrip("/") + "/"
+    return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+
+def open_read(location: str) -> IO[bytes]:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        return fs.open(path, "rb")
+
+
+def remove(location: str) -> None:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def makedirs(location: str) -> None:
+    fs, path = filesystem(location)
+    with storage_errors(location):
+        fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(location: str) -> Iterator[IO[bytes]]:
+    """Open ``location`` for binary writing; it appears under its name only on success.
+
+    Local files are written beside the target and renamed over it (atomic on POSIX).
+    Remote files are written to a local temporary file and uploaded in one put, so an
+    interrupted write never leaves a partial object behind.
+    """
+    fs, path = filesystem(location)
+    local = is_local(location)
+    directory = os.path.dirname(path) if local else None
+    with storage_errors(location):
+        if local:
+            os.makedirs(directory or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + posixpath.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        with storage_errors(location):
+            if local:
+                os.replace(tmp, path)
+            else:
+                fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    with atomic_write(location) as handle:
+        handle.write(data)

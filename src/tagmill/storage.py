@@ -28,6 +28,10 @@ def set_storage_options(options: dict[str, Any]) -> None:
     _storage_options.update(options)
 
 
+def current_storage_options() -> dict[str, Any]:
+    return dict(_storage_options)
+
+
 def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem holding ``location`` and the path inside it."""
     try:
@@ -127,34 +131,60 @@ def makedirs(location: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_write(location: str) -> Iterator[IO[bytes]]:
-    """Open ``location`` for binary writing; it appears under its name only on success.
+class AtomicFile:
+    """A binary file that appears under its name only when committed.
 
     Local files are written beside the target and renamed over it (atomic on POSIX).
     Remote files are written to a local temporary file and uploaded in one put, so an
-    interrupted write never leaves a partial object behind.
+    interrupted write never leaves a partial object behind. As a context manager it
+    commits on success and discards on error.
     """
-    fs, path = filesystem(location)
-    local = is_local(location)
-    directory = os.path.dirname(path) if local else None
-    with storage_errors(location):
-        if local:
-            os.makedirs(directory or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + posixpath.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._fs, self._path = filesystem(location)
+        self._local = is_local(location)
+        directory = os.path.dirname(self._path) if self._local else None
         with storage_errors(location):
-            if local:
-                os.replace(tmp, path)
-            else:
-                fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + posixpath.basename(self._path), dir=directory)
+        self.handle: IO[bytes] = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self.handle.write(data)
+
+    def commit(self) -> None:
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            with storage_errors(self.location):
+                if self._local:
+                    os.replace(self._tmp, self._path)
+                else:
+                    self._fs.put_file(self._tmp, self._path)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self.handle.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> IO[bytes]:
+        return self.handle
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def atomic_write(location: str) -> AtomicFile:
+    """``with atomic_write(url) as f: f.write(...)`` — see :class:`AtomicFile`."""
+    return AtomicFile(location)
 
 
 def write_bytes(location: str, data: bytes) -> None:

@@ -1,0 +1,210 @@
+"""The ``tagmill`` command line. It only parses options into config objects and calls
+the library; every behaviour lives in the packages below it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from tagmill import __version__, storage
+from tagmill.errors import InputError, TagmillError
+
+app = typer.Typer(
+    name="tagmill",
+    help="Image classification from a folder of labelled images to a live service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(func: F) -> F:
+    """Print a TagmillError as one clear message and exit with its code (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TagmillError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                err.print(f"  [dim]hint:[/] {exc.hint}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"tagmill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    storage_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--storage-option", help="fsspec option for URLs, KEY=VALUE (e.g. endpoint_url=http://...); repeatable."),
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    options: dict[str, Any] = {}
+    for item in storage_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            err.print(f"[bold red]error:[/] --storage-option expects KEY=VALUE, got {item!r}")
+            raise typer.Exit(InputError.exit_code)
+        options[key.strip()] = value
+    storage.set_storage_options(options)
+
+
+def _split_list(values: list[str] | None) -> tuple[str, ...]:
+    """Options given several times or comma-separated: --keep a --keep b,c."""
+    return tuple(v.strip() for value in values or [] for v in value.split(",") if v.strip())
+
+
+def _class_names(value: str | None) -> tuple[str, ...] | None:
+    """--class-names: a file with one name per line, or a comma-separated list."""
+    if value is None:
+        return None
+    if storage.exists(value) and not storage.isdir(value):
+        return tuple(line.strip() for line in storage.read_text(value).splitlines() if line.strip())
+    return _split_list([value])
+
+
+@app.command("import")
+@reports_errors
+def import_command(
+    source: Annotated[str, typer.Argument(help="Folder per class, CSV/TSV, one-hot CSV, .lst, or .rec/.idx; a path or URL.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the packed dataset (path or URL).")],
+    fmt: Annotated[str, typer.Option("--format", help="auto | folder | csv | onehot | lst | recordio")] = "auto",
+    images: Annotated[Optional[str], typer.Option(help="Folder holding the images named by a CSV or .lst (default: beside it).")] = None,
+    root: Annotated[Optional[str], typer.Option(help="Same as --images (MXNet's name, for .lst files).")] = None,
+    suffix: Annotated[Optional[str], typer.Option(help="Appended to CSV ids to name image files, e.g. .jpg.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="CSV column naming each image.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="CSV column with the label or the delimited tags.")] = None,
+    class_columns: Annotated[Optional[list[str]], typer.Option(help="One-hot CSV: the 0/1 class columns (default: all of them).")] = None,
+    delimiter: Annotated[Optional[str], typer.Option(help="CSV field delimiter (default: detected).")] = None,
+    tag_sep: Annotated[Optional[str], typer.Option(help="Separator between tags in one CSV cell (default: detected).")] = None,
+    split_column: Annotated[Optional[str], typer.Option(help="CSV column giving each row's split (train/val/test).")] = None,
+    class_level: Annotated[int, typer.Option(help="Folder source: folder level naming the class (1 = first; -1 = the image's folder).")] = 1,
+    class_names: Annotated[Optional[str], typer.Option(help=".lst/.rec: class names by index, a file or a comma list.")] = None,
+    label_format: Annotated[str, typer.Option(help=".lst/.rec with several labels: auto | index | onehot.")] = "auto",
+    multi_label: Annotated[Optional[bool], typer.Option("--multi-label/--single-label", help="Force the task (default: inferred).")] = None,
+    val_from: Annotated[Optional[str], typer.Option(help="A second source, same format, used as the validation set.")] = None,
+    val_list: Annotated[Optional[str], typer.Option(help="Text file of ids (one per line) forming the validation set.")] = None,
+    derive: Annotated[Optional[list[str]], typer.Option(help="Label rule, e.g. 'thriller = Thriller & Crime & ~Romance'; repeatable.")] = None,
+    otherwise: Annotated[str, typer.Option(help="With one --derive rule: the name of the negative class.")] = "other",
+    keep: Annotated[Optional[list[str]], typer.Option(help="Keep only these classes/tags (repeatable or comma list).")] = None,
+    drop: Annotated[Optional[list[str]], typer.Option(help="Drop these classes/tags (repeatable or comma list).")] = None,
+    skip_untagged: Annotated[bool, typer.Option(help="Multi-label: drop images that have no tag.")] = False,
+    min_per_class: Annotated[int, typer.Option(help="Remove classes with fewer images than this.")] = 0,
+    max_per_class: Annotated[Optional[int], typer.Option(help="Sample at most this many images per class (seeded).")] = None,
+    balance: Annotated[bool, typer.Option(help="Undersample every class to the rarest one (seeded).")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Fraction held out for validation (stratified).")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Fraction held out for testing.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and splits: same seed, same dataset.")] = 0,
+    max_side: Annotated[int, typer.Option(help="Resize so the shorter side is at most this many pixels.")] = 320,
+    no_resize: Annotated[bool, typer.Option("--no-resize", help="Keep images at their original size.")] = False,
+    shard_size_mb: Annotated[int, typer.Option(help="Start a new shard after this many MB.")] = 256,
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding images (default: one per core).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
+) -> None:
+    """Import labelled images into a packed dataset (dataset.json + tar shards)."""
+    from tagmill.dataset.importer import ImportOptions, import_dataset
+    from tagmill.formats import SourceOptions
+    from tagmill.progress import RichProgress
+
+    if images and root and images != root:
+        raise InputError("--images and --root name the same thing; give one of them")
+    if label_format not in {"auto", "index", "onehot"}:
+        raise InputError(f"--label-format must be auto, index or onehot, not {label_format!r}")
+    source_options = SourceOptions(
+        images=images or root,
+        suffix=suffix,
+        id_column=id_column,
+        label_column=label_column,
+        class_columns=_split_list(class_columns) or None,
+        delimiter=delimiter,
+        tag_separator=tag_sep,
+        split_column=split_column,
+        class_level=class_level,
+        class_names=_class_names(class_names),
+        label_format=label_format,  # type: ignore[arg-type]
+        task=None if multi_label is None else ("multi" if multi_label else "single"),
+    )
+    options = ImportOptions(
+        source=source_options,
+        format=fmt,
+        val_source=val_from,
+        val_list=val_list,
+        derive=tuple(derive or ()),
+        otherwise=otherwise,
+        keep=_split_list(keep),
+        drop=_split_list(drop),
+        skip_untagged=skip_untagged,
+        min_per_class=min_per_class,
+        max_per_class=max_per_class,
+        balance=balance,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        max_side=None if no_resize else max_side,
+        shard_bytes=shard_size_mb * 1024 * 1024,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    result = import_dataset(source, out_dir, options, progress=RichProgress(err))
+    print_import_summary(result)
+
+
+def print_import_summary(result: Any) -> None:
+    from tagmill.summaries import import_summary
+
+    for line in import_summary(result):
+        out.print(line, highlight=False)
+
+
+@app.command()
+@reports_errors
+def inspect(
+    dataset: Annotated[str, typer.Argument(help="A packed dataset (path or URL).")],
+    grid: Annotated[str, typer.Option(help="Contact sheet layout, COLSxROWS.")] = "4x3",
+    sheet: Annotated[Optional[str], typer.Option(help="Where to write the contact sheet PNG (default: ./contact-sheet.png).")] = None,
+    split: Annotated[str, typer.Option(help="Split to sample the contact sheet from.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed for the contact sheet's sample.")] = 0,
+    no_sheet: Annotated[bool, typer.Option("--no-sheet", help="Only print statistics.")] = False,
+) -> None:
+    """Print classes, counts, imbalance and tag co-occurrence; write a contact sheet PNG."""
+    from tagmill.dataset.inspect import contact_sheet, parse_grid, render_summary, summarize
+
+    columns_rows = parse_grid(grid)
+    render_summary(summarize(dataset), out)
+    if not no_sheet:
+        target = sheet or "contact-sheet.png"
+        drawn = contact_sheet(dataset, target, columns_rows, split=split, seed=seed)
+        out.print(f"contact sheet: {drawn} {split} images → [bold]{target}[/]", highlight=False)
+
+
+@app.command()
+@reports_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its dataset and outputs.")] = Path("runs/demo"),
+) -> None:
+    """Run the main job on the bundled sample data (Fashion-MNIST images + labels CSV)."""
+    from tagmill.demo import run_demo
+
+    run_demo(workdir, out, err)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,292 @@
+"""``tagmill import``: from what the user has to a packed, checked dataset.
+
+    read source(s) ─► derive labels ─► keep/drop/sample ─► decode + resize (parallel)
+        ─► check classes ─► split ─► write shards ─► write dataset.json (last)
+
+Label rules and sampling only look at metadata, so they run before any image is
+decoded (a balanced 2k-poster dataset out of 39k posters decodes 2k images). Splits
+run after decoding, on the images that survived, so no split loses a class to a
+corrupt file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tagmill import __version__, storage
+from tagmill.dataset import rules as label_rules
+from tagmill.dataset import sampling
+from tagmill.dataset.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    SplitInfo,
+    manifest_location,
+    write_manifest,
+)
+from tagmill.dataset.packing import Staging, StagedImage, stage_images
+from tagmill.dataset.shards import DEFAULT_SHARD_BYTES, Sample, ShardWriter
+from tagmill.dataset.splits import assign_splits
+from tagmill.errors import EmptyDatasetError, InputError
+from tagmill.formats import ReadResult, SourceOptions, SourceRecord, Skip, open_reader
+from tagmill.progress import SILENT, Progress
+
+_SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Everything ``tagmill import`` can be told, as one typed value."""
+
+    source: SourceOptions = field(default_factory=SourceOptions)
+    format: str = "auto"
+    #: a second source, of the same format, that is the validation set (train.lst + val.lst)
+    val_source: str | None = None
+    #: a text file of ids (one per line) that form the validation set
+    val_list: str | None = None
+    derive: tuple[str, ...] = ()
+    otherwise: str = "other"
+    keep: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    skip_untagged: bool = False
+    min_per_class: int = 0
+    max_per_class: int | None = None
+    balance: bool = False
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    #: shorter side cap in pixels; None keeps the original size
+    max_side: int | None = 320
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    workers: int | None = None
+    overwrite: bool = False
+    staging_dir: str | None = None
+
+
+@dataclass
+class ImportResult:
+    location: str
+    manifest: Manifest
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.manifest.report
+
+
+def import_dataset(
+    source: str, out: str, options: ImportOptions | None = None, *, progress: Progress = SILENT
+) -> ImportResult:
+    options = options or ImportOptions()
+    _check_options(options)
+    _prepare_output(out, options.overwrite)
+
+    read = _read_sources(source, options)
+    task = options.source.task or read.task or _infer_task(read.records)
+    records, classes = read.records, list(read.classes or sorted({t for r in read.records for t in r.labels}))
+    records = _apply_val_list(records, options.val_list, read)
+
+    steps: list[dict[str, Any]] = []
+    if options.derive:
+        parsed = [label_rules.parse_rule(text) for text in options.derive]
+        known = {t for r in records for t in r.labels} | set(classes)
+        records, task, classes = label_rules.derive_labels(records, parsed, known, options.otherwise)
+        steps.append({"step": "derive", "rules": list(options.derive), "classes": classes})
+    records, sampling_steps = _sample(records, task, options)
+    steps += sampling_steps
+
+    with stage_images(
+        records, options.max_side, workers=options.workers, progress=progress, staging_dir=options.staging_dir
+    ) as staging:
+        skipped = read.skipped + staging.skipped
+        classes = [c for c in classes if any(c in img.record.labels for img in staging.images)]
+        _check_classes(classes, staging.images, task)
+        split_records = assign_splits(
+            [img.record for img in staging.images],
+            task,
+            classes,
+            options.val_fraction,
+            options.test_fraction,
+            options.seed,
+        )
+        _check_training_classes(classes, split_records["train"])
+        by_record = {id(img.record): img for img in staging.images}
+        splits = {
+            name: _write_split(out, name, [by_record[id(r)] for r in split_records[name]], staging, classes, task, options, progress)
+            for name in SPLITS
+            if split_records.get(name)
+        }
+
+    report = _report(read, records, staging.images, skipped, steps, task)
+    manifest = Manifest(
+        task=task,
+        classes=classes,
+        splits=splits,
+        image={"max_side": options.max_side, "resize": "shorter-side" if options.max_side else "none"},
+        source={"location": source, "format": read.description, "val_source": options.val_source},
+        report=report,
+        tagmill_version=__version__,
+    )
+    write_manifest(out, manifest)
+    _remove_stale_shards(out, manifest)
+    return ImportResult(out, manifest)
+
+
+def _check_options(options: ImportOptions) -> None:
+    if options.max_side is not None and options.max_side < 16:
+        raise InputError(f"--max-side {options.max_side} is too small (minimum 16 pixels)")
+    if options.min_per_class < 0 or (options.max_per_class is not None and options.max_per_class < 1):
+        raise InputError("--min-per-class must be >= 0 and --max-per-class >= 1")
+
+
+def _prepare_output(out: str, overwrite: bool) -> None:
+    """Refuse to clobber a finished dataset; make an overwrite look unfinished at once."""
+    manifest = manifest_location(out)
+    if storage.exists(manifest):
+        if not overwrite:
+            raise InputError(f"{out} already holds a dataset ({MANIFEST_NAME} exists)", hint="pass --overwrite to replace it")
+        # Removed first: if this import dies, the folder must not look like a finished dataset.
+        storage.remove(manifest)
+    storage.makedirs(out)
+
+
+def _read_sources(source: str, options: ImportOptions) -> ReadResult:
+    read = open_reader(source, options.source, options.format).read()
+    if options.val_source is None:
+        return read
+    val = open_reader(options.val_source, options.source, options.format).read()
+    val_records = [replace(r, id=f"val/{r.id}", split="val") for r in val.records]
+    classes = read.classes
+    if classes is not None and val.classes is not None:
+        classes = classes + [c for c in val.classes if c not in classes]
+    task = read.task if read.task == val.task else ("multi" if "multi" in (read.task, val.task) else None)
+    return ReadResult(
+        read.records + val_records,
+        read.skipped + val.skipped,
+        task,
+        classes,
+        f"{read.description}; validation: {val.description}",
+    )
+
+
+def _infer_task(records: list[SourceRecord]) -> str:
+    return "multi" if any(len(r.labels) != 1 for r in records) else "single"
+
+
+def _apply_val_list(records: list[SourceRecord], val_list: str | None, read: ReadResult) -> list[SourceRecord]:
+    if val_list is None:
+        return records
+    wanted = {line.strip() for line in storage.read_text(val_list).splitlines() if line.strip()}
+    known = {r.id for r in records}
+    unknown = sorted(wanted - known)
+    if unknown:
+        read.skipped.append(
+            Skip(val_list, "unknown-id", f"{len(unknown)} ids not in the source, e.g. {', '.join(unknown[:5])}")
+        )
+    return [replace(r, split="val") if r.id in wanted else r for r in records]
+
+
+def _sample(records: list[SourceRecord], task: str, options: ImportOptions) -> tuple[list[SourceRecord], list[dict[str, Any]]]:
+    steps: list[dict[str, Any]] = []
+
+    def note(step: str, before: int, after: list[SourceRecord], **details: Any) -> list[SourceRecord]:
+        steps.append({"step": step, "images_before": before, "images_after": len(after), **details})
+        return after
+
+    if options.keep:
+        records = note("keep", len(records), sampling.keep_classes(records, options.keep, task), classes=list(options.keep))
+    if options.drop:
+        records = note("drop", len(records), sampling.drop_classes(records, options.drop, task), classes=list(options.drop))
+    if options.skip_untagged:
+        records = note("skip-untagged", len(records), sampling.drop_untagged(records))
+    if options.min_per_class:
+        records = note("min-per-class", len(records), sampling.min_per_class(records, options.min_per_class, task), n=options.min_per_class)
+    if options.max_per_class:
+        records = note(
+            "max-per-class", len(records), sampling.max_per_class(records, options.max_per_class, task, options.seed), n=options.max_per_class
+        )
+    if options.balance:
+        records = note("balance", len(records), sampling.balance(records, task, options.seed), seed=options.seed)
+    return records, steps
+
+
+def _check_classes(classes: list[str], images: list[StagedImage], task: str) -> None:
+    if not images:
+        raise EmptyDatasetError("no usable image was found: the dataset would be empty", hint="see the skipped inputs above")
+    if len(classes) < 2:
+        found = classes[0] if classes else "none"
+        raise EmptyDatasetError(
+            f"the import would leave {len(classes)} class ({found}); a classifier needs at least 2",
+            hint="check the label column, --keep/--drop and --min-per-class" if task == "single" else None,
+        )
+
+
+def _check_training_classes(classes: list[str], train: list[SourceRecord]) -> None:
+    seen = {t for r in train for t in r.labels}
+    missing = [c for c in classes if c not in seen]
+    if missing:
+        raise EmptyDatasetError(
+            f"{len(missing)} class(es) have no training image: {', '.join(missing[:10])}",
+            hint="add images, lower --val-fraction, or drop these classes with --min-per-class",
+        )
+
+
+def _write_split(
+    out: str,
+    split: str,
+    images: list[StagedImage],
+    staging: Staging,
+    classes: list[str],
+    task: str,
+    options: ImportOptions,
+    progress: Progress,
+) -> SplitInfo:
+    writer = ShardWriter(out, split, options.shard_bytes)
+    counts: Counter[str] = Counter()
+    untagged = 0
+    try:
+        with progress.task(f"writing {split} shards", len(images)) as advance:
+            for index, image in enumerate(images):
+                record = image.record
+                meta = {"id": record.id, "labels": list(record.labels), "source": record.image.describe()}
+                writer.write(Sample(f"{split}-{index:07d}", staging.read(image), image.ext, meta))
+                counts.update(record.labels)
+                untagged += not record.labels
+                advance(1)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return SplitInfo(len(images), {c: counts.get(c, 0) for c in classes}, shards, untagged if task == "multi" else 0)
+
+
+def _report(
+    read: ReadResult,
+    sampled: list[SourceRecord],
+    imported: list[StagedImage],
+    skipped: list[Skip],
+    steps: list[dict[str, Any]],
+    task: str,
+) -> dict[str, Any]:
+    reasons = Counter(s.reason for s in skipped)
+    return {
+        "inputs": len(read.records) + len(read.skipped),
+        "listed": len(read.records),
+        "selected": len(sampled),
+        "imported": len(imported),
+        "skipped_count": len(skipped),
+        "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "skipped": [s.as_dict() for s in skipped],
+        "sampling": steps,
+        "untagged": sum(1 for i in imported if not i.record.labels) if task == "multi" else 0,
+    }
+
+
+def _remove_stale_shards(out: str, manifest: Manifest) -> None:
+    """Shards left by an earlier, larger import in the same folder are not ours any more."""
+    current = {s.name for info in manifest.splits.values() for s in info.shards}
+    for name in storage.list_files(out):
+        if _SHARD_NAME.match(name) and name not in current:
+            storage.remove(storage.join(out, name))

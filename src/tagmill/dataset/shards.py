@@ -1,0 +1,170 @@
+"""WebDataset-style tar shards: ``<key>.jpg|png`` + ``<key>.json`` per sample.
+
+Shards are plain POSIX tar files (``tar tf`` lists them, the ``webdataset`` package
+reads them). They are written deterministically (fixed mtime/owner/mode, members in
+sample order) so the same import gives byte-identical shards, and atomically, so a
+killed import never leaves a shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from tagmill import storage
+from tagmill.errors import DatasetError
+
+#: A fixed member timestamp (2000-01-01) keeps shards byte-identical across imports.
+MEMBER_MTIME = 946684800
+DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: bytes
+    ext: str  #: "jpg" or "png"
+    meta: dict[str, Any]  #: {"labels": [...], "id": "...", "source": "..."}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "count": self.count, "bytes": self.bytes, "sha256": self.sha256}
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = MEMBER_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+@dataclass
+class ShardWriter:
+    """Writes one split's samples into ``<split>-000000.tar``, ``<split>-000001.tar``...
+
+    A new shard starts once the current one passes ``max_bytes``.
+    """
+
+    directory: str
+    split: str
+    max_bytes: int = DEFAULT_SHARD_BYTES
+    shards: list[ShardInfo] = field(default_factory=list)
+    _file: storage.AtomicFile | None = None
+    _hasher: _HashingWriter | None = None
+    _tar: tarfile.TarFile | None = None
+    _count: int = 0
+
+    def write(self, sample: Sample) -> None:
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        self._tar.addfile(_member(f"{sample.key}.{sample.ext}", len(sample.image)), io.BytesIO(sample.image))
+        self._tar.addfile(_member(f"{sample.key}.json", len(meta)), io.BytesIO(meta))
+        self._count += 1
+        if self._hasher is not None and self._hasher.size >= self.max_bytes:
+            self._close_shard()
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file is removed)."""
+        if self._file is not None:
+            if self._tar is not None:
+                self._tar.close()  # finish the stream before its file goes away
+            self._file.discard()
+            self._file = self._tar = self._hasher = None
+
+    def _name(self) -> str:
+        return f"{self.split}-{len(self.shards):06d}.tar"
+
+    def _open(self) -> None:
+        self._file = storage.atomic_write(storage.join(self.directory, self._name()))
+        self._hasher = _HashingWriter(self._file.handle)
+        self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._hasher is not None and self._file is not None
+        self._tar.close()
+        info = ShardInfo(self._name(), self._count, self._hasher.size, self._hasher.sha256.hexdigest())
+        self._file.commit()  # renames / uploads under the final name
+        self.shards.append(info)
+        self._file = self._tar = self._hasher = None
+
+
+def iter_shard(location: str) -> Iterator[Sample]:
+    """Samples of one shard, in order, streamed (the shard is never loaded whole)."""
+    with storage.storage_errors(location), storage.open_read(location) as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r|") as tar:
+                yield from _group_members(tar, location)
+        except tarfile.TarError as exc:
+            raise DatasetError(f"corrupt shard {location}: {exc}") from exc
+
+
+def _group_members(tar: tarfile.TarFile, location: str) -> Iterator[Sample]:
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        stem, _, ext = member.name.partition(".")
+        if key is not None and stem != key:
+            yield _sample(key, parts, location)
+            parts = {}
+        key = stem
+        extracted = tar.extractfile(member)
+        parts[ext] = extracted.read() if extracted is not None else b""
+    if key is not None:
+        yield _sample(key, parts, location)
+
+
+def _sample(key: str, parts: dict[str, bytes], location: str) -> Sample:
+    image_ext = next((ext for ext in ("jpg", "png") if ext in parts), None)
+    if image_ext is None or "json" not in parts:
+        raise DatasetError(f"corrupt shard {location}: sample {key!r} lacks an image or its labels")
+    return Sample(key, parts[image_ext], image_ext, json.loads(parts["json"]))
+
+
+def sha256_of(location: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with storage.storage_errors(location), storage.open_read(location) as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -161,6 +161,8 @@ class AtomicFile:
             self.handle.close()
             with storage_errors(self.location):
                 if self._local:
+                    # mkstemp creates 0600 files; give the result the usual permissions.
+                    os.chmod(self._tmp, 0o666 & ~_umask())
                     os.replace(self._tmp, self._path)
                 else:
                     self._fs.put_file(self._tmp, self._path)
@@ -180,6 +182,12 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(location: str) -> AtomicFile:

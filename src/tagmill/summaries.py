@@ -40,9 +40,10 @@ def import_summary(result: ImportResult) -> list[str]:
     ]
     if manifest.task == "multi":
         lines.append(f"  {report.get('untagged', 0):,} images with no tag (kept as all-negative examples)")
+    for rule in report.get("derived", []):
+        lines.append(f"  derived: {rule}")
     for step in report.get("sampling", []):
-        if step["images_before"] != step["images_after"]:
-            lines.append(f"  {step['step']}: {step['images_before']:,} → {step['images_after']:,} images")
+        lines.append(f"  {step['summary']}")
     lines.append(("  [yellow]" if report.get("skipped_count") else "  ") + skipped_line(report) + ("[/]" if report.get("skipped_count") else ""))
     for skip in report.get("skipped", [])[:SHOWN_SKIPS]:
         lines.append(f"    {skip['reason']}: {skip['source']}" + (f" ({skip['detail']})" if skip["detail"] else ""))

@@ -88,14 +88,11 @@ def import_dataset(
     records, classes = read.records, list(read.classes or sorted({t for r in read.records for t in r.labels}))
     records = _apply_val_list(records, options.val_list, read)
 
-    steps: list[dict[str, Any]] = []
     if options.derive:
         parsed = [label_rules.parse_rule(text) for text in options.derive]
         known = {t for r in records for t in r.labels} | set(classes)
         records, task, classes = label_rules.derive_labels(records, parsed, known, options.otherwise)
-        steps.append({"step": "derive", "rules": list(options.derive), "classes": classes})
-    records, sampling_steps = _sample(records, task, options)
-    steps += sampling_steps
+    records, steps = _sample(records, task, options)
 
     with stage_images(
         records, options.max_side, workers=options.workers, progress=progress, staging_dir=options.staging_dir
@@ -119,7 +116,7 @@ def import_dataset(
             if split_records.get(name)
         }
 
-    report = _report(read, records, staging.images, skipped, steps, task)
+    report = _report(read, records, staging.images, skipped, steps, task, options)
     manifest = Manifest(
         task=task,
         classes=classes,
@@ -189,27 +186,21 @@ def _apply_val_list(records: list[SourceRecord], val_list: str | None, read: Rea
 
 
 def _sample(records: list[SourceRecord], task: str, options: ImportOptions) -> tuple[list[SourceRecord], list[dict[str, Any]]]:
-    steps: list[dict[str, Any]] = []
-
-    def note(step: str, before: int, after: list[SourceRecord], **details: Any) -> list[SourceRecord]:
-        steps.append({"step": step, "images_before": before, "images_after": len(after), **details})
-        return after
-
+    """The metadata-only filters, in a fixed order; each step is reported."""
+    report = sampling.SamplingReport()
     if options.keep:
-        records = note("keep", len(records), sampling.keep_classes(records, options.keep, task), classes=list(options.keep))
+        records = report.add(sampling.keep_classes(records, options.keep, task))
     if options.drop:
-        records = note("drop", len(records), sampling.drop_classes(records, options.drop, task), classes=list(options.drop))
+        records = report.add(sampling.drop_classes(records, options.drop, task))
     if options.skip_untagged:
-        records = note("skip-untagged", len(records), sampling.drop_untagged(records))
+        records = report.add(sampling.drop_untagged(records))
     if options.min_per_class:
-        records = note("min-per-class", len(records), sampling.min_per_class(records, options.min_per_class, task), n=options.min_per_class)
+        records = report.add(sampling.min_per_class(records, options.min_per_class, task))
     if options.max_per_class:
-        records = note(
-            "max-per-class", len(records), sampling.max_per_class(records, options.max_per_class, task, options.seed), n=options.max_per_class
-        )
+        records = report.add(sampling.max_per_class(records, options.max_per_class, task, options.seed))
     if options.balance:
-        records = note("balance", len(records), sampling.balance(records, task, options.seed), seed=options.seed)
-    return records, steps
+        records = report.add(sampling.balance(records, task, options.seed))
+    return records, [{**step.as_dict(), "summary": step.describe()} for step in report.steps]
 
 
 def _check_classes(classes: list[str], images: list[StagedImage], task: str) -> None:
@@ -269,6 +260,7 @@ def _report(
     skipped: list[Skip],
     steps: list[dict[str, Any]],
     task: str,
+    options: ImportOptions,
 ) -> dict[str, Any]:
     reasons = Counter(s.reason for s in skipped)
     return {
@@ -279,6 +271,7 @@ def _report(
         "skipped_count": len(skipped),
         "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "skipped": [s.as_dict() for s in skipped],
+        "derived": list(options.derive),
         "sampling": steps,
         "untagged": sum(1 for i in imported if not i.record.labels) if task == "multi" else 0,
     }

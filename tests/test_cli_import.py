@@ -1,0 +1,107 @@
+"""`tagmill import` through its public entry point, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tagmill.cli import app
+from tagmill.dataset.manifest import load_manifest, verify_shards
+from tagmill.dataset.shards import iter_shard
+from tagmill.errors import EmptyDatasetError, InputError, SourceError
+from tests import images
+from tests.conftest import make_class_folders
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_folder_import_writes_a_checked_dataset_and_reports_skips(class_folders, tmp_path):
+    out = tmp_path / "ds"
+    result = run("import", str(class_folders), "--out", str(out), "--val-fraction", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "skipped 5 of 35: 2 not-an-image, 2 unreadable, 1 no-class" in result.output
+    manifest = load_manifest(str(out))
+    verify_shards(str(out), manifest)
+    assert manifest.task == "single" and manifest.classes == ["cat", "dog", "owl"]
+    assert manifest.report["imported"] == 30
+
+    reasons = sorted(s["reason"] for s in manifest.report["skipped"])
+    assert reasons == ["no-class", "not-an-image", "not-an-image", "unreadable", "unreadable"]
+    train, val = manifest.split("train"), manifest.split("val")
+    assert train.count + val.count == 30
+    assert val.class_counts == {"cat": 2, "dog": 2, "owl": 2}  # stratified: 20% of 12/10/8, rounded
+    keys = [s.meta["id"] for shard in train.shards for s in iter_shard(str(out / shard.name))]
+    assert len(keys) == train.count and len(set(keys)) == train.count
+
+
+def test_reimport_with_the_same_seed_is_byte_identical(class_folders, tmp_path):
+    for name in ("a", "b"):
+        assert run("import", str(class_folders), "--out", str(tmp_path / name), "--seed", "7").exit_code == 0
+    shards_a = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert shards_a and shards_a == sorted(p.name for p in (tmp_path / "b").glob("*.tar"))
+    for name in shards_a:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_existing_dataset_is_not_overwritten_without_asking(class_folders, tmp_path):
+    out = tmp_path / "ds"
+    assert run("import", str(class_folders), "--out", str(out)).exit_code == 0
+    again = run("import", str(class_folders), "--out", str(out))
+    assert again.exit_code == InputError.exit_code
+    assert "already holds a dataset" in again.output
+    assert run("import", str(class_folders), "--out", str(out), "--overwrite", "--max-side", "16").exit_code == 0
+    assert load_manifest(str(out)).image["max_side"] == 16
+
+
+def test_one_class_is_not_a_dataset(tmp_path):
+    make_class_folders(tmp_path / "src", {"only": 5})
+    result = run("import", str(tmp_path / "src"), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == EmptyDatasetError.exit_code
+    assert "at least 2" in result.output
+    assert not (tmp_path / "ds" / "dataset.json").exists()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    result = run("import", str(tmp_path / "nope"), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == SourceError.exit_code
+    assert "not found" in result.output and "nope" in result.output
+
+
+def test_no_resize_keeps_original_pixels(tmp_path):
+    make_class_folders(tmp_path / "src", {"a": 3, "b": 3}, size=(400, 360))
+    assert run("import", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--no-resize").exit_code == 0
+    samples = list(iter_shard(str(tmp_path / "ds" / "train-000000.tar")))
+    assert samples[0].image == (tmp_path / "src" / Path(samples[0].meta["id"])).read_bytes()
+
+
+def test_a_killed_import_never_leaves_a_complete_looking_dataset(tmp_path):
+    src = make_class_folders(tmp_path / "src", {"a": 150, "b": 150}, size=(900, 1200))
+    out = tmp_path / "ds"
+    assert run("import", str(make_class_folders(tmp_path / "small", {"a": 2, "b": 2})), "--out", str(out)).exit_code == 0
+    assert (out / "dataset.json").exists()
+    cmd = [sys.executable, "-m", "tagmill", "import", str(src), "--out", str(out), "--overwrite", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while (out / "dataset.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # well inside the decoding of 300 poster-sized images
+    assert proc.poll() is None, "the import finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "dataset.json").exists()
+    inspect = run("inspect", str(out), "--no-sheet")
+    assert inspect.exit_code != 0 and "no dataset.json" in inspect.output
+    # and the next import succeeds in the same folder
+    assert run("import", str(src), "--out", str(out), "--max-side", "32").exit_code == 0
+    assert json.loads((out / "dataset.json").read_text())["report"]["imported"] == 300

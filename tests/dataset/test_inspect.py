@@ -123,7 +123,7 @@ def test_imbalance_is_infinite_when_a_training_class_is_empty(tmp_path: Path) ->
     summary = summarize(ds)
     assert math.isinf(summary.imbalance)
     assert summary.smallest_class == ("b", 0)
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=300)
     render_summary(summary, console)
     assert "∞" in console.export_text()
 
@@ -146,7 +146,7 @@ def test_missing_manifest_is_a_dataset_error(tmp_path: Path) -> None:
 
 
 def rendered(summary) -> str:
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=300)
     render_summary(summary, console)
     return console.export_text()
 

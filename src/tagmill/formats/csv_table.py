@@ -167,7 +167,8 @@ def first_line(text: str) -> str:
 
 def _is_blank(fields: list[str]) -> bool:
     # Spreadsheets export trailing ",,,," rows; they carry nothing and are not errors.
-    return all(not f.strip() for f in fields)
+    # join+strip runs in C: a per-field Python loop costs ~0.1 s on 250k rows.
+    return not "".join(fields).strip()
 
 
 def parse_rows(text: str, delimiter: str, location: str) -> Iterator[tuple[int, list[str] | None, str]]:
@@ -348,10 +349,10 @@ class ImageLocator:
         raise RowProblem("missing", f"no image file {self._location(relative)}")
 
     def _guess(self, relative: str) -> str:
+        found = self.by_stem.get(relative)
+        if found is not None:
+            return self._location(found)
         if not has_image_extension(relative):
-            found = self.by_stem.get(relative)
-            if found is not None:
-                return self._location(found)
             raise RowProblem(
                 "missing",
                 f"no image file {self._location(relative)}.* (tried {', '.join(PREFERRED_EXTENSIONS[:4])}, ...;"

@@ -110,7 +110,9 @@ def import_command(
     min_per_class: Annotated[int, typer.Option(help="Remove classes with fewer images than this.")] = 0,
     max_per_class: Annotated[Optional[int], typer.Option(help="Sample at most this many images per class (seeded).")] = None,
     balance: Annotated[bool, typer.Option(help="Undersample every class to the rarest one (seeded).")] = False,
-    val_fraction: Annotated[float, typer.Option(help="Fraction held out for validation (stratified).")] = 0.1,
+    val_fraction: Annotated[
+        Optional[float], typer.Option(help="Fraction held out for validation, stratified (default 0.1; 0 when the source names a validation set).")
+    ] = None,
     test_fraction: Annotated[float, typer.Option(help="Fraction held out for testing.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling and splits: same seed, same dataset.")] = 0,
     max_side: Annotated[int, typer.Option(help="Resize so the shorter side is at most this many pixels.")] = 320,

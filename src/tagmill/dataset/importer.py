@@ -34,6 +34,7 @@ from tagmill.errors import EmptyDatasetError, InputError
 from tagmill.formats import ReadResult, SourceOptions, SourceRecord, Skip, open_reader
 from tagmill.progress import SILENT, Progress
 
+DEFAULT_VAL_FRACTION = 0.1
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 
 
@@ -55,7 +56,8 @@ class ImportOptions:
     min_per_class: int = 0
     max_per_class: int | None = None
     balance: bool = False
-    val_fraction: float = 0.1
+    #: None: 0.1, or 0 when the source already names a validation set
+    val_fraction: float | None = None
     test_fraction: float = 0.0
     seed: int = 0
     #: shorter side cap in pixels; None keeps the original size
@@ -100,11 +102,12 @@ def import_dataset(
         skipped = read.skipped + staging.skipped
         classes = [c for c in classes if any(c in img.record.labels for img in staging.images)]
         _check_classes(classes, staging.images, task)
+        val_fraction = _val_fraction(options, staging.images)
         split_records = assign_splits(
             [img.record for img in staging.images],
             task,
             classes,
-            options.val_fraction,
+            val_fraction,
             options.test_fraction,
             options.seed,
         )
@@ -122,7 +125,12 @@ def import_dataset(
         classes=classes,
         splits=splits,
         image={"max_side": options.max_side, "resize": "shorter-side" if options.max_side else "none"},
-        source={"location": source, "format": read.description, "val_source": options.val_source},
+        source={
+            "location": source,
+            "format": read.description,
+            "val_source": options.val_source,
+            "split": {"val_fraction": val_fraction, "test_fraction": options.test_fraction, "seed": options.seed},
+        },
         report=report,
         tagmill_version=__version__,
     )
@@ -201,6 +209,14 @@ def _sample(records: list[SourceRecord], task: str, options: ImportOptions) -> t
     if options.balance:
         records = report.add(sampling.balance(records, task, options.seed))
     return records, [{**step.as_dict(), "summary": step.describe()} for step in report.steps]
+
+
+def _val_fraction(options: ImportOptions, images: list[StagedImage]) -> float:
+    """An explicit validation set (--val-from, --val-list, a split column or val/ folder)
+    means "this is my validation data": the rest stays training data unless asked."""
+    if options.val_fraction is not None:
+        return options.val_fraction
+    return 0.0 if any(img.record.split == "val" for img in images) else DEFAULT_VAL_FRACTION
 
 
 def _check_classes(classes: list[str], images: list[StagedImage], task: str) -> None:

@@ -229,6 +229,8 @@ def _imbalance_line(summary: DatasetSummary) -> Text:
     kind = "tag positives" if summary.task == "multi" else "class"
     if math.isinf(summary.imbalance):
         return Text(f"imbalance: ∞ — {small!r} has no training images (largest: {big!r}, {big_n:,})", style="red")
+    if big_n == small_n:
+        return Text(f"imbalance: none ({big_n:,} training images per {'tag' if summary.task == 'multi' else 'class'})")
     style = "yellow" if summary.imbalance >= 10 else ""
     return Text(
         f"imbalance: {summary.imbalance:.1f}× (largest / smallest training {kind}: "

@@ -27,9 +27,9 @@ from tagmill.formats.csv_table import (
     ImageLocator,
     RowIdentity,
     RowProblem,
+    delimiter_word,
     image_folder,
     in_file_order,
-    normalize_delimiter,
     read_table,
 )
 
@@ -86,7 +86,8 @@ def detect_separator(cells: Sequence[str], task: Task | None) -> str | None:
 
 def tag_separator(options: SourceOptions, cells: Sequence[str]) -> str | None:
     if options.tag_separator:
-        return normalize_delimiter(options.tag_separator, "tag separator")
+        # Any string splits tags (" | " is fine); only the field delimiter must be one character.
+        return delimiter_word(options.tag_separator)
     return detect_separator(cells, options.task)
 
 

@@ -131,12 +131,18 @@ def normalize_name(name: str) -> str:
     return name.strip().strip("\ufeff").strip().lower()
 
 
-def normalize_delimiter(value: str, what: str = "delimiter") -> str:
-    """A user's delimiter option as one character (accepts "tab", "\\t", "comma"...)."""
-    char = _DELIMITER_WORDS.get(value.lower(), value) if value.strip() else value
+def delimiter_word(value: str) -> str:
+    """A delimiter option with the words users type for awkward characters replaced
+    ("tab", "\\t", "comma", "semicolon", "pipe", "space")."""
+    return _DELIMITER_WORDS.get(value.strip().lower(), value) if value.strip() else value
+
+
+def normalize_delimiter(value: str) -> str:
+    """A ``--delimiter`` option as the one character the csv module needs."""
+    char = delimiter_word(value)
     if len(char) != 1:
         raise SourceError(
-            f"{what} must be one character, got {value!r}",
+            f"the field delimiter must be one character, got {value!r}",
             hint="use one of , ; | or 'tab'",
         )
     return char
@@ -247,6 +253,12 @@ def table_from_text(text: str, location: str, delimiter: str | None = None) -> C
             table.rows.append(Row(line, fields))
     if not table.rows and not table.skipped:
         raise SourceError(f"{name} has a header but no data rows")
+    if not table.rows:
+        # Every row wrong is a wrong delimiter or a broken export, not a few bad rows.
+        raise SourceError(
+            f"{name}: none of its {len(table.skipped)} rows can be read; first: {table.skipped[0].detail}",
+            hint="pass --delimiter if the file uses a separator other than the header's",
+        )
     return table
 
 
@@ -311,11 +323,12 @@ class ImageLocator:
             dot = path.rfind(".")
             if dot <= path.rfind("/") + 1:  # no extension (or a dotfile such as ".jpg")
                 continue
-            position = rank.get(path[dot:].lower())
-            if position is None:
+            ext = path[dot:].lower()
+            if ext not in IMAGE_EXTENSIONS:
                 continue
+            position = rank.get(ext, len(rank))  # an image type added to base ranks last
             stem = path[:dot]
-            if position < best.get(stem, len(rank)):
+            if position < best.get(stem, len(rank) + 1):
                 best[stem] = position
                 found[stem] = path
         return found

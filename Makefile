@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+# pip warns about every optional local index folder it does not find; keep the noise out.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install demo test bench clean
 
@@ -12,8 +16,8 @@ $(BIN)/python:
 
 # Reinstall when the project's dependency list changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade pip $(QUIET_PIP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]' $(QUIET_PIP)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -161,3 +161,15 @@ def test_no_zero_one_columns_is_a_source_error(tmp_path: Path) -> None:
     add_images(tmp_path, "x.jpg")
     with pytest.raises(SourceError, match="0/1"):
         read(csv_path)
+
+
+def test_binary_label_with_is_valid_column_is_not_one_hot(tmp_path):
+    """fastai-style `name,label,is_valid` (both 0/1) is a label CSV with a split column."""
+    for i in range(4):
+        images.write(tmp_path / f"{i}.jpg", images.jpeg_bytes(seed=i))
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("name,label,is_valid\n0.jpg,0,0\n1.jpg,1,0\n2.jpg,0,1\n3.jpg,1,1\n")
+    assert not looks_one_hot(str(csv_path))
+    result = open_reader(str(csv_path), SourceOptions(split_column="is_valid")).read()
+    assert result.task == "single"
+    assert sorted((r.id, r.labels, r.split) for r in result.records)[2] == ("2.jpg", ("0",), "val")

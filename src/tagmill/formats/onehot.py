@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from tagmill.errors import SourceError, TagmillError
 from tagmill.formats.base import FileImage, ReadResult, SourceOptions, SourceRecord, Task
 from tagmill.formats.csv_table import (
+    LABEL_NAMES,
     CsvTable,
     ImageLocator,
     Row,
@@ -56,6 +57,9 @@ def binary_columns(table: CsvTable, exclude: Sequence[int | None]) -> list[int]:
     ]
 
 
+_SPLIT_LIKE_NAMES = {"is_valid", "is_val", "valid", "split", "fold", "subset"}
+
+
 def looks_one_hot(location: str) -> bool:
     """True when, besides the id column, 2+ columns hold only 0/1 in the first rows.
 
@@ -67,7 +71,11 @@ def looks_one_hot(location: str) -> bool:
     except (TagmillError, OSError, UnicodeDecodeError, ValueError):
         return False
     id_index = table.id_column(SourceOptions())
-    return len(binary_columns(table, [id_index])) >= 2
+    # A 0/1 "label" next to fastai's 0/1 "is_valid" is a binary label with a split
+    # column, not two one-hot classes: columns with such names do not count.
+    not_classes = {name.lower() for name in LABEL_NAMES} | _SPLIT_LIKE_NAMES
+    reserved = [id_index] + [i for i, name in enumerate(table.columns) if name.strip().lower() in not_classes]
+    return len(binary_columns(table, reserved)) >= 2
 
 
 def _named_class_columns(table: CsvTable, names: Sequence[str], reserved: Sequence[int | None]) -> list[int]:

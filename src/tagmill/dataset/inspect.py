@@ -273,7 +273,15 @@ def describe_resize(image: dict[str, Any]) -> str:
 def describe_source(source: dict[str, Any]) -> str:
     location = source.get("location", "unknown")
     text = f"{location} ({source['format']})" if source.get("format") else str(location)
-    extras = [f"{key}={value}" for key, value in source.items() if key not in {"location", "format"} and value not in (None, "", [], {})]
+    extras = [
+        f"{key}={value}"
+        for key, value in source.items()
+        if key not in {"location", "format", "split"} and value not in (None, "", [], {})
+    ]
+    split = source.get("split")
+    if split:
+        held = f"val {split['val_fraction']:.0%}" + (f", test {split['test_fraction']:.0%}" if split.get("test_fraction") else "")
+        extras.append(f"split {held}, seed {split['seed']}")
     return f"{text}; {', '.join(extras)}" if extras else text
 
 

@@ -1,0 +1,129 @@
+"""Packed shards as a PyTorch IterableDataset, split exactly across ranks and workers.
+
+Every (rank, data-loader worker) pair streams the split's shards in the same
+(epoch-seeded) order and keeps only the samples whose position ``i`` satisfies
+``i % total_readers == reader_index``. Each sample is therefore seen exactly once per
+epoch across the whole job — no duplicates, no drops — however the shards are sized.
+Reading a tar sequentially is cheap; decoding is the cost, and each sample is decoded
+by exactly one reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
+from tagmill.dataset.shards import Sample, iter_shard
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """Which share of the samples this reader (rank × data-loader worker) owns."""
+
+    index: int
+    count: int
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when it runs, else torchrun's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def reader_slot() -> ReaderSlot:
+    rank, world = distributed_rank_world()
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return ReaderSlot(rank * workers + worker, world * workers)
+
+
+def encode_labels(labels: list[str], class_index: dict[str, int], task: str) -> torch.Tensor:
+    """single: LongTensor[] class index; multi: FloatTensor[C] multi-hot."""
+    if task == "single":
+        return torch.tensor(class_index[labels[0]], dtype=torch.long)
+    target = torch.zeros(len(class_index), dtype=torch.float32)
+    for label in labels:
+        if label in class_index:
+            target[class_index[label]] = 1.0
+    return target
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class ShardDataset(IterableDataset):
+    """Yields ``(image_tensor, target, sample_key)`` for one split of a packed dataset."""
+
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        manifest: Manifest | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 512,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.split = split
+        self.manifest = manifest or load_manifest(dataset)
+        self.transform = transform
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.class_index = {name: i for i, name in enumerate(self.manifest.classes)}
+        self.shards = shard_locations(dataset, self.manifest, split)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle differently each epoch (the same on every rank and worker)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.manifest.split(self.split).count
+
+    def samples(self, slot: ReaderSlot) -> Iterator[Sample]:
+        """This reader's share of the raw samples, in (shuffled) order."""
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        position = 0
+        for shard in order:
+            for sample in iter_shard(shard):
+                if position % slot.count == slot.index:
+                    yield sample
+                position += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        slot = reader_slot()
+        samples = self.samples(slot)
+        if self.shuffle:
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot.index}"))
+        task = self.manifest.task
+        for sample in samples:
+            image = self.transform(decode_rgb(sample.image))  # (3, H, W) float
+            yield image, encode_labels(sample.meta["labels"], self.class_index, task), sample.key
+
+
+def _buffer_shuffle(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
+    """Approximate shuffle with a bounded buffer (streams never fit in memory)."""
+    buffer: list[Sample] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer

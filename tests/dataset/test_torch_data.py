@@ -1,0 +1,84 @@
+import os
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tagmill.dataset.importer import ImportOptions, import_dataset
+from tagmill.dataset.torch_data import ReaderSlot, ShardDataset, encode_labels
+from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
+from tagmill.errors import InputError
+from tests import images
+from tests.conftest import make_class_folders
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    make_class_folders(root / "photos", {"a": 20, "b": 17})
+    out = root / "ds"
+    # tiny shards so samples span several of them
+    import_dataset(str(root / "photos"), str(out), ImportOptions(val_fraction=0.2, shard_bytes=4000))
+    return str(out)
+
+
+def test_every_sample_exactly_once_across_readers(packed):
+    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)), shuffle=True, seed=1)
+    assert len(data.shards) > 2
+    everything = [s.key for s in data.samples(ReaderSlot(0, 1))]
+    assert len(everything) == len(data)
+    shared = [s.key for i in range(3) for s in data.samples(ReaderSlot(i, 3))]
+    assert Counter(shared) == Counter(everything)
+
+
+def test_dataloader_workers_split_the_stream(packed):
+    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)))
+    loader = DataLoader(data, batch_size=4, num_workers=2)
+    keys = [k for _, _, batch_keys in loader for k in batch_keys]
+    assert sorted(keys) == sorted(s.key for s in data.samples(ReaderSlot(0, 1)))
+    images_, targets, _ = next(iter(DataLoader(data, batch_size=4)))
+    assert images_.shape == (4, 3, 32, 32) and targets.dtype == torch.long
+
+
+def test_epochs_reshuffle_reproducibly(packed):
+    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)), shuffle=True, seed=5)
+    first = [k for _, _, k in data]
+    again = [k for _, _, k in data]
+    data.set_epoch(1)
+    second = [k for _, _, k in data]
+    assert first == again and first != second and sorted(first) == sorted(second)
+
+
+def test_multi_hot_targets():
+    index = {"a": 0, "b": 1, "c": 2}
+    assert encode_labels(["c", "a"], index, "multi").tolist() == [1.0, 0.0, 1.0]
+    assert encode_labels([], index, "multi").tolist() == [0.0, 0.0, 0.0]
+    assert encode_labels(["b"], index, "single").item() == 1
+
+
+@pytest.mark.parametrize("method", ["squish", "crop", "pad"])
+def test_resize_methods_give_square_normalised_tensors(method):
+    img = Image.open(__import__("io").BytesIO(images.jpeg_bytes(90, 30)))
+    pre = Preprocess(input_size=40, resize_method=method)
+    tensor = eval_transform(pre)(img.convert("RGB"))
+    assert tensor.shape == (3, 40, 40)
+    assert -1.01 <= tensor.min() and tensor.max() <= 1.01  # mean = std = 0.5 maps [0,1] to [-1,1]
+    for aug in ("crop", "crop_color", "crop_color_transform"):
+        assert train_transform(pre, aug)(img.convert("RGB")).shape == (3, 40, 40)
+
+
+def test_pad_letterboxes_with_black_bars():
+    white = Image.new("RGB", (100, 20), (255, 255, 255))
+    tensor = eval_transform(Preprocess(input_size=50, resize_method="pad"))(white)
+    assert tensor[:, 0, 25].tolist() == [-1.0, -1.0, -1.0]  # top bar: black
+    assert tensor[:, 25, 25].tolist() == [1.0, 1.0, 1.0]  # centre: the white image
+
+
+def test_bad_preprocess_values_are_input_errors():
+    with pytest.raises(InputError):
+        Preprocess(resize_method="stretch")
+    with pytest.raises(InputError):
+        train_transform(Preprocess(), "mixup")
+    assert Preprocess.from_dict(Preprocess(input_size=64).as_dict()) == Preprocess(input_size=64)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests run two at a time (pytest -n 2) on two cores: one torch thread each, in this
+# process and in every tagmill subprocess a test starts, avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -30,3 +35,31 @@ def class_folders(tmp_path: Path) -> Path:
     images.write(root / ".DS_Store", b"\x00\x00")
     images.write(root / "stray.jpg", images.jpeg_bytes())
     return root
+
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 30)}
+
+
+def make_colour_classes(root: Path, per_class: int, classes: tuple[str, ...] = ("red", "green", "blue")) -> Path:
+    """An easy, learnable dataset: noisy images whose dominant colour is the class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        for i in range(per_class):
+            base = np.array(COLOURS[name], dtype=np.int16)
+            arr = np.clip(base + rng.integers(-60, 60, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+            images.write(root / name / f"{i:03d}.png", images.encode(Image.fromarray(arr), "PNG"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A packed single-label dataset of 3 colour classes (48 train / 12 val)."""
+    from tagmill.dataset.importer import ImportOptions, import_dataset
+
+    root = tmp_path_factory.mktemp("colours")
+    make_colour_classes(root / "src", 20)
+    import_dataset(str(root / "src"), str(root / "ds"), ImportOptions(val_fraction=0.2))
+    return str(root / "ds")

@@ -197,6 +197,71 @@ def inspect(
         out.print(f"contact sheet: {drawn} {split} images → [bold]{target}[/]", highlight=False)
 
 
+@app.command("train")
+@reports_errors
+def train_command(
+    dataset: Annotated[Optional[str], typer.Argument(help="A packed dataset (from `tagmill import`); path or URL.")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+    hyperparameters: Annotated[Optional[str], typer.Option(help="SageMaker image-classification hyperparameters (JSON file).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="efficientnet_lite0 (default), lite1, lite2, or any timm architecture.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: yes).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
+    augmentation: Annotated[Optional[str], typer.Option(help="none | crop | crop_color | crop_color_transform")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
+    frozen_epochs: Annotated[Optional[int], typer.Option(help="Head-only epochs on cached features.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Whole-network epochs after unfreezing.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head-only stage.")] = None,
+    lr_mult: Annotated[Optional[float], typer.Option(help="Unfrozen stage: head lr / earliest layers' lr.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Single-label: label smoothing.")] = None,
+    pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Multi-label: weight rare tags' positives up.")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(help="Augmented views of each image in the feature cache.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same run (on the same machine).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Multi-label: threshold for accuracy_thresh and F-beta.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Single-label: k of the top-k accuracy.")] = None,
+) -> None:
+    """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
+    from tagmill.progress import RichProgress
+    from tagmill.train.config import TrainConfig
+    from tagmill.train.loop import train
+
+    given = {
+        "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
+        "resize_method": resize, "augmentation": augmentation, "batch_size": batch_size,
+        "frozen_epochs": frozen_epochs, "unfrozen_epochs": epochs, "lr": lr, "lr_mult": lr_mult,
+        "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
+        "cache_views": cache_views, "precision": precision, "channels_last": channels_last,
+        "patience": patience, "seed": seed, "workers": workers, "device": device,
+        "threshold": threshold, "top_k": top_k,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    progress = RichProgress(err)
+    if resume:
+        if dataset or out_dir or options or hyperparameters:
+            raise InputError("--resume takes the run directory only: its dataset and options are in the run")
+        result = train(None, resume, resume=True, progress=progress, log=out.print)
+    else:
+        if dataset is None or out_dir is None:
+            raise InputError("give a DATASET and --out RUN (or --resume RUN)")
+        if hyperparameters:
+            from tagmill.train.sagemaker import config_from_hyperparameters
+
+            options = {**config_from_hyperparameters(hyperparameters, dataset, log=out.print), **options}
+        if options.get("pretrained") is False and "frozen_epochs" not in options and not options.get("weights"):
+            # a random backbone's features are noise: there is nothing to train a head on
+            options["frozen_epochs"] = 0
+        result = train(dataset, out_dir, TrainConfig.from_dict(options), progress=progress, log=out.print)
+    out.print(f"best {result.metric_name}: {result.best_metric:.4f} — run in [bold]{result.run_dir}[/]", highlight=False)
+
+
 @app.command()
 @reports_errors
 def demo(

@@ -11,7 +11,9 @@ front ends never disagree about what went wrong.
     │   └── UnreadableImageError      exit 2   HTTP 422   bytes that are not a usable image
     ├── DatasetError                  exit 4   HTTP 500   a packed dataset is missing, incomplete or corrupt
     │   └── EmptyDatasetError         exit 5   HTTP 500   an import would leave nothing trainable
-    └── StorageError                  exit 6   HTTP 502   a path or URL cannot be read or written
+    ├── StorageError                  exit 6   HTTP 502   a path or URL cannot be read or written
+    ├── CheckpointError               exit 7   HTTP 500   a training checkpoint cannot be read back
+    └── BundleError                   exit 8   HTTP 500   a model bundle is incomplete or inconsistent
 """
 
 from __future__ import annotations
@@ -79,7 +81,21 @@ class StorageError(TagmillError):
     http_status = 502
 
 
+class CheckpointError(TagmillError):
+    """A training checkpoint is missing, damaged, or belongs to another run."""
+
+    exit_code = 7
+
+
+class BundleError(TagmillError):
+    """A model bundle lacks model.json, or its weights do not match what model.json says."""
+
+    exit_code = 8
+
+
 __all__ = [
+    "BundleError",
+    "CheckpointError",
     "TagmillError",
     "InputError",
     "SourceError",

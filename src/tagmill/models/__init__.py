@@ -1,0 +1,63 @@
+"""Backbones for transfer learning: names, offline ImageNet weights, freezing, heads.
+
+A classifier is a plain timm model with ``num_classes`` outputs; tagmill only picks
+the architecture, loads the weights (never from a hub) and decides which layers
+train at which learning rate.
+"""
+
+from tagmill.models.factory import check_image_size, create_classifier
+from tagmill.models.features import forward_features_pooled, head
+from tagmill.models.freezing import (
+    classifier_parameters,
+    freeze_backbone,
+    freeze_to,
+    layer_groups,
+    param_groups,
+    set_frozen_bn_eval,
+    unfreeze,
+)
+from tagmill.models.pretrained import (
+    OFFLINE_WEIGHTS,
+    PretrainedConfig,
+    has_offline_weights,
+    load_imagenet_weights,
+    offline_weights_path,
+    pretrained_config,
+)
+from tagmill.models.registry import (
+    ALIASES,
+    DEFAULT_ARCHITECTURE,
+    TEST_ARCHITECTURES,
+    registered_architectures,
+    resolve_architecture,
+)
+from tagmill.models.weights import LoadReport, fit_state_dict, load_weights, read_state_dict
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_ARCHITECTURE",
+    "LoadReport",
+    "OFFLINE_WEIGHTS",
+    "PretrainedConfig",
+    "TEST_ARCHITECTURES",
+    "check_image_size",
+    "classifier_parameters",
+    "create_classifier",
+    "fit_state_dict",
+    "forward_features_pooled",
+    "freeze_backbone",
+    "freeze_to",
+    "has_offline_weights",
+    "head",
+    "layer_groups",
+    "load_imagenet_weights",
+    "load_weights",
+    "offline_weights_path",
+    "param_groups",
+    "pretrained_config",
+    "read_state_dict",
+    "registered_architectures",
+    "resolve_architecture",
+    "set_frozen_bn_eval",
+    "unfreeze",
+]

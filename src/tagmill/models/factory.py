@@ -1,0 +1,108 @@
+"""Build a classifier: a plain timm model with ``num_classes`` outputs, weights loaded by us.
+
+A plain timm model means a bundle rebuilds it with nothing but
+``timm.create_model(model.pretrained_cfg["architecture"], pretrained=False,
+num_classes=N)`` and ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import timm
+import torch
+from torch import nn
+
+from tagmill.errors import InputError
+from tagmill.models.pretrained import load_imagenet_weights, offline_weights_path
+from tagmill.models.registry import resolve_architecture
+from tagmill.models.weights import LoadReport, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def create_classifier(
+    architecture: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    weights: str | None = None,
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """A timm ``architecture`` (or tagmill alias) with a fresh ``num_classes`` head.
+
+    ``weights`` (a .safetensors or state-dict file) wins over ``pretrained``; without
+    it, ``pretrained=True`` loads the ImageNet weights installed with tagmill, and is
+    an InputError for architectures that have none. The backbone's head is loaded
+    only when its shape matches ``num_classes``; which keys were kept fresh is logged.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise InputError(f"num_classes must be a positive integer, not {num_classes!r}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise InputError(f"drop_rate must be in [0, 1), not {drop_rate!r}")
+    name = resolve_architecture(architecture)
+    if weights is None and pretrained:
+        offline_weights_path(architecture)  # fail before spending time on building the model
+
+    # Only pass drop_rate when asked: a few exotic timm models take no such argument.
+    options = {"drop_rate": drop_rate} if drop_rate else {}
+    # pretrained=False always: timm would try a hub download, which cannot work here.
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+
+    report: LoadReport | None = None
+    if weights is not None:
+        report = load_weights(model, weights)
+    elif pretrained:
+        report = load_imagenet_weights(model, name)
+    if report is not None:
+        _log_report(report, name, num_classes)
+    return model
+
+
+def check_image_size(architecture: str, image_size: int) -> None:
+    """InputError unless ``architecture`` can classify ``image_size`` x ``image_size`` images.
+
+    Asks the network itself: one forward pass on the meta device (shapes only, no
+    weights allocated, a fraction of a second), so fixed-size ViTs, window sizes and
+    too-deep downsampling are all caught with the network's own words.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise InputError(f"image size must be a positive integer, not {image_size!r}")
+    name = resolve_architecture(architecture)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=2).eval()
+            images = torch.empty(1, 3, image_size, image_size)  # (B, 3, H, W)
+    except Exception:  # noqa: BLE001 - a model whose init needs real tensors
+        model = timm.create_model(name, pretrained=False, num_classes=2).eval()
+        images = torch.zeros(1, 3, image_size, image_size)
+    try:
+        with torch.no_grad():
+            model(images)
+    except NotImplementedError:
+        return  # an op with no meta kernel: cannot tell, so let training find out
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise InputError(
+            f"{architecture} cannot classify {image_size}x{image_size} images: {_first_line(exc)}",
+            hint=f"its native size is {_native_size(name)}",
+        ) from exc
+
+
+def _native_size(name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return f"{cfg.input_size[-1]}px" if cfg is not None else "224px"
+
+
+def _log_report(report: LoadReport, name: str, num_classes: int) -> None:
+    how = "paired by order" if report.by_order else "paired by name"
+    log.info("%s: loaded %d tensors from %s (%s)", name, report.loaded, report.source, how)
+    if report.skipped:
+        log.info("%s: new %d-class head, not loaded: %s", name, num_classes, ", ".join(report.skipped))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["check_image_size", "create_classifier"]

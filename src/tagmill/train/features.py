@@ -1,0 +1,90 @@
+"""The frozen stage's shortcut: run the backbone once, train the head many times.
+
+While the backbone is frozen its output for a given input never changes, so computing
+it every epoch is waste. The cache holds ``views`` augmented passes over the training
+set (epoch e trains on view e % views) plus one plain pass over validation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch.utils.data import DataLoader
+
+from tagmill import storage
+from tagmill.progress import SILENT, Progress
+from tagmill.train.device import autocast
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  #: (N, D) pooled backbone features
+    targets: torch.Tensor  #: (N,) class indices, or (N, C) multi-hot
+    keys: list[str]
+
+
+@torch.inference_mode()
+def extract_features(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    progress: Progress = SILENT,
+    description: str = "caching features",
+    total: int | None = None,
+) -> FeatureSet:
+    from tagmill.models import forward_features_pooled
+
+    model.eval()
+    chunks, targets, keys = [], [], []
+    with progress.task(description, total) as advance:
+        for images, target, batch_keys in loader:
+            images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                pooled = forward_features_pooled(model, images)  # (B, D)
+            chunks.append(pooled.float().cpu())
+            targets.append(target)
+            keys.extend(batch_keys)
+            advance(len(batch_keys))
+    # Sorting by key makes the cache independent of data-loader worker interleaving.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    features, all_targets = torch.cat(chunks)[order], torch.cat(targets)[order]
+    return FeatureSet(features, all_targets, [keys[i] for i in order])
+
+
+def save_features(location: str, views: list[FeatureSet], val: FeatureSet | None) -> None:
+    tensors = {}
+    for i, view in enumerate(views):
+        tensors[f"train.{i}.features"] = view.features.contiguous()
+        tensors[f"train.{i}.targets"] = view.targets.contiguous()
+    if val is not None:
+        tensors["val.features"] = val.features.contiguous()
+        tensors["val.targets"] = val.targets.contiguous()
+    keys = {"train_keys": "\n".join(views[0].keys), "val_keys": "\n".join(val.keys) if val else ""}
+    storage.write_bytes(location, save_tensors(tensors, metadata=keys))
+
+
+def load_features(location: str) -> tuple[list[FeatureSet], FeatureSet | None]:
+    data = storage.read_bytes(location)
+    tensors = load_tensors(data)
+    # safetensors keeps string metadata in its JSON header: 8-byte length, then the JSON
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    train_keys = metadata.get("train_keys", "").split("\n")
+    views = []
+    i = 0
+    while f"train.{i}.features" in tensors:
+        views.append(FeatureSet(tensors[f"train.{i}.features"], tensors[f"train.{i}.targets"], train_keys))
+        i += 1
+    val = None
+    if "val.features" in tensors:
+        val = FeatureSet(tensors["val.features"], tensors["val.targets"], metadata.get("val_keys", "").split("\n"))
+    return views, val

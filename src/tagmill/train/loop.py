@@ -143,6 +143,8 @@ def train(
         run.frozen_stage()
     if state.epoch < config.frozen_epochs + config.unfrozen_epochs and not run.stopped_early():
         run.unfrozen_stage()
+    if is_main_process():
+        run.final_report()
     return TrainResult(run_dir, state.history, state.best_metric, metric_name(manifest.task))
 
 
@@ -359,6 +361,23 @@ class _Run:
             val_loss, probs, targets = self._validate()
             self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, seen,
                             optimizer, scheduler)
+
+    def final_report(self) -> None:
+        """Evaluate the best checkpoint on validation: metrics, thresholds, plots, report.md."""
+        from tagmill.train.evaluation import predict_split, write_evaluation
+
+        best = load_checkpoint(storage.join(self.run_dir, BEST))
+        self.model.load_state_dict(best["model"])
+        preds = predict_split(
+            self.model, self.dataset, self.manifest, "val", self.preprocess, device=self.device,
+            precision=self.config.precision, batch_size=self.config.batch_size, progress=self.progress,
+        )
+        write_evaluation(
+            self.run_dir, self.dataset, self.manifest, "val", preds,
+            title=f"{self.config.backbone} on {storage.basename(self.dataset)}",
+            config={"dataset": self.dataset, **self.config.as_dict()}, history=self.state.history,
+            threshold=self.config.threshold, top_k=self.config.top_k,
+        )
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)  # (B, 3, H, W)

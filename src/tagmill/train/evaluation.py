@@ -1,0 +1,161 @@
+"""Evaluate a trained model on a split: metrics, tuned thresholds, plots, report.
+
+Used at the end of ``tagmill train`` (on the best checkpoint, validation split) and by
+``tagmill evaluate`` (a run or a bundle, any split). Everything lands in one output
+directory: ``metrics.json``, ``thresholds.json`` (multi-label), PNG plots, the
+worst-predicted images as thumbnails, and ``report.md`` tying them together.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from tagmill import storage
+from tagmill.dataset.manifest import Manifest
+from tagmill.dataset.shards import iter_shard
+from tagmill.dataset.torch_data import ShardDataset
+from tagmill.dataset.transforms import Preprocess, eval_transform
+from tagmill.errors import DatasetError
+from tagmill.progress import SILENT, Progress
+from tagmill.train.device import autocast
+
+TOP_LOSSES = 12
+
+
+@dataclass
+class Predictions:
+    probs: torch.Tensor  #: (N, C)
+    targets: torch.Tensor  #: (N,) class indices or (N, C) multi-hot
+    losses: torch.Tensor  #: (N,) per-sample loss
+    keys: list[str]
+
+
+@torch.inference_mode()
+def predict_split(
+    model: torch.nn.Module,
+    dataset: str,
+    manifest: Manifest,
+    split: str,
+    preprocess: Preprocess,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Progress = SILENT,
+) -> Predictions:
+    model.eval()
+    data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    probs, targets, losses, keys = [], [], [], []
+    with progress.task(f"predicting {split}", len(data)) as advance:
+        for images, target, batch_keys in loader:
+            with autocast(device, precision):
+                logits = model(images.to(device)).float().cpu()  # (B, C)
+            if manifest.task == "single":
+                probs.append(logits.softmax(-1))
+                losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+            else:
+                probs.append(logits.sigmoid())
+                losses.append(torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1))
+            targets.append(target)
+            keys.extend(batch_keys)
+            advance(len(batch_keys))
+    return Predictions(torch.cat(probs), torch.cat(targets), torch.cat(losses), keys)
+
+
+def evaluate_predictions(preds: Predictions, manifest: Manifest, *, threshold: float, top_k: int, thresholds: torch.Tensor | None = None):
+    from tagmill.evaluate import multi_label_metrics, single_label_metrics
+
+    if manifest.task == "single":
+        return single_label_metrics(preds.probs, preds.targets, manifest.classes, top_k=top_k)
+    return multi_label_metrics(preds.probs, preds.targets, manifest.classes, threshold=thresholds if thresholds is not None else threshold)
+
+
+def write_evaluation(
+    out_dir: str,
+    dataset: str,
+    manifest: Manifest,
+    split: str,
+    preds: Predictions,
+    *,
+    title: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
+    threshold: float = 0.2,
+    top_k: int = 5,
+    tune: bool = True,
+    thresholds: list[float] | None = None,
+):
+    """Metrics (+ tuned per-tag thresholds), plots, thumbnails and report.md in out_dir."""
+    from tagmill.evaluate import (
+        plot_confusion,
+        plot_curves,
+        plot_per_class_f1,
+        top_losses,
+        tune_thresholds,
+        write_report,
+        write_thumbnail,
+    )
+
+    storage.makedirs(out_dir)
+    fixed = evaluate_predictions(preds, manifest, threshold=threshold, top_k=top_k)
+    result, tuned = fixed, None
+    if manifest.task == "multi":
+        if thresholds is not None:
+            tuned = torch.tensor(thresholds, dtype=torch.float32)
+        elif tune:
+            tuned = tune_thresholds(preds.probs, preds.targets)  # (C,)
+        if tuned is not None:
+            result = evaluate_predictions(preds, manifest, threshold=threshold, top_k=top_k, thresholds=tuned)
+            storage.write_bytes(storage.join(out_dir, "thresholds.json"), (json.dumps(tuned.tolist()) + "\n").encode())
+    metrics = {"split": split, "result": result.as_dict()}
+    if tuned is not None:
+        metrics["at_fixed_threshold"] = {"threshold": threshold, "headline": fixed.as_dict()["headline"]}
+    storage.write_bytes(storage.join(out_dir, "metrics.json"), (json.dumps(metrics, indent=2) + "\n").encode())
+
+    plots: dict[str, str] = {}
+    if history:
+        plots["curves"] = plot_curves(history, storage.join(out_dir, "curves.png"))
+    if result.confusion is not None:
+        plots["confusion"] = plot_confusion(result.confusion, manifest.classes, storage.join(out_dir, "confusion.png"))
+    plots["per_class_f1"] = plot_per_class_f1(result.per_class, storage.join(out_dir, "per_class_f1.png"))
+    worst = _write_top_losses(out_dir, dataset, manifest, split, preds, result, tuned, threshold, write_thumbnail, top_losses)
+    write_report(out_dir, title=title, result=result, plots=plots, top_losses=worst, config=config)
+    return result, tuned
+
+
+def _write_top_losses(out_dir, dataset, manifest, split, preds, result, tuned, threshold, write_thumbnail, top_losses) -> list[dict]:
+    order = top_losses(preds.losses, TOP_LOSSES)
+    wanted = {preds.keys[i]: rank for rank, i in enumerate(order)}
+    rows: list[dict[str, Any]] = [{} for _ in order]
+    for shard in manifest.split(split).shards:
+        for sample in iter_shard(storage.join(dataset, shard.name)):
+            rank = wanted.get(sample.key)
+            if rank is None:
+                continue
+            i = order[rank]
+            thumbnail = f"top_losses/{rank:03d}.jpg"
+            write_thumbnail(sample.image, storage.join(out_dir, thumbnail))
+            rows[rank] = {
+                "thumbnail": thumbnail,
+                "id": sample.meta.get("id", sample.key),
+                "true": sample.meta["labels"],
+                "predicted": _predicted(preds.probs[i], manifest, tuned, threshold),
+                "loss": float(preds.losses[i]),
+            }
+    if any(not row for row in rows):
+        raise DatasetError(f"some {split} samples vanished from their shards while evaluating")
+    return rows
+
+
+def _predicted(probs: torch.Tensor, manifest: Manifest, tuned: torch.Tensor | None, threshold: float) -> list[str]:
+    if manifest.task == "single":
+        return [manifest.classes[int(probs.argmax())]]
+    cut = tuned if tuned is not None else torch.full_like(probs, threshold)
+    return [c for c, p, t in zip(manifest.classes, probs.tolist(), cut.tolist()) if p > t]

@@ -1,0 +1,278 @@
+"""Preprocess → infer → postprocess, the same for every caller and both backends.
+
+Images become tensors only through ``eval_transform(meta.preprocess)`` after the
+import decoder (``decode`` + ``to_rgb``), so a served image is treated exactly like
+an imported one. The torch and ONNX backends differ only in the call that turns a
+preprocessed batch into logits; decoding, softmax/sigmoid, thresholds and top-k are
+one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from tagmill import storage
+from tagmill.bundle.format import ONNX_FILE, BundleError, BundleMeta, load_bundle, read_checked, read_meta
+from tagmill.dataset.images import decode, to_rgb
+from tagmill.dataset.transforms import Preprocess, eval_transform
+from tagmill.errors import InputError, UnreadableImageError
+
+Backend = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+#: A per-call threshold: one value for every class, or one per class in class order.
+Threshold = float | Sequence[float]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one image. With ``error`` set, every other field is empty."""
+
+    #: every class, in class order (the SageMaker image classifier's answer)
+    probabilities: list[float] = field(default_factory=list)
+    #: single-label: [top-1]; multi-label: every tag at or above its threshold
+    labels: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    #: the top-k (label, probability) pairs, most probable first
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON values (``top`` as label/score objects)."""
+        return {
+            "probabilities": self.probabilities,
+            "labels": self.labels,
+            "scores": self.scores,
+            "top": [{"label": label, "score": score} for label, score in self.top],
+            "error": self.error,
+        }
+
+
+class Predictor:
+    """Runs a bundle's model on images, bytes or preprocessed tensors.
+
+    ``model`` is a torch module for ``backend="torch"`` (moved to ``device`` and put in
+    eval mode); for ``backend="onnx"`` it is the ONNX graph (bytes), an
+    ``onnxruntime.InferenceSession``, or a torch module that is exported (and
+    verified) in memory. The ONNX backend runs on the CPU and ignores ``device``;
+    ``intra_op_threads`` sets its thread count (None: onnxruntime's default).
+    Forward passes run in chunks of at most ``batch_size`` images.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        meta: BundleMeta,
+        *,
+        backend: str = "torch",
+        device: str | torch.device = "cpu",
+        intra_op_threads: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, not {batch_size}")
+        self.meta = meta
+        self.backend = backend
+        self.batch_size = batch_size
+        self.transform = eval_transform(meta.preprocess)
+        self._shrink_to = _decode_size(meta.preprocess)
+        if backend == "torch":
+            self._run = _torch_runner(model, device)
+        else:
+            self._run = _onnx_runner(model, meta, intra_op_threads)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        location: str,
+        backend: str = "torch",
+        *,
+        device: str | torch.device = "cpu",
+        intra_op_threads: int | None = None,
+        batch_size: int = 32,
+    ) -> Predictor:
+        """Load the bundle at ``location``; the ONNX backend needs its ``model.onnx``."""
+        if backend == "onnx":
+            meta = read_meta(location)
+            model: Any = _read_onnx(location, meta)
+        else:
+            model, meta = load_bundle(location, device=device)
+        return cls(model, meta, backend=backend, device=device, intra_op_threads=intra_op_threads,
+                   batch_size=batch_size)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    # --- entry points ------------------------------------------------------------
+
+    def predict_bytes(
+        self, items: Sequence[bytes], *, top_k: int | None = None, threshold: Threshold | None = None
+    ) -> list[Prediction]:
+        """Encoded images (JPEG, PNG, ...); an undecodable item gets ``error`` set."""
+        if isinstance(items, (bytes, bytearray)):
+            raise InputError("predict_bytes takes a list of images; wrap a single image in a list")
+        return self._predict([lambda data=data: self._decode(data) for data in items], top_k, threshold)
+
+    def predict_images(
+        self, images: Sequence[Image.Image], *, top_k: int | None = None, threshold: Threshold | None = None
+    ) -> list[Prediction]:
+        """PIL images in any mode; they are normalised like decoded bytes."""
+        return self._predict([lambda img=img: to_rgb(img) for img in images], top_k, threshold)
+
+    def predict_tensor(
+        self, batch: torch.Tensor, *, top_k: int | None = None, threshold: Threshold | None = None
+    ) -> list[Prediction]:
+        """An already preprocessed batch (N, 3, S, S)."""
+        size = self.meta.preprocess.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
+            raise InputError(f"expected a batch of shape (N, 3, {size}, {size}), got {list(batch.shape)}")
+        k, thresholds = self._resolve_top_k(top_k), self._resolve_thresholds(threshold)
+        return self._postprocess(self.logits(batch), k, thresholds)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs (N, C), float32 on the CPU, run in chunks of batch_size."""
+        if batch.shape[0] == 0:
+            return torch.empty(0, self.meta.num_classes)
+        chunks = [self._run(part) for part in batch.split(self.batch_size)]  # each (n, C)
+        return torch.cat(chunks)  # (N, C)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits → (N, C) probabilities: softmax for single-label, sigmoid for multi."""
+        return torch.sigmoid(logits) if self.meta.multilabel else torch.softmax(logits, dim=1)
+
+    # --- the shared path ---------------------------------------------------------
+
+    def _predict(
+        self, loaders: Sequence[Callable[[], Image.Image]], top_k: int | None, threshold: Threshold | None
+    ) -> list[Prediction]:
+        # Check per-call options before any work, so a bad option fails the request as a whole.
+        k, thresholds = self._resolve_top_k(top_k), self._resolve_thresholds(threshold)
+        results: list[Prediction | None] = [None] * len(loaders)
+        tensors: list[torch.Tensor] = []
+        slots: list[int] = []
+        for i, load in enumerate(loaders):
+            try:
+                tensors.append(self.transform(load()))  # (3, S, S)
+                slots.append(i)
+            except UnreadableImageError as exc:
+                results[i] = Prediction(error=exc.message)
+            except (OSError, ValueError, SyntaxError) as exc:  # e.g. broken EXIF met by to_rgb
+                results[i] = Prediction(error=f"corrupt image: {exc}")
+        if tensors:
+            batch = torch.stack(tensors)  # (n, 3, S, S): one forward for the whole request
+            predicted = self._postprocess(self.logits(batch), k, thresholds)
+            for slot, prediction in zip(slots, predicted, strict=True):
+                results[slot] = prediction
+        return [r for r in results if r is not None]
+
+    def _decode(self, data: bytes) -> Image.Image:
+        return to_rgb(decode(data, shrink_to=self._shrink_to))
+
+    def _postprocess(self, logits: torch.Tensor, top_k: int, thresholds: list[float] | None) -> list[Prediction]:
+        probs = self.probabilities(logits.float())  # (N, C)
+        # stable sort: equal probabilities keep class order, so top-k is deterministic
+        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
+        rows = zip(probs.tolist(), order.tolist(), strict=True)
+        return [self._one(row, ranks, thresholds) for row, ranks in rows]
+
+    def _one(self, probs: list[float], ranks: list[int], thresholds: list[float] | None) -> Prediction:
+        classes = self.meta.classes
+        if self.meta.multilabel:
+            limits = thresholds if thresholds is not None else list(self.meta.thresholds or ())
+            labels = [c for c, p, t in zip(classes, probs, limits, strict=True) if p >= t]
+        else:
+            labels = [classes[ranks[0]]]
+        return Prediction(
+            probabilities=probs,
+            labels=labels,
+            scores=dict(zip(classes, probs, strict=True)),
+            top=[(classes[i], probs[i]) for i in ranks],
+        )
+
+    def _resolve_top_k(self, top_k: int | None) -> int:
+        k = self.meta.default_top_k if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"top_k must be a positive integer, not {top_k!r}")
+        return min(k, self.meta.num_classes)
+
+    def _resolve_thresholds(self, threshold: Threshold | None) -> list[float] | None:
+        """Per-class thresholds for this call; None means model.json's."""
+        if threshold is None:
+            return None
+        try:
+            if isinstance(threshold, (int, float)):
+                values = [float(threshold)] * self.meta.num_classes
+            else:
+                values = [float(t) for t in threshold]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"threshold must be a number or one number per class, not {threshold!r}") from exc
+        if len(values) != self.meta.num_classes:
+            raise InputError(f"{len(values)} thresholds given for {self.meta.num_classes} classes")
+        if not all(0.0 <= t <= 1.0 for t in values):
+            raise InputError(f"thresholds must lie in [0, 1], got {threshold!r}")
+        return values
+
+
+# --- backends: a preprocessed batch (n, 3, S, S) -> logits (n, C) ----------------
+
+
+def _torch_runner(model: Any, device: str | torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"the torch backend needs a torch.nn.Module, not {type(model).__name__}")
+    model = model.to(device).eval()
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(batch.to(device=device, dtype=dtype))  # (n, C)
+        return logits.float().cpu()
+
+    return run
+
+
+def _onnx_runner(model: Any, meta: BundleMeta, intra_op_threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    # onnx_export pulls in onnx/onnxruntime; import it only for this backend
+    from tagmill.bundle.onnx_export import make_session, onnx_bytes, run_session
+
+    if isinstance(model, torch.nn.Module):
+        model = onnx_bytes(model, meta)  # exported and verified in memory
+    if isinstance(model, (bytes, bytearray)):
+        session = make_session(bytes(model), intra_op_threads=intra_op_threads)
+    elif hasattr(model, "run") and hasattr(model, "get_inputs"):  # an onnxruntime.InferenceSession
+        session = model
+    else:
+        raise InputError(
+            f"the onnx backend needs ONNX bytes, an onnxruntime.InferenceSession or a torch module, "
+            f"not {type(model).__name__}"
+        )
+    return lambda batch: run_session(session, batch)
+
+
+def _read_onnx(location: str, meta: BundleMeta) -> bytes:
+    path = storage.join(location, ONNX_FILE)
+    if meta.onnx_sha256 is None or not storage.exists(path):
+        raise BundleError(
+            f"bundle {location} has no {ONNX_FILE}",
+            hint="save it with onnx=True (tagmill export --onnx), or use the torch backend",
+        )
+    return read_checked(location, ONNX_FILE, meta.onnx_sha256)
+
+
+def _decode_size(pre: Preprocess) -> int:
+    """The smallest shorter side decoding may shrink a JPEG to without losing detail
+    that the resize would keep (the crop method first resizes to size / crop_pct)."""
+    if pre.resize_method == "crop":
+        return max(pre.input_size, int(round(pre.input_size / pre.crop_pct)))
+    return pre.input_size

@@ -264,6 +264,75 @@ def train_command(
 
 @app.command()
 @reports_errors
+def export(
+    run: Annotated[str, typer.Argument(help="A training run directory.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx (checked against PyTorch with onnxruntime).")] = False,
+) -> None:
+    """Export a run's best checkpoint as a model bundle (model.json + model.safetensors)."""
+    from tagmill.bundle.from_run import export_run
+
+    meta = export_run(run, out_dir, onnx=onnx)
+    files = "model.json, model.safetensors" + (", model.onnx" if onnx else "")
+    out.print(f"bundle [bold]{out_dir}[/]: {meta.architecture}, {len(meta.classes)} classes ({files})", highlight=False)
+
+
+@app.command()
+@reports_errors
+def predict(
+    bundle: Annotated[str, typer.Argument(help="A model bundle (from `tagmill export`).")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders, or packed datasets.")],
+    top_k: Annotated[Optional[int], typer.Option(help="How many best classes to show.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Multi-label: one threshold for every tag (default: the bundle's tuned ones).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="For packed datasets: only this split.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write all predictions to this JSON file.")] = None,
+    jsonl_out: Annotated[Optional[str], typer.Option("--jsonl", help="Write one JSON line per image to this file.")] = None,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write a CSV (a probability column per class).")] = None,
+    backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Predict classes or tags for images; unreadable files are reported, not fatal."""
+    from tagmill.bundle.batch_predict import predict_all, write_rows
+    from tagmill.bundle.predictor import Predictor
+    from tagmill.progress import RichProgress
+    from tagmill.summaries import prediction_table
+
+    predictor = Predictor.from_bundle(bundle, backend=backend)
+    rows = list(predict_all(predictor, paths, top_k=top_k, threshold=threshold, split=split,
+                            batch_size=batch_size, progress=RichProgress(err)))
+    outputs = [(json_out, "json"), (jsonl_out, "jsonl"), (csv_out, "csv")]
+    for location, fmt in outputs:
+        if location:
+            write_rows(rows, location, fmt, predictor.classes)
+            out.print(f"{len(rows):,} predictions → [bold]{location}[/]", highlight=False)
+    if not any(location for location, _ in outputs):
+        out.print(prediction_table(rows, multi=predictor.meta.task == "multi"))
+    failed = sum(1 for r in rows if not r.prediction.ok)
+    if failed:
+        err.print(f"[yellow]{failed:,} of {len(rows):,} inputs could not be read[/] (see the error column)")
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A training run directory or a model bundle.")],
+    dataset: Annotated[str, typer.Argument(help="A packed dataset.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Where to write metrics, plots and report.md.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Multi-label: tune per-tag thresholds on this split (default: use the model's).")] = False,
+) -> None:
+    """Evaluate a run or bundle on a dataset split: metrics, plots and report.md."""
+    from tagmill.progress import RichProgress
+    from tagmill.bundle.evaluate_model import evaluate_model
+
+    target = out_dir or storage.join(model, f"eval-{split}")
+    result = evaluate_model(model, dataset, split, target, tune=tune, progress=RichProgress(err))
+    out.print(f"{split}: {result.summary_line()}", highlight=False)
+    out.print(f"report: [bold]{storage.join(target, 'report.md')}[/]", highlight=False)
+
+
+@app.command()
+@reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its dataset and outputs.")] = Path("runs/demo"),
 ) -> None:

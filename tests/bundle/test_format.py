@@ -214,7 +214,7 @@ def test_invalid_values_in_model_json(bundle: Path) -> None:
 
 def test_bundle_error_is_in_the_tree() -> None:
     assert issubclass(BundleError, TagmillError)
-    assert BundleError.exit_code == 7 and BundleError.http_status == 500
+    assert BundleError.exit_code == 8 and BundleError.http_status == 500
 
 
 def test_saving_a_model_that_does_not_fit_the_meta(tmp_path: Path) -> None:

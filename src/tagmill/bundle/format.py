@@ -28,7 +28,7 @@ import torch
 import tagmill
 from tagmill import storage
 from tagmill.dataset.transforms import Preprocess
-from tagmill.errors import InputError, TagmillError
+from tagmill.errors import BundleError, InputError
 
 FORMAT = "tagmill.bundle"
 SCHEMA_VERSION = 1
@@ -37,13 +37,6 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 TASKS: tuple[str, ...] = ("single", "multi")
 DEFAULT_THRESHOLD = 0.5
-
-
-class BundleError(TagmillError):
-    """A model bundle is missing, incomplete, corrupt or was written by a newer tagmill."""
-
-    exit_code = 7
-    http_status = 500
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ class TrainConfig:
     frozen_epochs: int = 3
     #: whole-network epochs with discriminative learning rates (after unfreeze())
     unfrozen_epochs: int = 2
-    lr: float = 3e-3
+    lr: float = 5e-3
     #: the unfrozen stage's head learning rate is lr * unfrozen_lr_scale ...
     unfrozen_lr_scale: float = 0.1
     #: ... and the earliest layers get that divided by lr_mult

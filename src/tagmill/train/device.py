@@ -26,3 +26,24 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+#: On a CPU, per-image inference cost rises with batch size once a batch's activations
+#: outgrow the caches (EfficientNet-Lite0 here: 280 img/s in chunks of 16 at 128 px,
+#: 157 img/s at batch 64; 89 vs 34 img/s at 224 px). About 256k input pixels a chunk
+#: is the sweet spot measured on this class of machine; see bench/README.md.
+CPU_CHUNK_PIXELS = 256 * 1024
+
+
+def inference_chunk(device: torch.device, input_size: int) -> int | None:
+    """How many images to run at once for inference, or None for "the whole batch"."""
+    if device.type != "cpu":
+        return None
+    return max(1, CPU_CHUNK_PIXELS // (input_size * input_size))
+
+
+def run_chunked(fn, images: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``fn`` over ``images`` (B, ...) in chunks of ``chunk``, outputs concatenated."""
+    if chunk is None or len(images) <= chunk:
+        return fn(images)
+    return torch.cat([fn(part) for part in images.split(chunk)])

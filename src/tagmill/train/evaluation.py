@@ -22,7 +22,7 @@ from tagmill.dataset.torch_data import ShardDataset
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import DatasetError
 from tagmill.progress import SILENT, Progress
-from tagmill.train.device import autocast
+from tagmill.train.device import autocast, inference_chunk, run_chunked
 
 TOP_LOSSES = 12
 
@@ -56,7 +56,7 @@ def predict_split(
     with progress.task(f"predicting {split}", len(data)) as advance:
         for images, target, batch_keys in loader:
             with autocast(device, precision):
-                logits = model(images.to(device)).float().cpu()  # (B, C)
+                logits = run_chunked(model, images.to(device), inference_chunk(device, preprocess.input_size)).float().cpu()  # (B, C)
             if manifest.task == "single":
                 probs.append(logits.softmax(-1))
                 losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))

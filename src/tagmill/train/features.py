@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from tagmill import storage
 from tagmill.progress import SILENT, Progress
-from tagmill.train.device import autocast
+from tagmill.train.device import autocast, inference_chunk, run_chunked
 
 
 @dataclass
@@ -43,13 +43,15 @@ def extract_features(
 
     model.eval()
     chunks, targets, keys = [], [], []
+    chunk: int | None = None
     with progress.task(description, total) as advance:
         for images, target, batch_keys in loader:
             images = images.to(device, non_blocking=True)  # (B, 3, H, W)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            chunk = chunk or inference_chunk(device, images.shape[-1])
             with autocast(device, precision):
-                pooled = forward_features_pooled(model, images)  # (B, D)
+                pooled = run_chunked(lambda x: forward_features_pooled(model, x), images, chunk)  # (B, D)
             chunks.append(pooled.float().cpu())
             targets.append(target)
             keys.extend(batch_keys)

@@ -32,7 +32,7 @@ from tagmill.errors import CheckpointError, DatasetError, InputError
 from tagmill.progress import SILENT, Progress
 from tagmill.train.checkpoint import load_checkpoint, save_checkpoint
 from tagmill.train.config import TrainConfig
-from tagmill.train.device import autocast, resolve_device
+from tagmill.train.device import autocast, inference_chunk, resolve_device, run_chunked
 from tagmill.train.features import FeatureSet, extract_features, load_features, save_features
 
 LAST, BEST, FEATURES, METRICS, CONFIG = "last.pt", "best.pt", "features.safetensors", "metrics.jsonl", "config.json"
@@ -172,6 +172,20 @@ def _start_run_dir(run_dir: str, dataset: str, config: TrainConfig) -> None:
         storage.write_bytes(storage.join(run_dir, CONFIG), (json.dumps(saved, indent=2) + "\n").encode())
 
 
+def _keep_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Normalise with the running statistics while fine-tuning (BN affine weights still learn).
+
+    The head was trained on features computed with the backbone's running statistics.
+    Switching BatchNorm to batch statistics at unfreeze time shifts every feature at
+    once (badly so on data unlike ImageNet, e.g. greyscale product shots) and the first
+    unfrozen epoch spends itself undoing the damage; small CPU batches make batch
+    statistics noisy besides.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 class _Run:
     """One training run's moving parts, shared by its two stages."""
 
@@ -245,7 +259,8 @@ class _Run:
         if not is_main_process():
             return
         checkpoint = {
-            "epoch": state.epoch, "stage": stage, "classes": self.manifest.classes, "config": self.config.as_dict(),
+            "epoch": state.epoch, "stage": stage, "classes": self.manifest.classes, "task": self.task,
+            "preprocess": self.preprocess.as_dict(), "config": self.config.as_dict(), "dataset": self.dataset,
             "model": self.model.state_dict(), "optimizer": state.optimizer, "scheduler": state.scheduler,
             "history": state.history, "best_metric": state.best_metric, "bad_epochs": state.bad_epochs,
         }
@@ -286,8 +301,11 @@ class _Run:
         config, state = self.config, self.state
         views, val = self._feature_cache()
         classifier = head(self.model)
+        # one frozen epoch = one pass over every cached view (each an augmented copy of the data)
+        train_set = TensorDataset(torch.cat([v.features for v in views]), torch.cat([v.targets for v in views]))
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
         optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        steps = math.ceil(len(views[0].targets) / config.batch_size)
+        steps = len(loader)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.frozen_epochs, pct_start=0.25)
         if state.optimizer is not None and state.epoch < config.frozen_epochs:
             optimizer.load_state_dict(state.optimizer)
@@ -295,12 +313,10 @@ class _Run:
         while state.epoch < config.frozen_epochs and not self.stopped_early():
             epoch = state.epoch
             torch.manual_seed(config.seed * 1000 + epoch)
-            view = views[epoch % len(views)]
             start = time.perf_counter()
             classifier.train()
-            loader = DataLoader(TensorDataset(view.features, view.targets), batch_size=config.batch_size, shuffle=True)
             total, seen = 0.0, 0
-            with self.progress.task(f"epoch {epoch + 1} (head, cached features)", len(view.targets)) as advance:
+            with self.progress.task(f"epoch {epoch + 1} (head, cached features)", len(train_set)) as advance:
                 for features, targets in loader:
                     features, targets = features.to(self.device), targets.to(self.device)  # (B, D), (B,) | (B, C)
                     loss = self.loss_fn(classifier(features), targets)
@@ -342,6 +358,7 @@ class _Run:
             torch.manual_seed(config.seed * 1000 + epoch)
             start = time.perf_counter()
             self.model.train()
+            _keep_batchnorm_statistics(self.model)
             total, seen = 0.0, 0
             loader = self._loader("train", train_transform(self.preprocess, config.augmentation), shuffle=True, epoch=epoch)
             with self.progress.task(f"epoch {epoch + 1} (whole network)", self.manifest.split("train").count) as advance:
@@ -387,9 +404,10 @@ class _Run:
     def _validate(self) -> tuple[float, torch.Tensor, torch.Tensor]:
         self.model.eval()
         probs, targets, keys, total = [], [], [], 0.0
+        chunk = inference_chunk(self.device, self.preprocess.input_size)
         for images, target, batch_keys in self._loader("val", eval_transform(self.preprocess), shuffle=False):
             with autocast(self.device, self.config.precision):
-                logits = self.model(self._to_device(images)).float()  # (B, C)
+                logits = run_chunked(self.model, self._to_device(images), chunk).float()  # (B, C)
             total += self.loss_fn(logits, target.to(self.device)).item() * len(target)
             probs.append(self._probs(logits).cpu())
             targets.append(target)

@@ -1,0 +1,59 @@
+"""``tagmill evaluate RUN|BUNDLE DATASET``: the same evaluation for a run or a bundle."""
+
+from __future__ import annotations
+
+import torch
+
+from tagmill import storage
+from tagmill.bundle.format import MODEL_JSON, load_bundle
+from tagmill.dataset.manifest import load_manifest, verify_shards
+from tagmill.dataset.transforms import Preprocess
+from tagmill.errors import InputError
+from tagmill.progress import SILENT, Progress
+from tagmill.train.checkpoint import load_checkpoint
+from tagmill.train.evaluation import predict_split, write_evaluation
+from tagmill.train.loop import BEST, CONFIG, read_run
+
+
+def _from_run(run_dir: str) -> tuple[torch.nn.Module, dict, Preprocess, list[float] | None]:
+    from tagmill.models import create_classifier
+
+    _, config = read_run(run_dir)
+    best = load_checkpoint(storage.join(run_dir, BEST))
+    model = create_classifier(config.backbone, len(best["classes"]), pretrained=False)
+    model.load_state_dict(best["model"])
+    info = {"classes": best["classes"], "task": best["task"], "config": config.as_dict(), "title": config.backbone}
+    return model.eval(), info, Preprocess.from_dict(best["preprocess"]), None
+
+
+def _from_bundle(location: str) -> tuple[torch.nn.Module, dict, Preprocess, list[float] | None]:
+    model, meta = load_bundle(location)
+    info = {"classes": list(meta.classes), "task": meta.task, "config": dict(meta.training), "title": meta.architecture}
+    return model, info, meta.preprocess, list(meta.thresholds) if meta.thresholds else None
+
+
+def evaluate_model(model_location: str, dataset: str, split: str, out_dir: str, *, tune: bool = False,
+                   progress: Progress = SILENT):
+    if storage.exists(storage.join(model_location, MODEL_JSON)):
+        model, info, preprocess, thresholds = _from_bundle(model_location)
+    elif storage.exists(storage.join(model_location, CONFIG)):
+        model, info, preprocess, thresholds = _from_run(model_location)
+    else:
+        raise InputError(f"{model_location} is neither a training run nor a model bundle")
+    manifest = load_manifest(dataset)
+    verify_shards(dataset, manifest)
+    if list(manifest.classes) != list(info["classes"]) or manifest.task != info["task"]:
+        raise InputError(
+            f"the model knows {len(info['classes'])} {info['task']}-label classes, the dataset has "
+            f"{len(manifest.classes)} {manifest.task}-label classes: they must be the same, in the same order"
+        )
+    device = torch.device("cpu")
+    preds = predict_split(model, dataset, manifest, split, preprocess, device=device, progress=progress)
+    config = info["config"]
+    result, _ = write_evaluation(
+        out_dir, dataset, manifest, split, preds,
+        title=f"{info['title']} on {storage.basename(dataset)} ({split})",
+        config=config, threshold=float(config.get("threshold", 0.2)), top_k=int(config.get("top_k", 5)),
+        tune=tune, thresholds=None if tune else thresholds,
+    )
+    return result

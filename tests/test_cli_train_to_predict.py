@@ -1,0 +1,138 @@
+"""train → evaluate → export → predict through the CLI, single- and multi-label."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tagmill.bundle import Predictor, load_bundle
+from tagmill.cli import app
+from tagmill.dataset.importer import ImportOptions, import_dataset
+from tagmill.errors import BundleError, DatasetError, InputError
+from tests import images
+from tests.conftest import COLOURS, make_colour_classes
+
+runner = CliRunner()
+TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
+        "--workers", "0", "--frozen-epochs", "0", "--epochs", "2", "--lr", "0.02"]
+
+
+def run(*args: str, code: int = 0):
+    # wide enough that rich never folds a long temporary path inside a table cell
+    result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "300"})
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(colour_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    run("train", colour_dataset, "--out", str(root / "run"), *TINY)
+    return colour_dataset, root
+
+
+def test_run_directory_has_report_plots_and_metrics(trained):
+    _, root = trained
+    run_dir = root / "run"
+    for name in ("report.md", "curves.png", "confusion.png", "per_class_f1.png", "metrics.json", "metrics.jsonl", "best.pt"):
+        assert (run_dir / name).exists(), name
+    report = (run_dir / "report.md").read_text()
+    assert "![Confusion matrix](confusion.png)" in report and "top_losses/000.jpg" in report
+    assert len(list((run_dir / "top_losses").glob("*.jpg"))) == 12
+
+
+def test_export_predict_files_and_formats(trained, tmp_path):
+    dataset, root = trained
+    bundle = tmp_path / "bundle"
+    run("export", str(root / "run"), "--out", str(bundle))
+    model, meta = load_bundle(str(bundle))
+    assert meta.classes == ("blue", "green", "red") and meta.architecture == "test_efficientnet"
+    assert meta.preprocess.input_size == 48 and meta.metrics["split"] == "val"
+
+    photos = tmp_path / "photos"
+    make_colour_classes(photos, 2)
+    images.write(photos / "broken.jpg", images.truncated_jpeg_bytes())
+    table = run("predict", str(bundle), str(photos), "--top-k", "2")
+    assert "broken.jpg" in table.output and "could not be read" in table.output
+
+    run("predict", str(bundle), str(photos), "--jsonl", str(tmp_path / "p.jsonl"), "--csv", str(tmp_path / "p.csv"))
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(lines) == 7
+    broken = next(line for line in lines if line["input"].endswith("broken.jpg"))
+    assert broken["error"] and broken["probabilities"] == []
+    good = [line for line in lines if not line["error"]]
+    assert all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in good)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert set(rows[0]) == {"input", "labels", "error", "blue", "green", "red"}
+
+    # a packed dataset as input: every validation sample, same scores as the Predictor
+    run("predict", str(bundle), dataset, "--split", "val", "--json", str(tmp_path / "val.json"))
+    predictions = json.loads((tmp_path / "val.json").read_text())
+    assert len(predictions) == 12
+    direct = Predictor(model, meta).predict_bytes([(photos / "red" / "000.png").read_bytes()])[0]
+    from_cli = next(line for line in lines if line["input"].endswith("red/000.png"))
+    assert from_cli["probabilities"] == pytest.approx(direct.probabilities, abs=1e-6)
+
+
+def test_evaluate_a_run_and_a_bundle(trained, tmp_path):
+    dataset, root = trained
+    bundle = tmp_path / "bundle"
+    run("export", str(root / "run"), "--out", str(bundle))
+    from_run = run("evaluate", str(root / "run"), dataset, "--out", str(tmp_path / "e1"))
+    from_bundle = run("evaluate", str(bundle), dataset, "--out", str(tmp_path / "e2"))
+    first = json.loads((tmp_path / "e1" / "metrics.json").read_text())["result"]["headline"]
+    second = json.loads((tmp_path / "e2" / "metrics.json").read_text())["result"]["headline"]
+    assert first == pytest.approx(second)
+    assert "accuracy" in from_run.output and (tmp_path / "e2" / "report.md").exists()
+    assert "val: accuracy" in from_bundle.output
+
+
+def test_multi_label_thresholds_travel_from_training_to_the_bundle(tmp_path):
+    src = tmp_path / "src"
+    names = list(COLOURS)
+    lines = ["id,tags"]
+    for i in range(48):
+        tags = [names[i % 4]] + ([names[(i + 1) % 4]] if i % 3 == 0 else [])
+        from PIL import Image
+        import numpy as np
+
+        arr = np.zeros((40, 40, 3), np.uint8)
+        arr[:, :20] = COLOURS[tags[0]]
+        arr[:, 20:] = COLOURS[tags[-1]]
+        images.write(src / f"{i}.png", images.encode(Image.fromarray(arr), "PNG"))
+        lines.append(f'{i},"{", ".join(tags)}"')
+    (src / "tags.csv").write_text("\n".join(lines) + "\n")
+    import_dataset(str(src / "tags.csv"), str(tmp_path / "ds"), ImportOptions(val_fraction=0.25))
+    run("train", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), *TINY)
+    tuned = json.loads((tmp_path / "run" / "thresholds.json").read_text())
+    assert len(tuned) == 4 and all(0 < t < 1 for t in tuned)
+    run("export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"))
+    _, meta = load_bundle(str(tmp_path / "bundle"))
+    assert meta.task == "multi" and list(meta.thresholds) == pytest.approx(tuned)
+    assert {"fbeta", "accuracy_thresh", "mAP"} <= set(meta.metrics)
+
+
+def test_bad_inputs_to_train_export_and_predict(colour_dataset, tmp_path):
+    # a dataset whose shard was damaged after import
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(colour_dataset, broken)
+    shard = next(broken.glob("train-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-600] + b"x" * 600)
+    result = run("train", str(broken), "--out", str(tmp_path / "r1"), *TINY, code=DatasetError.exit_code)
+    assert "sha256" in result.output and not (tmp_path / "r1").exists()
+    shard.unlink()
+    assert "missing shard" in run("train", str(broken), "--out", str(tmp_path / "r2"), *TINY, code=DatasetError.exit_code).output
+
+    assert "resnet43" in run("train", colour_dataset, "--out", str(tmp_path / "r3"), "--backbone", "resnet43", code=InputError.exit_code).output
+    small = run("train", colour_dataset, "--out", str(tmp_path / "r4"), "--backbone", "vit_tiny_patch16_224",
+                "--no-pretrained", "--image-size", "64", code=InputError.exit_code)
+    assert "cannot classify 64x64 images" in small.output and not (tmp_path / "r4").exists()
+    assert "no CUDA GPU" in run("train", colour_dataset, "--out", str(tmp_path / "r5"), *TINY, "--device", "cuda", code=InputError.exit_code).output
+    assert "not a training run" in run("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b"), code=InputError.exit_code).output
+    assert "not a tagmill bundle" in run("predict", str(tmp_path), str(tmp_path), code=BundleError.exit_code).output

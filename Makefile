@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index folder it does not find; keep the noise out.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/tagmill demo
 
-test: install
+# The web page is tested in a real browser: Debian's chromium, driven headless.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
 bench: install

@@ -24,7 +24,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-Advance = Callable[[int], None]
+#: ``advance(n, info)``: n more items done; ``info`` (optional) replaces the bar's
+#: status text, e.g. the running loss.
+Advance = Callable[..., None]
 
 
 class Progress(Protocol):
@@ -34,7 +36,7 @@ class Progress(Protocol):
 class SilentProgress:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield lambda n=1, info=None: None
 
 
 SILENT = SilentProgress()
@@ -63,7 +65,15 @@ class RichProgress:
             _RateColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
         )
         with _RichProgress(*columns, console=self.console, transient=False) as bar:
-            task_id = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task_id, n)
+            task_id = bar.add_task(description, total=total, info="")
+
+            def advance(n: int = 1, info: str | None = None) -> None:
+                if info is None:
+                    bar.advance(task_id, n)
+                else:
+                    bar.update(task_id, advance=n, info=info)
+
+            yield advance

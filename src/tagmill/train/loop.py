@@ -326,7 +326,7 @@ class _Run:
                     scheduler.step()
                     total += loss.item() * len(targets)
                     seen += len(targets)
-                    advance(len(targets))
+                    advance(len(targets), f"loss {total / seen:.4f}")
             classifier.eval()
             with torch.inference_mode():
                 logits = classifier(val.features.to(self.device))  # (N, C)
@@ -374,7 +374,7 @@ class _Run:
                         scheduler.step()
                     total += loss.item() * len(targets)
                     seen += len(targets)
-                    advance(len(targets))
+                    advance(len(targets), f"loss {total / seen:.4f}")
             val_loss, probs, targets = self._validate()
             self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, seen,
                             optimizer, scheduler)

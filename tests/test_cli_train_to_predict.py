@@ -107,7 +107,7 @@ def test_multi_label_thresholds_travel_from_training_to_the_bundle(tmp_path):
         lines.append(f'{i},"{", ".join(tags)}"')
     (src / "tags.csv").write_text("\n".join(lines) + "\n")
     import_dataset(str(src / "tags.csv"), str(tmp_path / "ds"), ImportOptions(val_fraction=0.25))
-    run("train", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), *TINY)
+    run("train", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), *TINY, "--pos-weight")
     tuned = json.loads((tmp_path / "run" / "thresholds.json").read_text())
     assert len(tuned) == 4 and all(0 < t < 1 for t in tuned)
     run("export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"))

@@ -49,3 +49,17 @@ def test_bad_requests_fail_before_any_work(colour_dataset, tmp_path):
     assert not (tmp_path / "gpu").exists() and not (tmp_path / "arch").exists()
     with pytest.raises(InputError, match="not a training run"):
         train(None, str(tmp_path / "nothing"), resume=True)
+
+
+def test_bf16_autocast_and_label_smoothing_run(colour_dataset, tmp_path):
+    config = TrainConfig(**TINY, frozen_epochs=1, unfrozen_epochs=1, cache_views=1, precision="bf16", label_smoothing=0.1)
+    result = train(colour_dataset, str(tmp_path / "run"), config)
+    assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(r["val_loss"])) for r in result.history)
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(InputError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    for bad in ({"precision": "fp8"}, {"resize_method": "zoom"}, {"frozen_epochs": 0, "unfrozen_epochs": 0}, {"batch_size": 0}):
+        with pytest.raises(InputError):
+            TrainConfig(**bad)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from tagmill.errors import SourceError
-from tagmill.formats.base import FileImage, ReadResult, SourceOptions, SourceRecord, Task
+from tagmill.formats.base import ReadResult, SourceOptions, Task
 from tagmill.formats.csv_table import (
     LABEL_NAMES,
     CsvTable,
@@ -29,7 +29,7 @@ from tagmill.formats.csv_table import (
     RowProblem,
     delimiter_word,
     image_folder,
-    in_file_order,
+    collect_records,
     read_table,
 )
 
@@ -142,23 +142,14 @@ class CsvReader:
         task: Task = options.task or ("multi" if any(len(t) > 1 for t in tag_lists) else "single")
 
         locator = ImageLocator(image_folder(self.location, options), options.suffix)
-        records: list[SourceRecord] = []
-        skipped = list(table.skipped)
-        for row, tags in zip(table.rows, tag_lists):
-            try:
-                image_id, row_split = identity.identify(row)
-                labels = check_labels(tags, task)
-                image = FileImage(locator.locate(image_id))
-            except RowProblem as problem:
-                skipped.append(table.skip(row.line, problem.reason, problem.detail))
-                continue
-            records.append(SourceRecord(image_id, labels, image, row_split))
+        labelled = ((row, tags, "") for row, tags in zip(table.rows, tag_lists))
+        records, skipped = collect_records(table, identity, locator, labelled, lambda tags: check_labels(tags, task))
 
         classes = sorted({label for record in records for label in record.labels})
         kind = "delimited tags" if task == "multi" else "labels"
         return ReadResult(
             records=records,
-            skipped=in_file_order(skipped),
+            skipped=skipped,
             task=task,
             classes=classes,
             description=f"CSV of {kind} ({len(classes)} classes)",

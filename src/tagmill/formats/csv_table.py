@@ -15,7 +15,7 @@ import csv
 import io
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -23,6 +23,8 @@ from tagmill import storage
 from tagmill.errors import SourceError
 from tagmill.formats.base import (
     IMAGE_EXTENSIONS,
+    FileImage,
+    SourceRecord,
     SourceOptions,
     Skip,
     has_image_extension,
@@ -403,3 +405,31 @@ def image_folder(location: str, options: SourceOptions) -> str:
 def in_file_order(skips: list[Skip]) -> list[Skip]:
     """``skips`` sorted by line: they come from two passes (width check, then row checks)."""
     return sorted(skips, key=lambda s: int(s.source.rsplit(":", 1)[1]))
+
+
+def collect_records(
+    table: CsvTable,
+    identity: RowIdentity,
+    locator: ImageLocator,
+    labelled: Iterable[tuple[Row, tuple[str, ...], str]],
+    check: Callable[[tuple[str, ...]], tuple[str, ...]],
+) -> tuple[list[SourceRecord], list[Skip]]:
+    """One record per usable row; every :class:`RowProblem` becomes a Skip naming its line.
+
+    ``labelled`` yields (row, labels, problem) where ``problem`` is "" for a row whose
+    labels parsed; ``check`` enforces what the task allows (e.g. one label when single).
+    """
+    records: list[SourceRecord] = []
+    skipped = list(table.skipped)
+    for row, labels, problem in labelled:
+        try:
+            image_id, row_split = identity.identify(row)
+            if problem:
+                raise RowProblem("malformed-row", problem)
+            checked = check(labels)
+            image = FileImage(locator.locate(image_id))
+        except RowProblem as exc:
+            skipped.append(table.skip(row.line, exc.reason, exc.detail))
+            continue
+        records.append(SourceRecord(image_id, checked, image, row_split))
+    return records, in_file_order(skipped)

@@ -18,7 +18,7 @@ import operator
 from collections.abc import Sequence
 
 from tagmill.errors import SourceError, TagmillError
-from tagmill.formats.base import FileImage, ReadResult, SourceOptions, SourceRecord, Task
+from tagmill.formats.base import ReadResult, SourceOptions, Task
 from tagmill.formats.csv_table import (
     LABEL_NAMES,
     CsvTable,
@@ -27,7 +27,7 @@ from tagmill.formats.csv_table import (
     RowIdentity,
     RowProblem,
     image_folder,
-    in_file_order,
+    collect_records,
     read_head,
     read_table,
     table_from_text,
@@ -144,23 +144,12 @@ class OneHotCsvReader:
         task: Task = options.task or ("multi" if any(len(p) != 1 for p in label_lists) else "single")
 
         locator = ImageLocator(image_folder(self.location, options), options.suffix)
-        records: list[SourceRecord] = []
-        skipped = list(table.skipped)
-        for row, labels, problem in zip(table.rows, label_lists, problems):
-            try:
-                image_id, row_split = identity.identify(row)
-                if problem:
-                    raise RowProblem("malformed-row", problem)
-                labels = check_positives(labels, task)
-                image = FileImage(locator.locate(image_id))
-            except RowProblem as exc:
-                skipped.append(table.skip(row.line, exc.reason, exc.detail))
-                continue
-            records.append(SourceRecord(image_id, labels, image, row_split))
+        labelled = zip(table.rows, label_lists, problems)
+        records, skipped = collect_records(table, identity, locator, labelled, lambda labels: check_positives(labels, task))
 
         return ReadResult(
             records=records,
-            skipped=in_file_order(skipped),
+            skipped=skipped,
             task=task,
             classes=names,
             description=f"one-hot CSV ({len(names)} class columns)",

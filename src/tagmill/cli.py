@@ -4,6 +4,7 @@ the library; every behaviour lives in the packages below it."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -227,8 +228,11 @@ def train_command(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Multi-label: threshold for accuracy_thresh and F-beta.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Single-label: k of the top-k accuracy.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(help="Run N training processes on this machine (torchrun; DDP).")] = None,
 ) -> None:
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
+    if nproc is not None:
+        raise typer.Exit(_launch_torchrun(nproc))
     from tagmill.progress import RichProgress
     from tagmill.train.config import TrainConfig
     from tagmill.train.loop import train
@@ -260,6 +264,36 @@ def train_command(
             options["frozen_epochs"] = 0
         result = train(dataset, out_dir, TrainConfig.from_dict(options), progress=progress, log=out.print)
     out.print(f"best {result.metric_name}: {result.best_metric:.4f} — run in [bold]{result.run_dir}[/]", highlight=False)
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this very command under torchrun with N local processes (gloo or nccl)."""
+    import subprocess
+    import sys
+
+    if nproc < 1:
+        raise InputError("--nproc must be >= 1")
+    if "WORLD_SIZE" in os.environ:
+        raise InputError("--nproc cannot be used inside torchrun: torchrun already started the processes")
+    args = _without_option(sys.argv[1:], "--nproc")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "tagmill", *args]
+    err.print(f"[dim]$ {' '.join(cmd[1:])}[/]", highlight=False)
+    code = subprocess.call(cmd)
+    if code != 0:
+        err.print(f"[bold red]error:[/] distributed training failed (exit code {code}); see the rank errors above")
+    return code
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
 
 
 @app.command()

@@ -39,8 +39,8 @@ def distributed_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def reader_slot() -> ReaderSlot:
-    rank, world = distributed_rank_world()
+def reader_slot(across_ranks: bool = True) -> ReaderSlot:
+    rank, world = distributed_rank_world() if across_ranks else (0, 1)
     info = get_worker_info()
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     return ReaderSlot(rank * workers + worker, world * workers)
@@ -75,6 +75,7 @@ class ShardDataset(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         shuffle_buffer: int = 512,
+        across_ranks: bool = True,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -84,6 +85,8 @@ class ShardDataset(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        #: False: this process reads the whole split even under torchrun (e.g. rank 0's final report)
+        self.across_ranks = across_ranks
         self.epoch = 0
         self.class_index = {name: i for i, name in enumerate(self.manifest.classes)}
         self.shards = shard_locations(dataset, self.manifest, split)
@@ -108,7 +111,7 @@ class ShardDataset(IterableDataset):
                 position += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
-        slot = reader_slot()
+        slot = reader_slot(self.across_ranks)
         samples = self.samples(slot)
         if self.shuffle:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot.index}"))

@@ -50,7 +50,7 @@ def predict_split(
     progress: Progress = SILENT,
 ) -> Predictions:
     model.eval()
-    data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest)
+    data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, across_ranks=False)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
     probs, targets, losses, keys = [], [], [], []
     with progress.task(f"predicting {split}", len(data)) as advance:

@@ -13,10 +13,12 @@ an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +28,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
-from tagmill.dataset.torch_data import ShardDataset, distributed_rank_world
+from tagmill.dataset.torch_data import ShardDataset
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import CheckpointError, DatasetError, InputError
 from tagmill.progress import SILENT, Progress
+from tagmill.train import distributed
 from tagmill.train.checkpoint import load_checkpoint, save_checkpoint
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, resolve_device, run_chunked
@@ -56,10 +59,6 @@ class _State:
     bad_epochs: int = 0
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
-
-
-def is_main_process() -> bool:
-    return distributed_rank_world()[0] == 0
 
 
 def metric_name(task: str) -> str:
@@ -98,9 +97,8 @@ def train(
     log: Callable[[str], None] = lambda line: None,
 ) -> TrainResult:
     """Train on ``dataset`` into ``run_dir``; with ``resume``, continue the run there
-    (its dataset and configuration come from the run directory)."""
-    from tagmill.models import check_image_size, create_classifier
-
+    (its dataset and configuration come from the run directory). Under torchrun every
+    rank calls this; only rank 0 writes."""
     if resume:
         dataset, config = read_run(run_dir)
     elif dataset is None:
@@ -109,7 +107,16 @@ def train(
     manifest = load_manifest(dataset)
     verify_shards(dataset, manifest)
     _check_dataset(manifest)
-    device = resolve_device(config.device)
+    ctx, device_name = distributed.start(config.device)
+    try:
+        return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, progress, log)
+    finally:
+        distributed.stop()
+
+
+def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, log) -> TrainResult:
+    from tagmill.models import check_image_size, create_classifier
+
     preprocess = preprocess_for(config)
 
     check_image_size(config.backbone, preprocess.input_size)
@@ -117,7 +124,7 @@ def train(
     state = _State()
     checkpoint: dict[str, Any] | None = None
     if not resume:
-        _start_run_dir(run_dir, dataset, config)
+        _start_run_dir(run_dir, dataset, config, ctx)
     elif storage.exists(storage.join(run_dir, LAST)):
         checkpoint = load_checkpoint(storage.join(run_dir, LAST))
         _check_checkpoint(checkpoint, manifest)
@@ -138,13 +145,16 @@ def train(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log)
+    if not ctx.is_main:
+        progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
+    run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx)
     if state.epoch < config.frozen_epochs and not run.stopped_early():
         run.frozen_stage()
     if state.epoch < config.frozen_epochs + config.unfrozen_epochs and not run.stopped_early():
         run.unfrozen_stage()
-    if is_main_process():
+    if ctx.is_main:
         run.final_report()
+    distributed.barrier(ctx)
     return TrainResult(run_dir, state.history, state.best_metric, metric_name(manifest.task))
 
 
@@ -163,10 +173,12 @@ def _check_checkpoint(checkpoint: dict[str, Any], manifest: Manifest) -> None:
         raise CheckpointError("the checkpoint was trained on other classes than this dataset has")
 
 
-def _start_run_dir(run_dir: str, dataset: str, config: TrainConfig) -> None:
-    if storage.exists(storage.join(run_dir, CONFIG)):
+def _start_run_dir(run_dir: str, dataset: str, config: TrainConfig, ctx: distributed.DistContext) -> None:
+    taken = storage.exists(storage.join(run_dir, CONFIG))
+    distributed.barrier(ctx)  # every rank looks before rank 0 writes
+    if taken:
         raise InputError(f"{run_dir} already holds a training run", hint="resume it with `tagmill train --resume`, or choose another --out")
-    if is_main_process():
+    if ctx.is_main:
         storage.makedirs(run_dir)
         saved = {"dataset": dataset, "config": config.as_dict()}
         storage.write_bytes(storage.join(run_dir, CONFIG), (json.dumps(saved, indent=2) + "\n").encode())
@@ -189,10 +201,12 @@ def _keep_batchnorm_statistics(model: torch.nn.Module) -> None:
 class _Run:
     """One training run's moving parts, shared by its two stages."""
 
-    def __init__(self, dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log) -> None:
+    def __init__(self, dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx) -> None:
         self.dataset, self.run_dir, self.manifest, self.config = dataset, run_dir, manifest, config
         self.preprocess, self.model, self.device, self.state = preprocess, model, device, state
-        self.progress, self.log = progress, log
+        self.progress, self.log, self.ctx = progress, log, ctx
+        #: per-rank batch: the configured batch size is the global one
+        self.batch_size = max(1, config.batch_size // ctx.world)
         self.task = manifest.task
         self.loss_fn = self._loss()
 
@@ -214,12 +228,12 @@ class _Run:
         data.set_epoch(epoch)
         workers = self.config.workers if self.config.workers is not None else min(4, os.cpu_count() or 1)
         return DataLoader(
-            data, batch_size=self.config.batch_size, num_workers=workers,
+            data, batch_size=self.batch_size, num_workers=workers,
             persistent_workers=False, pin_memory=self.device.type == "cuda",
         )
 
     def _steps(self, split: str) -> int:
-        return math.ceil(self.manifest.split(split).count / self.config.batch_size)
+        return math.ceil(self.manifest.split(split).count / self.ctx.world / self.batch_size)
 
     def stopped_early(self) -> bool:
         return self.config.patience is not None and self.state.bad_epochs >= self.config.patience
@@ -235,7 +249,7 @@ class _Run:
         return logits.softmax(-1) if self.task == "single" else logits.sigmoid()
 
     def _end_epoch(self, stage: str, train_loss: float, val_loss: float, probs, targets, seconds: float, images: int,
-                   optimizer, scheduler) -> None:
+                   optimizer, scheduler, data_fingerprint: int | None = None) -> None:
         result = self._evaluate(probs, targets)
         name = metric_name(self.task)
         value = float(result.headline[name])
@@ -246,7 +260,12 @@ class _Run:
             "metric": name, "val_metric": value,
             **{f"val_{k}": float(v) for k, v in result.headline.items() if k != name},
             "images_per_s": round(images / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
+            "train_images": images,
         }
+        if data_fingerprint is not None:
+            # sum of CRC32s of the sample keys trained on: equal across runs exactly when
+            # every sample was seen once, whatever the number of ranks and workers
+            row["train_fingerprint"] = data_fingerprint
         state.history.append(row)
         improved = value > state.best_metric
         state.best_metric = max(state.best_metric, value)
@@ -256,7 +275,7 @@ class _Run:
             f"epoch {state.epoch:>3} {stage:<8} train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
             f"{name} {value:.4f}{'  *' if improved else ''}  {row['images_per_s']:.0f} img/s"
         )
-        if not is_main_process():
+        if not self.ctx.is_main:
             return
         checkpoint = {
             "epoch": state.epoch, "stage": stage, "classes": self.manifest.classes, "task": self.task,
@@ -287,13 +306,28 @@ class _Run:
             transform = eval_transform(self.preprocess) if view == 0 and config.cache_views > 1 else train_transform(self.preprocess, config.augmentation)
             torch.manual_seed(config.seed * 7919 + view)
             loader = self._loader("train", transform, shuffle=False)
-            views.append(extract_features(self.model, loader, description=f"caching features (view {view + 1}/{config.cache_views})",
-                                          total=self.manifest.split("train").count, **extract))
-        val = extract_features(self.model, self._loader("val", eval_transform(self.preprocess), shuffle=False),
-                               description="caching validation features", total=self.manifest.split("val").count, **extract)
-        if is_main_process():
+            views.append(self._merged(extract_features(self.model, loader, description=f"caching features (view {view + 1}/{config.cache_views})",
+                                                       total=self._share("train"), **extract)))
+        val = self._merged(extract_features(self.model, self._loader("val", eval_transform(self.preprocess), shuffle=False),
+                                            description="caching validation features", total=self._share("val"), **extract))
+        if self.ctx.is_main:
             save_features(location, views, val)
         return views, val
+
+    def _share(self, split: str) -> int:
+        """About how many of ``split``'s samples this rank reads (for progress bars)."""
+        return math.ceil(self.manifest.split(split).count / self.ctx.world)
+
+    def _merged(self, part: FeatureSet) -> FeatureSet:
+        """Every rank extracted its share of the samples; all ranks get the whole set, by key."""
+        if not self.ctx.enabled:
+            return part
+        parts = distributed.gather(part, self.ctx)
+        keys = [k for p in parts for k in p.keys]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        features = torch.cat([p.features for p in parts])[order]
+        targets = torch.cat([p.targets for p in parts])[order]
+        return FeatureSet(features, targets, [keys[i] for i in order])
 
     def frozen_stage(self) -> None:
         from tagmill.models import head
@@ -353,19 +387,21 @@ class _Run:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
         end = config.frozen_epochs + config.unfrozen_epochs
+        # DDP averages gradients across ranks; without torchrun it is the plain model
+        network = self._wrap_ddp()
         while state.epoch < end and not self.stopped_early():
             epoch = state.epoch
             torch.manual_seed(config.seed * 1000 + epoch)
             start = time.perf_counter()
             self.model.train()
             _keep_batchnorm_statistics(self.model)
-            total, seen = 0.0, 0
+            total, seen, fingerprint = 0.0, 0, 0
             loader = self._loader("train", train_transform(self.preprocess, config.augmentation), shuffle=True, epoch=epoch)
-            with self.progress.task(f"epoch {epoch + 1} (whole network)", self.manifest.split("train").count) as advance:
-                for images, targets, _ in loader:
+            with self.progress.task(f"epoch {epoch + 1} (whole network)", self._share("train")) as advance, self._join(network):
+                for images, targets, keys in loader:
                     images, targets = self._to_device(images), targets.to(self.device)
                     with autocast(self.device, config.precision):
-                        logits = self.model(images)  # (B, C)
+                        logits = network(images)  # (B, C)
                     loss = self.loss_fn(logits.float(), targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -374,10 +410,29 @@ class _Run:
                         scheduler.step()
                     total += loss.item() * len(targets)
                     seen += len(targets)
+                    fingerprint += sum(zlib.crc32(key.encode()) for key in keys)
                     advance(len(targets), f"loss {total / seen:.4f}")
+            total, seen, fingerprint = distributed.sum_all([total, seen, fingerprint], self.ctx)
             val_loss, probs, targets = self._validate()
-            self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, seen,
-                            optimizer, scheduler)
+            self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, int(seen),
+                            optimizer, scheduler, data_fingerprint=int(fingerprint))
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not self.ctx.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _join(self, network: torch.nn.Module):
+        """Ranks may get a batch more or fewer (exact splitting, no padding): Join keeps
+        DDP's gradient all-reduce from waiting on a rank that has run out of data."""
+        if not self.ctx.enabled:
+            return contextlib.nullcontext()
+        from torch.distributed.algorithms.join import Join
+
+        return Join([network])
 
     def final_report(self) -> None:
         """Evaluate the best checkpoint on validation: metrics, thresholds, plots, report.md."""
@@ -412,5 +467,10 @@ class _Run:
             probs.append(self._probs(logits).cpu())
             targets.append(target)
             keys.extend(batch_keys)
+        parts = distributed.gather((total, keys, torch.cat(probs), torch.cat(targets)), self.ctx)
+        total = sum(p[0] for p in parts)
+        keys = [k for p in parts for k in p[1]]
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        return total / max(len(keys), 1), torch.cat(probs)[order], torch.cat(targets)[order]
+        all_probs = torch.cat([p[2] for p in parts])[order]
+        all_targets = torch.cat([p[3] for p in parts])[order]
+        return total / max(len(keys), 1), all_probs, all_targets

@@ -229,6 +229,7 @@ def train_command(
     threshold: Annotated[Optional[float], typer.Option(help="Multi-label: threshold for accuracy_thresh and F-beta.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Single-label: k of the top-k accuracy.")] = None,
     nproc: Annotated[Optional[int], typer.Option(help="Run N training processes on this machine (torchrun; DDP).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this bundle: same classes keep their head rows (incremental training).")] = None,
 ) -> None:
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
     if nproc is not None:
@@ -244,7 +245,7 @@ def train_command(
         "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
         "cache_views": cache_views, "precision": precision, "channels_last": channels_last,
         "patience": patience, "seed": seed, "workers": workers, "device": device,
-        "threshold": threshold, "top_k": top_k,
+        "threshold": threshold, "top_k": top_k, "init_from": init_from,
     }
     options = {k: v for k, v in given.items() if v is not None}
     progress = RichProgress(err)
@@ -259,6 +260,10 @@ def train_command(
             from tagmill.train.sagemaker import config_from_hyperparameters
 
             options = {**config_from_hyperparameters(hyperparameters, dataset, log=out.print), **options}
+        if init_from:
+            from tagmill.train.init_from import bundle_settings
+
+            options = {**bundle_settings(init_from), **options}
         if options.get("pretrained") is False and "frozen_epochs" not in options and not options.get("weights"):
             # a random backbone's features are noise: there is nothing to train a head on
             options["frozen_epochs"] = 0

@@ -18,6 +18,8 @@ class TrainConfig:
     pretrained: bool = True
     #: a local weights file for the backbone (.safetensors or a state-dict .pth)
     weights: str | None = None
+    #: a model bundle to start from (incremental training); classes are matched by name
+    init_from: str | None = None
     #: None: the backbone's own input size (224 for Lite0)
     image_size: int | None = None
     resize_method: str = "squish"

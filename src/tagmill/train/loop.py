@@ -135,12 +135,17 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, lo
     # else: killed before its first epoch ended; start over in the same directory
 
     torch.manual_seed(config.seed)
+    fresh = checkpoint is None and config.init_from is None
     model = create_classifier(
-        config.backbone, len(manifest.classes), pretrained=config.pretrained and checkpoint is None,
-        weights=config.weights if checkpoint is None else None,
+        config.backbone, len(manifest.classes), pretrained=config.pretrained and fresh,
+        weights=config.weights if fresh else None,
     )
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    elif config.init_from is not None:
+        from tagmill.train.init_from import init_from_bundle
+
+        log(f"starting from {config.init_from}: {init_from_bundle(model, config.init_from, manifest.classes).describe()}")
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -1,0 +1,78 @@
+"""Start a training run from an existing bundle (SageMaker's incremental training).
+
+The backbone comes over whole. The head is matched by class name: classes the bundle
+knows keep their rows, new classes start fresh, classes the new data lacks are dropped.
+That is what a monthly retrain on a grown tag list needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tagmill.errors import InputError
+
+
+@dataclass(frozen=True)
+class HeadTransfer:
+    kept: list[str]
+    added: list[str]
+    removed: list[str]
+
+    def describe(self) -> str:
+        parts = [f"{len(self.kept)} classes kept their head rows"]
+        if self.added:
+            parts.append(f"{len(self.added)} new ({_preview(self.added)})")
+        if self.removed:
+            parts.append(f"{len(self.removed)} dropped ({_preview(self.removed)})")
+        return "; ".join(parts)
+
+
+def _preview(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+
+
+def bundle_settings(location: str) -> dict:
+    """Training options implied by a bundle: its architecture and preprocessing."""
+    from tagmill.bundle.format import read_meta  # the bundle package sits downstream of training
+
+    meta = read_meta(location)
+    return {
+        "backbone": meta.architecture,
+        "image_size": meta.preprocess.input_size,
+        "resize_method": meta.preprocess.resize_method,
+    }
+
+
+def init_from_bundle(model: torch.nn.Module, location: str, classes: list[str]) -> HeadTransfer:
+    """Load ``location``'s weights into ``model`` (built for ``classes``), matching the head by name."""
+    from tagmill.bundle.format import load_bundle
+
+    old_model, meta = load_bundle(location)
+    old_state = old_model.state_dict()
+    state = model.state_dict()
+    head = model.get_classifier()
+    head_keys = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    body = {k: v for k, v in old_state.items() if k not in head_keys}
+    mismatched = [k for k, v in body.items() if k not in state or state[k].shape != v.shape]
+    if mismatched or len(body) != len(state) - len(head_keys):
+        raise InputError(
+            f"the bundle's {meta.architecture} does not fit this run's backbone (first mismatch: {(mismatched or ['?'])[0]})",
+            hint="leave --backbone out with --init-from: the bundle's architecture is used",
+        )
+    state.update(body)
+    old_index = {name: i for i, name in enumerate(meta.classes)}
+    for key in head_keys:  # weight (C, D) and bias (C,): copy rows of classes both know
+        new, old = state[key].clone(), old_state[key]
+        for i, name in enumerate(classes):
+            if name in old_index:
+                new[i] = old[old_index[name]]
+        state[key] = new
+    model.load_state_dict(state)
+    known = set(classes)
+    return HeadTransfer(
+        kept=[c for c in classes if c in old_index],
+        added=[c for c in classes if c not in old_index],
+        removed=[c for c in meta.classes if c not in known],
+    )

@@ -136,3 +136,25 @@ def test_bad_inputs_to_train_export_and_predict(colour_dataset, tmp_path):
     assert "no CUDA GPU" in run("train", colour_dataset, "--out", str(tmp_path / "r5"), *TINY, "--device", "cuda", code=InputError.exit_code).output
     assert "not a training run" in run("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b"), code=InputError.exit_code).output
     assert "not a tagmill bundle" in run("predict", str(tmp_path), str(tmp_path), code=BundleError.exit_code).output
+
+
+def test_predict_spreads_over_processes_keeping_order_and_every_input(trained, tmp_path):
+    dataset, root = trained
+    run("export", str(root / "run"), "--out", str(tmp_path / "bundle"))
+    # tiny shards: many tasks to spread over the processes
+    import_dataset(dataset_source(tmp_path), str(tmp_path / "many"), ImportOptions(val_fraction=0.2, shard_bytes=3000))
+    one = tmp_path / "one.jsonl"
+    two = tmp_path / "two.jsonl"
+    run("predict", str(tmp_path / "bundle"), str(tmp_path / "many"), "--jsonl", str(one))
+    run("predict", str(tmp_path / "bundle"), str(tmp_path / "many"), "--jsonl", str(two), "--nproc", "2")
+    first = [json.loads(line) for line in one.read_text().splitlines()]
+    second = [json.loads(line) for line in two.read_text().splitlines()]
+    assert len(first) == 30 and len({row["input"] for row in first}) == 30
+    assert [row["input"] for row in first] == [row["input"] for row in second]
+    for a, b in zip(first, second):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
+def dataset_source(tmp_path: Path) -> str:
+    make_colour_classes(tmp_path / "colours", 10)
+    return str(tmp_path / "colours")

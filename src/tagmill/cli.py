@@ -15,6 +15,9 @@ from rich.console import Console
 from tagmill import __version__, storage
 from tagmill.errors import InputError, TagmillError
 
+#: Predictions printed as a table when no output file is given.
+TABLE_ROWS = 50
+
 app = typer.Typer(
     name="tagmill",
     help="Image classification from a folder of labelled images to a live service.",
@@ -329,26 +332,40 @@ def predict(
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write a CSV (a probability column per class).")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    nproc: Annotated[int, typer.Option(help="Processes to spread the work over (output order is unchanged).")] = 1,
 ) -> None:
     """Predict classes or tags for images; unreadable files are reported, not fatal."""
-    from tagmill.bundle.batch_predict import predict_all, write_rows
-    from tagmill.bundle.predictor import Predictor
+    import itertools
+
+    from tagmill.bundle.batch_predict import Settings, predict_all, write_rows
+    from tagmill.bundle.format import read_meta
     from tagmill.progress import RichProgress
     from tagmill.summaries import prediction_table
 
-    predictor = Predictor.from_bundle(bundle, backend=backend)
-    rows = list(predict_all(predictor, paths, top_k=top_k, threshold=threshold, split=split,
-                            batch_size=batch_size, progress=RichProgress(err)))
-    outputs = [(json_out, "json"), (jsonl_out, "jsonl"), (csv_out, "csv")]
-    for location, fmt in outputs:
-        if location:
-            write_rows(rows, location, fmt, predictor.classes)
-            out.print(f"{len(rows):,} predictions → [bold]{location}[/]", highlight=False)
-    if not any(location for location, _ in outputs):
-        out.print(prediction_table(rows, multi=predictor.meta.task == "multi"))
-    failed = sum(1 for r in rows if not r.prediction.ok)
+    meta = read_meta(bundle)
+    settings = Settings(bundle, backend, top_k, threshold, batch_size)
+    outputs = [(location, fmt) for location, fmt in ((json_out, "json"), (jsonl_out, "jsonl"), (csv_out, "csv")) if location]
+    failed = 0
+
+    def counted(rows):
+        nonlocal failed
+        for row in rows:
+            failed += not row.prediction.ok
+            yield row
+
+    rows = counted(predict_all(settings, paths, split=split, nproc=nproc, progress=RichProgress(err)))
+    if outputs:
+        # one output streams; several need the rows more than once
+        source = list(rows) if len(outputs) > 1 else rows
+        for location, fmt in outputs:
+            written = write_rows(source, location, fmt, meta.classes)
+            out.print(f"{written:,} predictions → [bold]{location}[/]", highlight=False)
+    else:
+        shown = list(itertools.islice(rows, TABLE_ROWS))
+        hidden = sum(1 for _ in rows)
+        out.print(prediction_table(shown, multi=meta.task == "multi", hidden=hidden))
     if failed:
-        err.print(f"[yellow]{failed:,} of {len(rows):,} inputs could not be read[/] (see the error column)")
+        err.print(f"[yellow]{failed:,} inputs could not be read[/] (see the error column)")
 
 
 @app.command()

@@ -32,9 +32,8 @@ def sample_data() -> Path:
 
 
 def run_demo(workdir: Path, out: Console, err: Console) -> None:
-    from tagmill.bundle.batch_predict import predict_all
+    from tagmill.bundle.batch_predict import Settings, predict_all
     from tagmill.bundle.from_run import export_run
-    from tagmill.bundle.predictor import Predictor
     from tagmill.dataset.importer import ImportOptions, import_dataset
     from tagmill.dataset.inspect import contact_sheet
     from tagmill.formats import SourceOptions
@@ -74,7 +73,7 @@ def run_demo(workdir: Path, out: Console, err: Console) -> None:
     out.rule("[bold]4. predict[/] with the bundle")
     examples = [str(sample / "images" / name) for name in PREDICTED_EXAMPLES]
     _command(out, f"tagmill predict {bundle} {' '.join(PREDICTED_EXAMPLES[:2])} … --top-k 3")
-    rows = list(predict_all(Predictor.from_bundle(str(bundle)), examples, top_k=3))
+    rows = list(predict_all(Settings(str(bundle), "torch", 3, None, 32), examples))
     out.print(prediction_table(rows, multi=False))
     out.print(f"\n[bold green]done.[/] Bundle: [bold]{bundle}[/]   Report: [bold]{run_dir / 'report.md'}[/]", highlight=False)
 

@@ -58,7 +58,7 @@ def _class_preview(classes: list[str], shown: int = 8) -> str:
     return text + (f", … (+{len(classes) - shown})" if len(classes) > shown else "")
 
 
-def prediction_table(rows: list, *, multi: bool, shown: int = 50):
+def prediction_table(rows: list, *, multi: bool, hidden: int = 0):
     """A rich table of predictions: one line per input, best labels with scores."""
     from rich.table import Table
 
@@ -66,13 +66,13 @@ def prediction_table(rows: list, *, multi: bool, shown: int = 50):
     table.add_column("input", overflow="fold")
     table.add_column("tags (above threshold)" if multi else "prediction")
     table.add_column("top scores")
-    for row in rows[:shown]:
+    for row in rows:
         p = row.prediction
         if not p.ok:
             table.add_row(row.name, f"[red]error: {p.error}[/]", "")
             continue
         top = ", ".join(f"{label} {score:.2f}" for label, score in p.top)
         table.add_row(row.name, ", ".join(p.labels) or "(none)", top)
-    if len(rows) > shown:
-        table.caption = f"… {len(rows) - shown:,} more (use --json/--jsonl/--csv for all)"
+    if hidden:
+        table.caption = f"… {hidden:,} more (use --json/--jsonl/--csv for all)"
     return table

@@ -1,7 +1,11 @@
-"""``tagmill predict``: a bundle over files, folders or a packed dataset.
+"""``tagmill predict``: a bundle over files, folders or packed datasets, at any scale.
 
-Inputs are streamed in batches through the same :class:`Predictor` the server uses.
-An unreadable file becomes a row with its error — reported, never fatal to the batch.
+The work is cut into ordered tasks — a block of files, or one shard of a dataset —
+and each task is predicted in batches through the same :class:`Predictor` the server
+uses. With ``nproc`` > 1 the tasks run in that many processes (one torch thread each);
+results come back in task order, so the output order never depends on timing, and
+every input appears exactly once. An unreadable file becomes a row with its error:
+reported, never fatal to the batch.
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tagmill import storage
 from tagmill.bundle.predictor import Prediction, Predictor
@@ -21,63 +26,83 @@ from tagmill.errors import InputError, StorageError
 from tagmill.formats.base import has_image_extension
 from tagmill.progress import SILENT, Progress
 
-
-@dataclass(frozen=True)
-class Item:
-    name: str  #: a path, URL, or "dataset:key" for a packed sample
-    data: bytes | None
-    error: str | None = None
+FILES_PER_TASK = 256
 
 
 @dataclass(frozen=True)
 class Row:
-    name: str
+    name: str  #: the input's path or URL, or "DATASET:id" for a packed sample
     prediction: Prediction
 
     def as_dict(self) -> dict[str, Any]:
         return {"input": self.name, **self.prediction.as_dict()}
 
 
-def collect_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(image files, packed datasets) named by ``paths`` (folders are searched)."""
+@dataclass(frozen=True)
+class Task:
+    kind: Literal["files", "shard"]
+    items: tuple[str, ...]  #: file locations, or (shard location,)
+    dataset: str = ""
+    size: int = 0  #: inputs in this task (for progress)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bundle: str
+    backend: str
+    top_k: int | None
+    threshold: float | None
+    batch_size: int
+
+
+def plan(paths: list[str], split: str | None) -> list[Task]:
+    """The ordered tasks for ``paths`` (files, folders searched for images, datasets)."""
+    tasks: list[Task] = []
     files: list[str] = []
-    datasets: list[str] = []
     for path in paths:
-        if storage.isdir(path):
-            if storage.exists(storage.join(path, MANIFEST_NAME)):
-                datasets.append(path)
-            else:
-                files += [storage.join(path, *rel.split("/")) for rel in storage.list_files(path) if has_image_extension(rel)]
+        if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
+            tasks += _flush(files)
+            files = []
+            tasks += _dataset_tasks(path, split)
+        elif storage.isdir(path):
+            files += [storage.join(path, *rel.split("/")) for rel in storage.list_files(path) if has_image_extension(rel)]
         elif storage.exists(path):
             files.append(path)
         else:
             raise InputError(f"no such file or folder: {path}")
-    return files, datasets
+    return tasks + _flush(files)
 
 
-def count_dataset(dataset: str, split: str | None) -> int:
+def _flush(files: list[str]) -> list[Task]:
+    return [Task("files", tuple(files[i : i + FILES_PER_TASK]), size=len(files[i : i + FILES_PER_TASK]))
+            for i in range(0, len(files), FILES_PER_TASK)]
+
+
+def _dataset_tasks(dataset: str, split: str | None) -> list[Task]:
     manifest = load_manifest(dataset)
-    return sum(info.count for name, info in manifest.splits.items() if split in (None, name))
+    tasks = []
+    for name, info in manifest.splits.items():
+        if split in (None, name):
+            for shard, location in zip(info.shards, shard_locations(dataset, manifest, name)):
+                tasks.append(Task("shard", (location,), dataset=dataset, size=shard.count))
+    return tasks
 
 
-def iter_items(files: list[str], datasets: list[str], split: str | None) -> Iterator[Item]:
-    for location in files:
+def _inputs(task: Task) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(name, bytes or None, error) for every input of a task, in order."""
+    if task.kind == "shard":
+        for sample in iter_shard(task.items[0]):
+            yield f"{task.dataset}:{sample.meta.get('id', sample.key)}", sample.image, None
+        return
+    for location in task.items:
         try:
-            yield Item(location, storage.read_bytes(location))
+            yield location, storage.read_bytes(location), None
         except StorageError as exc:
-            yield Item(location, None, str(exc))
-    for dataset in datasets:
-        manifest = load_manifest(dataset)
-        for name in manifest.splits:
-            if split not in (None, name):
-                continue
-            for shard in shard_locations(dataset, manifest, name):
-                for sample in iter_shard(shard):
-                    yield Item(f"{dataset}:{sample.meta.get('id', sample.key)}", sample.image)
+            yield location, None, str(exc)
 
 
-def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch: list[Item] = []
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -87,44 +112,88 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def run_task(predictor: Predictor, task: Task, settings: Settings) -> list[Row]:
+    rows: list[Row] = []
+    for batch in _batches(_inputs(task), settings.batch_size):
+        readable = [data for _, data, _ in batch if data is not None]
+        predictions = iter(predictor.predict_bytes(readable, top_k=settings.top_k, threshold=settings.threshold) if readable else [])
+        for name, data, error in batch:
+            rows.append(Row(name, next(predictions) if data is not None else Prediction(error=error or "unreadable")))
+    return rows
+
+
+# One Predictor per worker process, loaded once by the pool initializer.
+_worker: tuple[Predictor, Settings] | None = None
+
+
+def _init_worker(settings: Settings) -> None:
+    import torch
+
+    global _worker
+    torch.set_num_threads(1)  # N processes x 1 thread beat 1 process x N threads here
+    _worker = (Predictor.from_bundle(settings.bundle, backend=settings.backend, intra_op_threads=1), settings)
+
+
+def _run_in_worker(task: Task) -> list[Row]:
+    assert _worker is not None, "pool initializer did not run"
+    return run_task(_worker[0], task, _worker[1])
+
+
 def predict_all(
-    predictor: Predictor,
+    settings: Settings,
     paths: list[str],
     *,
-    top_k: int | None = None,
-    threshold: float | None = None,
     split: str | None = None,
-    batch_size: int = 32,
+    nproc: int = 1,
     progress: Progress = SILENT,
+    predictor: Predictor | None = None,
 ) -> Iterator[Row]:
-    files, datasets = collect_inputs(paths)
-    total = len(files) + sum(count_dataset(d, split) for d in datasets)
-    with progress.task("predicting", total) as advance:
-        for batch in _batches(iter_items(files, datasets, split), batch_size):
-            readable = [item for item in batch if item.data is not None]
-            predictions = iter(predictor.predict_bytes([item.data for item in readable], top_k=top_k, threshold=threshold)) if readable else iter(())
-            for item in batch:
-                if item.data is None:
-                    yield Row(item.name, Prediction(error=item.error or "unreadable"))
-                else:
-                    yield Row(item.name, next(predictions))
-            advance(len(batch))
+    """Rows for every input of ``paths``, in input order."""
+    if nproc < 1:
+        raise InputError("--nproc must be >= 1")
+    tasks = plan(paths, split)
+    with progress.task("predicting", sum(t.size for t in tasks)) as advance:
+        if nproc == 1 or len(tasks) <= 1:
+            predictor = predictor or Predictor.from_bundle(settings.bundle, backend=settings.backend)
+            results: Iterable[list[Row]] = (run_task(predictor, task, settings) for task in tasks)
+            for rows in results:
+                yield from rows
+                advance(len(rows))
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(nproc, initializer=_init_worker, initargs=(settings,)) as pool:
+            for rows in pool.imap(_run_in_worker, tasks):  # imap keeps task order
+                yield from rows
+                advance(len(rows))
 
 
-def write_rows(rows: list[Row], location: str, fmt: str, classes: tuple[str, ...]) -> None:
-    """Write predictions as json (one array), jsonl (a line each) or csv (a column per class)."""
-    if fmt == "json":
-        text = json.dumps([r.as_dict() for r in rows], indent=2) + "\n"
-    elif fmt == "jsonl":
-        text = "".join(json.dumps(r.as_dict()) + "\n" for r in rows)
-    elif fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["input", "labels", "error", *classes])
-        for row in rows:
-            p = row.prediction
-            writer.writerow([row.name, "|".join(p.labels), p.error or "", *(f"{x:.6f}" for x in p.probabilities)])
-        text = buffer.getvalue()
-    else:
+def write_rows(rows: Iterable[Row], location: str, fmt: str, classes: tuple[str, ...]) -> int:
+    """Stream rows to ``location`` as json (one array), jsonl or csv; returns the count.
+
+    Written through an atomic file: a reader never sees half an output, and an S3
+    destination gets one upload at the end.
+    """
+    if fmt not in {"json", "jsonl", "csv"}:
         raise InputError(f"unknown output format {fmt!r}")
-    storage.write_bytes(location, text.encode("utf-8"))
+    count = 0
+    with storage.atomic_write(location) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        writer = csv.writer(text) if fmt == "csv" else None
+        if writer is not None:
+            writer.writerow(["input", "labels", "error", *classes])
+        if fmt == "json":
+            text.write("[")
+        for row in rows:
+            if fmt == "csv":
+                p = row.prediction
+                writer.writerow([row.name, "|".join(p.labels), p.error or "", *(f"{x:.6f}" for x in p.probabilities)])
+            elif fmt == "jsonl":
+                text.write(json.dumps(row.as_dict()) + "\n")
+            else:
+                text.write(("," if count else "") + "\n  " + json.dumps(row.as_dict()))
+            count += 1
+        if fmt == "json":
+            text.write("\n]\n")
+        text.flush()
+        text.detach()
+    return count

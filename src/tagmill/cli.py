@@ -233,6 +233,8 @@ def train_command(
     top_k: Annotated[Optional[int], typer.Option(help="Single-label: k of the top-k accuracy.")] = None,
     nproc: Annotated[Optional[int], typer.Option(help="Run N training processes on this machine (torchrun; DDP).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from this bundle: same classes keep their head rows (incremental training).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Local cache for shards read from URLs (s3://…): later epochs read disk.")] = None,
+    cache_gb: Annotated[Optional[float], typer.Option(help="Size bound of --cache-dir in GB.")] = None,
 ) -> None:
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
     if nproc is not None:
@@ -248,7 +250,7 @@ def train_command(
         "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
         "cache_views": cache_views, "precision": precision, "channels_last": channels_last,
         "patience": patience, "seed": seed, "workers": workers, "device": device,
-        "threshold": threshold, "top_k": top_k, "init_from": init_from,
+        "threshold": threshold, "top_k": top_k, "init_from": init_from, "cache_dir": cache_dir, "cache_gb": cache_gb,
     }
     options = {k: v for k, v in given.items() if v is not None}
     progress = RichProgress(err)
@@ -385,6 +387,34 @@ def evaluate(
     result = evaluate_model(model, dataset, split, target, tune=tune, progress=RichProgress(err))
     out.print(f"{split}: {result.summary_line()}", highlight=False)
     out.print(f"report: [bold]{storage.join(target, 'report.md')}[/]", highlight=False)
+
+
+@app.command()
+@reports_errors
+def serve(
+    bundle: Annotated[str, typer.Argument(help="A model bundle (path or URL).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 opens it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (8080, as SageMaker containers).")] = 8080,
+    workers: Annotated[int, typer.Option(help="Server processes, each with its own copy of the model.")] = 1,
+    threads: Annotated[int, typer.Option(help="Inference threads per worker.")] = 1,
+    backend: Annotated[str, typer.Option(help="torch | onnx (needs model.onnx: `tagmill export --onnx`).")] = "torch",
+    api_key: Annotated[Optional[str], typer.Option(help="Require this key (X-Api-Key or Bearer) on prediction routes.", envvar="TAGMILL_API_KEY")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="Requests grouped into one forward pass (1: no batching).")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest a batch waits to fill.")] = 5.0,
+    queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
+) -> None:
+    """Serve a bundle: SageMaker-compatible endpoint, REST API and a web page."""
+    from tagmill.serve.config import ServeConfig
+    from tagmill.serve.server import run_server
+
+    config = ServeConfig(
+        bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, api_key=api_key,
+        max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+    )
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+    out.print(f"serving {bundle} — web page: [bold]http://{shown}:{port}/[/]  (Ctrl+C to stop)", highlight=False)
+    run_server(config)
 
 
 @app.command()

@@ -65,6 +65,18 @@ def test_import_inspect_train_export_predict_all_on_s3(bucket, tmp_path):
     assert all(not row["error"] and abs(sum(row["probabilities"]) - 1) < 1e-5 for row in rows)
 
 
+def test_training_from_s3_fills_the_local_shard_cache(bucket, tmp_path):
+    make_colour_classes(tmp_path / "photos", 8)
+    upload_tree(tmp_path / "photos", bucket, "photos")
+    s3 = f"s3://{bucket}"
+    run("import", f"{s3}/photos", "--out", f"{s3}/ds", "--val-fraction", "0.25", "--shard-size-mb", "1")
+    cache = tmp_path / "shard-cache"
+    run("train", f"{s3}/ds", "--out", f"{s3}/runs/cached", *TINY, "--cache-dir", str(cache), "--cache-gb", "0.1")
+    manifest = load_manifest(f"{s3}/ds")
+    expected = {f"{shard.sha256}.tar" for info in manifest.splits.values() for shard in info.shards}
+    assert {p.name for p in cache.glob("*.tar")} == expected
+
+
 def test_csv_source_with_images_on_s3(bucket, tmp_path):
     lines = ["id,label"]
     for i in range(12):

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -128,9 +128,12 @@ class ShardWriter:
         self._file = self._tar = self._hasher = None
 
 
-def iter_shard(location: str) -> Iterator[Sample]:
-    """Samples of one shard, in order, streamed (the shard is never loaded whole)."""
-    with storage.storage_errors(location), storage.open_read(location) as handle:
+def iter_shard(location: str, opener: Callable[[str], IO[bytes]] | None = None) -> Iterator[Sample]:
+    """Samples of one shard, in order, streamed (the shard is never loaded whole).
+
+    ``opener`` replaces how the shard is opened (e.g. through a local shard cache).
+    """
+    with storage.storage_errors(location), (opener or storage.open_read)(location) as handle:
         try:
             with tarfile.open(fileobj=handle, mode="r|") as tar:
                 yield from _group_members(tar, location)

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
+from tagmill.dataset.shard_cache import ShardCache
 from tagmill.dataset.shards import Sample, iter_shard
 
 
@@ -76,6 +77,7 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 512,
         across_ranks: bool = True,
+        cache: ShardCache | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -90,6 +92,9 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.class_index = {name: i for i, name in enumerate(self.manifest.classes)}
         self.shards = shard_locations(dataset, self.manifest, split)
+        #: a local read-through cache for shards behind URLs: epoch 2 reads disk, not network
+        self.cache = cache
+        self._sha = {loc: info.sha256 for loc, info in zip(self.shards, self.manifest.split(split).shards)}
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch (the same on every rank and worker)."""
@@ -105,7 +110,8 @@ class ShardDataset(IterableDataset):
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         position = 0
         for shard in order:
-            for sample in iter_shard(shard):
+            opener = (lambda url: self.cache.open(url, self._sha[url])) if self.cache is not None else None
+            for sample in iter_shard(shard, opener):
                 if position % slot.count == slot.index:
                     yield sample
                 position += 1

@@ -46,6 +46,9 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None
     device: str = "auto"
+    #: local read-through cache for shards read from URLs (s3://...); None: no cache
+    cache_dir: str | None = None
+    cache_gb: float = 20.0
     #: multi-label: the threshold for accuracy_thresh / F-beta before tuning (seed 001 used 0.2)
     threshold: float = 0.2
     top_k: int = 5

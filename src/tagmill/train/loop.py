@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
+from tagmill.dataset.shard_cache import ShardCache
 from tagmill.dataset.torch_data import ShardDataset
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import CheckpointError, DatasetError, InputError
@@ -212,6 +213,7 @@ class _Run:
         self.progress, self.log, self.ctx = progress, log, ctx
         #: per-rank batch: the configured batch size is the global one
         self.batch_size = max(1, config.batch_size // ctx.world)
+        self.cache = ShardCache(config.cache_dir, int(config.cache_gb * 1e9)) if config.cache_dir else None
         self.task = manifest.task
         self.loss_fn = self._loss()
 
@@ -229,7 +231,8 @@ class _Run:
         return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     def _loader(self, split: str, transform, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-        data = ShardDataset(self.dataset, split, transform, manifest=self.manifest, shuffle=shuffle, seed=self.config.seed)
+        data = ShardDataset(self.dataset, split, transform, manifest=self.manifest, shuffle=shuffle, seed=self.config.seed,
+                            cache=self.cache)
         data.set_epoch(epoch)
         workers = self.config.workers if self.config.workers is not None else min(4, os.cpu_count() or 1)
         return DataLoader(

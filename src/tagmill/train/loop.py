@@ -118,8 +118,9 @@ def train(
 def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, log) -> TrainResult:
     from tagmill.models import check_image_size, create_classifier
 
+    if not ctx.is_main:
+        progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
     preprocess = preprocess_for(config)
-
     check_image_size(config.backbone, preprocess.input_size)
 
     state = _State()
@@ -151,16 +152,15 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, lo
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    if not ctx.is_main:
-        progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
     run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx)
     if state.epoch < config.frozen_epochs and not run.stopped_early():
         run.frozen_stage()
     if state.epoch < config.frozen_epochs + config.unfrozen_epochs and not run.stopped_early():
         run.unfrozen_stage()
     if ctx.is_main:
+        # the other ranks may exit meanwhile: torchrun waits for all, and no collective
+        # remains that could time out while rank 0 evaluates a large validation split
         run.final_report()
-    distributed.barrier(ctx)
     return TrainResult(run_dir, state.history, state.best_metric, metric_name(manifest.task))
 
 

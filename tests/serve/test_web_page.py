@@ -3,12 +3,14 @@
 A small FastAPI stub serves the page's static files and answers the page's API
 (``/api/model``, ``/predict``, ``/examples/...``) with fixed payloads of the contract,
 so the page is checked on its own: a binary single-label model, a multi-label model,
-error answers, a phone-width screen. Screenshots land in ``test-artifacts/``.
+error answers, a phone-width screen. The last test runs the same page against the
+real ``tagmill.serve.app`` with a tiny bundle. Screenshots land in ``test-artifacts/``.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import socket
 import threading
 import time
@@ -71,6 +73,20 @@ MULTI_SCORES = {
     "food": 0.03, "text": 0.31, "vehicle": 0.12, "water": 0.47,
 }
 MULTI_OVER = ["outdoor", "animal", "people"]  # over their own thresholds; night (0.55 < 0.6) is not
+
+ANIMALS = ["cat", "dog", "owl", "fox", "rabbit", "deer"]
+ANIMAL_MODEL = {
+    "name": "garden-animals",
+    "architecture": "resnet50",
+    "task": "single",
+    "classes": ANIMALS,
+    "thresholds": None,
+    "default_top_k": 3,
+    "metrics": {"accuracy": 0.88, "top3_accuracy": 0.97, "macro_f1": None, "split": "val"},
+    "input_size": 224,
+    "examples": [],
+}
+ANIMAL_SCORES = {"cat": 0.05, "dog": 0.08, "owl": 0.02, "fox": 0.71, "rabbit": 0.1, "deer": 0.04}
 
 
 @dataclass
@@ -187,13 +203,21 @@ def multi_stub() -> Iterator[tuple[Stub, str]]:
         yield stub, server.url
 
 
+@pytest.fixture(scope="module")
+def animal_stub() -> Iterator[tuple[Stub, str]]:
+    stub = Stub(ANIMAL_MODEL, ANIMAL_SCORES)
+    with Server(stub_app(stub)) as server:
+        yield stub, server.url
+
+
 def open_page(browser: Browser, url: str, viewport: dict[str, int] = DESKTOP) -> Page:
     context = browser.new_context(viewport=viewport, reduced_motion="reduce", device_scale_factor=1)
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    # chromium logs every 4xx/5xx answer as "Failed to load resource": expected here
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-            if msg.type == "error" and "status of 4" not in msg.text else None)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
     page.problems = problems  # type: ignore[attr-defined]
     page.goto(url + "/")
     return page
@@ -233,7 +257,7 @@ def test_binary_model_answers_the_question(browser: Browser, binary_stub: tuple[
     result = page.locator("#result")
     expect(result.locator(".question")).to_have_text("Is it thriller?")
     expect(result.locator(".big-pct")).to_have_text("63%")
-    expect(result).to_contain_text("Yes")
+    expect(result.locator(".pill")).to_have_text("Yes")
     expect(result.locator(".row[data-label='other'] .row-pct")).to_have_text("37%")
     expect(page.locator("#preview-img")).to_have_attribute("alt", "Preview of poster.png")
     expect(page.locator("#preview-caption")).to_contain_text("120×80")
@@ -274,6 +298,29 @@ def test_multi_label_highlights_tags_over_their_threshold(browser: Browser, mult
     page.context.close()
 
 
+def test_single_label_shows_the_top_k(browser: Browser, animal_stub: tuple[Stub, str]) -> None:
+    stub, url = animal_stub
+    page = open_page(browser, url)
+    expect(page.locator("#model-card .chip")).to_have_text(ANIMALS)
+    expect(page.locator("#model-card .metrics")).to_contain_text("Top-3 accuracy")
+    expect(page.locator("#examples")).to_be_hidden()  # this model has none
+    upload(page, "garden.png", images.png_bytes(seed=7), "image/png")
+    rows = page.locator("#result .row")
+    expect(rows.locator(".row-name")).to_have_text(["fox", "rabbit", "dog"])
+    expect(rows.locator(".row-pct")).to_have_text(["71%", "10%", "8.0%"])
+    expect(page.locator("#result .question")).to_have_text("It looks like fox")
+    expect(page.locator("#result .row.is-top .row-name")).to_have_text("fox")
+    assert stub.predictions[-1]["top_k"] == 3
+
+    page.locator("#settings summary").click()
+    page.fill("#topk-input", "5")
+    page.press("#topk-input", "Enter")
+    expect(rows).to_have_count(5)
+    assert stub.predictions[-1]["top_k"] == 5
+    screenshot(page, "web_page_desktop_top_k.png")
+    page.context.close()
+
+
 def test_errors_from_the_server_are_shown(browser: Browser, binary_stub: tuple[Stub, str]) -> None:
     _, url = binary_stub
     page = open_page(browser, url)
@@ -286,6 +333,7 @@ def test_errors_from_the_server_are_shown(browser: Browser, binary_stub: tuple[S
     expect(error).to_contain_text("notes.txt is not an image we can read")
     expect(error).to_contain_text("HTTP 422")
     expect(page.locator("#result .question")).to_have_count(0)
+    screenshot(page, "web_page_desktop_error.png")
 
     # a good image afterwards clears the error
     upload(page, "ok.png", images.png_bytes(), "image/png")
@@ -303,6 +351,9 @@ def test_errors_from_the_server_are_shown(browser: Browser, binary_stub: tuple[S
 def test_examples_addresses_and_keyboard(browser: Browser, binary_stub: tuple[Stub, str]) -> None:
     stub, url = binary_stub
     page = open_page(browser, url)
+    # Subscribe to file choosers now: playwright subscribes in the background when the
+    # first listener comes, which can lose the race with a key press right after it.
+    page.on("filechooser", lambda chooser: None)
     example = page.get_by_role("button", name="Classify the example x.png")
     expect(example).to_be_visible()
     stub.predictions.clear()
@@ -353,4 +404,60 @@ def test_phone_width_has_no_horizontal_scroll(
     if which == "multi":
         page.set_viewport_size(DESKTOP)
         screenshot(page, "web_page_desktop_multi.png")
+    page.context.close()
+
+
+# ---------------------------------------------------------------- the real app
+
+
+@pytest.fixture(scope="module")
+def real_app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``tagmill.serve.app`` serving a tiny real bundle (random weights), with one example."""
+    import torch
+
+    from tagmill.bundle import BundleMeta, save_bundle
+    from tagmill.dataset.transforms import Preprocess
+    from tagmill.models import create_classifier
+    from tagmill.serve.app import create_app
+    from tagmill.serve.config import ServeConfig
+
+    torch.manual_seed(0)
+    bundle = tmp_path_factory.mktemp("bundles") / "thriller-detector"
+    model = create_classifier("test_efficientnet", 2, pretrained=False)
+    meta = BundleMeta(architecture="test_efficientnet", task="single", classes=("other", "thriller"),
+                      preprocess=Preprocess(input_size=48), metrics={"accuracy": 0.75, "split": "val"})
+    save_bundle(str(bundle), model, meta)
+    images.write(bundle / "examples" / "poster.png", images.png_bytes(64, 48, seed=9))
+    app = create_app(ServeConfig(bundle=str(bundle), threads=1, decode_threads=1))
+    with Server(app) as server:
+        yield server.url
+
+
+def test_the_page_against_the_real_app(browser: Browser, real_app_url: str) -> None:
+    page = open_page(browser, real_app_url)
+    card = page.locator("#model-card")
+    expect(card).to_contain_text("thriller-detector")
+    expect(card).to_contain_text("test_efficientnet")
+    expect(card.locator(".chip")).to_have_text(["other", "thriller"])
+    expect(card.locator(".metrics")).to_contain_text("75.0%")
+
+    # the first answer may wait for the model to load: the page retries 503s by itself
+    upload(page, "poster.png", images.png_bytes(80, 60, seed=1), "image/png")
+    result = page.locator("#result")
+    expect(result.locator(".question")).to_have_text("Is it thriller?", timeout=20_000)
+    expect(result.locator(".big-pct")).to_have_text(re.compile(r"^[<>]?\d+(\.\d)?%$"))
+    expect(result.locator(".row")).to_have_count(2)
+    screenshot(page, "web_page_real_app.png")
+
+    # the bundle's example, fetched from the same server and classified
+    page.get_by_role("button", name="Classify the example poster.png").click()
+    expect(page.locator("#preview-img")).to_have_attribute("alt", "Preview of poster.png")
+    expect(page.locator("#status")).to_contain_text("Answered in")
+
+    # the real server's error answer for bytes that are no image
+    upload(page, "notes.txt", b"shot on a phone, not an image", "text/plain")
+    error = page.locator("#error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text(re.compile(r"HTTP 4\d\d"))
+    assert page.problems == []  # type: ignore[attr-defined]
     page.context.close()

@@ -1,0 +1,335 @@
+"""Served throughput and latency against the model's in-process ceiling.
+
+    .venv/bin/python bench/serve_load.py [--bundle DIR] [--workers 2] [--duration 10]
+
+Without ``--bundle`` it builds, once, a pretrained EfficientNet-Lite0 bundle at 224 px
+(257 classes, like Caltech-256; with model.onnx) under ``--workdir``.
+
+For each backend (torch, onnx) it measures:
+  * the ceiling: WORKERS processes with one thread each, ``Predictor.predict_bytes``
+    in a loop on the same JPEGs (decoding included), one image per call and 16 per
+    call; the better of the two is the ceiling;
+  * the server (``python -m tagmill.serve``, WORKERS workers x 1 thread) with batching
+    on (max_batch 16) and off (max_batch 1), driven from this process over loopback
+    HTTP/1.1 keep-alive by an asyncio load generator at concurrency 1, 8 and 32,
+    bounded in requests and in time;
+and, for torch, stock ``uvicorn --workers`` serving the same app (one shared socket,
+TCP_NODELAY off: uvicorn#3149) to show what tagmill's own worker startup changes.
+
+Prints one table: images/s, p50/p99 latency, errors, mean batch size (from the
+server's /metrics), how the open connections were spread over the worker processes
+(seen with ``ss`` half-way through) and the ratio to the ceiling. The load generator shares the CPU
+with the server, as a client on the same host would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tagmill.serve.config import AUTO_MAX_BATCH
+
+CONCURRENCY = (1, 8, 32)
+IMAGE_COUNT = 48
+
+
+# --- inputs -----------------------------------------------------------------------
+
+
+def photo(seed: int) -> bytes:
+    """A smooth, photo-like JPEG of 300-800 px a side (gradients, blobs, mild noise)."""
+    rng = np.random.default_rng(seed)
+    width, height = (int(v) for v in rng.integers(300, 801, size=2))
+    small = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-10, 10, size=(height, width, 3), dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def lite0_bundle(workdir: Path) -> str:
+    out = workdir / "lite0-224-bundle"
+    if (out / "model.json").exists() and (out / "model.onnx").exists():
+        return str(out)
+    from tagmill.bundle import BundleMeta, save_bundle
+    from tagmill.dataset.transforms import Preprocess
+    from tagmill.models import create_classifier
+
+    print(f"building a pretrained Lite0 bundle in {out} (once) ...", flush=True)
+    classes = tuple(f"class{i:03d}" for i in range(257))
+    model = create_classifier("efficientnet_lite0", len(classes), pretrained=True)
+    meta = BundleMeta(architecture="tf_efficientnet_lite0", task="single", classes=classes,
+                      preprocess=Preprocess(input_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic"))
+    shutil.rmtree(out, ignore_errors=True)
+    return save_bundle(str(out), model, meta, onnx=True)
+
+
+# --- the ceiling: the model in-process, no HTTP --------------------------------------
+
+
+def _ceiling_worker(bundle: str, backend: str, per_call: int, seconds: float, photos: list[bytes],
+                    barrier: mp.synchronize.Barrier, results: mp.Queue) -> None:
+    import torch
+
+    from tagmill.bundle import Predictor
+
+    torch.set_num_threads(1)
+    predictor = Predictor.from_bundle(bundle, backend, intra_op_threads=1, batch_size=max(per_call, 1))
+    predictor.predict_bytes(photos[:per_call])  # warm-up
+    barrier.wait()
+    done, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        batch = [photos[(i + k) % len(photos)] for k in range(per_call)]
+        predictor.predict_bytes(batch)
+        done += per_call
+        i += per_call
+    results.put(done / (time.perf_counter() - start))
+
+
+def ceiling(bundle: str, backend: str, per_call: int, processes: int, seconds: float, photos: list[bytes]) -> float:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_ceiling_worker, args=(bundle, backend, per_call, seconds, photos, barrier, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [results.get(timeout=seconds + 180) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m tagmill.serve`` (or, with ``stock=True``, plain ``uvicorn --workers``
+    on the same app factory) in a subprocess."""
+
+    def __init__(self, bundle: str, *, backend: str, max_batch: int, workers: int, stock: bool = False) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.metrics_dir: str | None = None
+        if stock:
+            from tagmill.serve.config import ServeConfig
+
+            config = ServeConfig(bundle=bundle, backend=backend, max_batch=max_batch, port=self.port)
+            self.metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
+            self.env.update(TAGMILL_SERVE_CONFIG=config.to_json(), PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+            self.command = [sys.executable, "-m", "uvicorn", "tagmill.serve.server:app_from_env", "--factory",
+                            "--workers", str(workers), "--port", str(self.port), "--log-level", "warning",
+                            "--no-access-log", "--timeout-worker-healthcheck", "60"]
+        else:
+            self.command = [sys.executable, "-m", "tagmill.serve", bundle, "--port", str(self.port),
+                            "--workers", str(workers), "--threads", "1", "--backend", backend,
+                            "--max-batch", str(max_batch), "--log-level", "warning"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(self.command, env=self.env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                # every worker must be ready: ask a few times over fresh connections
+                if all(httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200 for _ in range(6)):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise TimeoutError("the server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def connections_per_worker(self) -> str:
+        """Established connections per server process, e.g. "16/16" (Linux ``ss``)."""
+        try:
+            out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{self.port} )"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return "-"
+        counts: dict[str, int] = {}
+        for pid in re.findall(r"pid=(\d+)", out):
+            counts[pid] = counts.get(pid, 0) + 1
+        return "/".join(str(n) for n in sorted(counts.values(), reverse=True)) or "-"
+
+    def batch_totals(self) -> tuple[float, float]:
+        """(forward passes, images) so far, over every worker."""
+        passes = images = 0.0
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("tagmill_batch_size_count"):
+                passes += float(line.split()[-1])
+            elif line.startswith("tagmill_batch_size_sum"):
+                images += float(line.split()[-1])
+        return passes, images
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return (self.requests - self.errors) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+
+async def drive(url: str, photos: list[bytes], concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+    """``concurrency`` clients, each on its own keep-alive connection, posting JPEGs
+    back to back; stops at ``seconds`` or ``max_requests``, whichever comes first.
+
+    A minimal HTTP/1.1 client on asyncio streams: it shares the CPU with the server,
+    so it should cost far less per request than the server does (httpx costs ~1 ms)."""
+    host, port = url.removeprefix("http://").split(":")
+    requests = [
+        (f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-image\r\n"
+         f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        for body in photos
+    ]
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def one_client(offset: int) -> None:
+        nonlocal errors, issued
+        reader, writer = await asyncio.open_connection(host, int(port))
+        i = offset
+        try:
+            while time.perf_counter() < stop_at and issued < max_requests:
+                issued += 1
+                sent = time.perf_counter()
+                writer.write(requests[i % len(requests)])
+                i += concurrency
+                try:
+                    status, body = await _read_response(reader)
+                    ok = status == 200 and body.startswith(b"[")
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    ok = False
+                latencies.append(time.perf_counter() - sent)
+                errors += not ok
+                if not ok:  # start over on a fresh connection
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_client(k) for k in range(concurrency)))
+    return LoadResult(len(latencies), errors, time.perf_counter() - start, latencies)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:"))
+    return status, await reader.readexactly(length)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="a bundle with model.onnx (default: build a pretrained Lite0 one)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tagmill-serve-bench"))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    parser.add_argument("--max-requests", type=int, default=3000, help="requests per load level, at most")
+    parser.add_argument("--backends", default="torch,onnx")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or lite0_bundle(workdir)
+    photos = [photo(seed) for seed in range(IMAGE_COUNT)]
+    kb = sum(map(len, photos)) / len(photos) / 1024
+    print(f"bundle {bundle}; {len(photos)} JPEGs of 300-800 px (mean {kb:.0f} KB); "
+          f"{args.workers} workers x 1 thread; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+
+    rows: list[list[str]] = []
+    for backend in args.backends.split(","):
+        ceilings = {n: ceiling(bundle, backend, n, args.workers, 8.0, photos) for n in (1, 16)}
+        best = max(ceilings.values())
+        for n, rate in ceilings.items():
+            rows.append([backend, f"in-process, {n}/call", "-", "-", f"{rate:.1f}", "-", "-", "-", "-", "-",
+                         f"{rate / best:.2f}"])
+            print(rows[-1], flush=True)
+        default = AUTO_MAX_BATCH[backend]
+        variants = [(f"batching on (16){' [default]' if default == 16 else ''}", 16, False),
+                    (f"batching off (1){' [default]' if default == 1 else ''}", 1, False)]
+        if backend == "torch":
+            variants.append(("batching off, stock uvicorn --workers", 1, True))
+        for label, max_batch, stock in variants:
+            with Server(bundle, backend=backend, max_batch=max_batch, workers=args.workers, stock=stock) as server:
+                asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
+                for concurrency in CONCURRENCY:
+                    before = server.batch_totals()
+                    with ThreadPoolExecutor(1) as pool:  # look at the connections mid-run
+                        spread = pool.submit(lambda: (time.sleep(args.duration / 2), server.connections_per_worker())[1])
+                        result = asyncio.run(drive(server.url, photos, concurrency, args.duration, args.max_requests))
+                    after = server.batch_totals()
+                    passes, images = after[0] - before[0], after[1] - before[1]
+                    rows.append([backend, f"server, {label}", str(concurrency), str(result.requests),
+                                 f"{result.rate:.1f}", f"{result.percentile(0.5):.0f}",
+                                 f"{result.percentile(0.99):.0f}", str(result.errors),
+                                 f"{images / passes:.1f}" if passes else "-", spread.result(), f"{result.rate / best:.2f}"])
+                    print(rows[-1], flush=True)
+
+    header = ["backend", "configuration", "concurrency", "requests", "images/s", "p50 ms", "p99 ms", "errors",
+              "mean batch", "conns/worker", "vs ceiling"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    (workdir / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Dynamic micro-batching: many requests, one forward pass, one model thread.
+
+A request goes through three stages:
+
+1. **admission** (event loop): :meth:`Batcher.reserve` counts it as waiting, or
+   refuses it with :class:`QueueFullError` when ``queue_size`` requests already wait.
+   Refusing before decoding sheds load before any CPU is spent on it.
+2. **decoding** (a thread pool, in the app): bytes → (n, 3, S, S), in parallel with
+   the forward pass that is running meanwhile.
+3. **inference** (the one model thread): :meth:`Slot.submit` queues the tensors; the
+   model thread takes every queued request that fits in ``max_batch`` images, runs one
+   forward pass, and post-processes each request with its own options.
+
+The model thread waits for more requests (at most ``max_wait_ms``) only while other
+admitted requests are still being decoded: a lone request at concurrency 1 never
+waits, and under load batches fill without a fixed delay.
+
+The model runs in one dedicated thread, which also loads it and sets the torch
+thread count there; other threads only decode. (On a 2-core CPU a model with 2
+threads next to busy Python threads runs at half speed; one thread per worker
+process is the fast setting, see DESIGN.md.)
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from tagmill.bundle.predictor import Prediction
+from tagmill.serve.errors import NotReadyError, QueueFullError
+from tagmill.serve.inference import ServingPredictor
+from tagmill.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request's images, waiting for the model."""
+
+    images: torch.Tensor  #: (n, 3, S, S)
+    top_k: int
+    thresholds: list[float] | None
+    future: concurrent.futures.Future[list[Prediction]] = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class Slot:
+    """An admitted request's place in the queue; :meth:`submit` it once decoded."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self.submitted = False
+
+    def submit(self, images: torch.Tensor, top_k: int, thresholds: list[float] | None) -> concurrent.futures.Future[list[Prediction]]:
+        job = Job(images, top_k, thresholds)
+        self._batcher._enqueue(job)
+        self.submitted = True
+        return job.future
+
+
+class Batcher:
+    """Groups requests into forward passes, run by one dedicated model thread."""
+
+    def __init__(
+        self,
+        load: Callable[[], ServingPredictor],
+        metrics: ServeMetrics,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+        threads: int,
+        on_load_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._load = load
+        self._on_load_error = on_load_error
+        self._metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.threads = threads
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._waiting = 0  # admitted, not yet taken into a forward pass (decoding + queued)
+        self._decoding = 0  # admitted, not yet submitted
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self.predictor: ServingPredictor | None = None
+        self.load_error: BaseException | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the model thread, which loads the model; idempotent."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._main, name="tagmill-model", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the running forward pass, fail the queued requests, end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            while self._queue:
+                self._queue.popleft().future.set_exception(NotReadyError("the server is shutting down"))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.predictor is not None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    # --- the request side (event loop) --------------------------------------------
+
+    @contextmanager
+    def reserve(self) -> Iterator[Slot]:
+        """Admit one request, or raise QueueFullError. Leaving the block without
+        submitting (a decoding error, a cancelled request) gives the place back."""
+        with self._cond:
+            if self._stopping:
+                raise NotReadyError("the server is shutting down")
+            if self._waiting >= self.queue_size:
+                raise QueueFullError(
+                    f"the server is busy: {self._waiting} requests are waiting for the model",
+                    hint="retry after a second, or start the server with more --workers / a larger --queue-size",
+                )
+            self._waiting += 1
+            self._decoding += 1
+            self._metrics.queue_depth.set(self._waiting)
+        slot = Slot(self)
+        try:
+            yield slot
+        finally:
+            if not slot.submitted:
+                with self._cond:
+                    self._waiting -= 1
+                    self._decoding -= 1
+                    self._metrics.queue_depth.set(self._waiting)
+                    self._cond.notify_all()  # the model thread may be waiting for this one
+
+    def _enqueue(self, job: Job) -> None:
+        with self._cond:
+            self._decoding -= 1
+            if self._stopping:
+                self._waiting -= 1
+                self._metrics.queue_depth.set(self._waiting)
+                job.future.set_exception(NotReadyError("the server is shutting down"))
+                return
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    # --- the model thread -----------------------------------------------------------
+
+    def _main(self) -> None:
+        # The thread that runs the model sets its thread count: OpenMP settings are per thread.
+        torch.set_num_threads(self.threads)
+        try:
+            self.predictor = self._load()
+        except BaseException as exc:  # reported by /readyz, unless on_load_error ends the process
+            self.load_error = exc
+            log.error("cannot load the model: %s", exc)
+            self._ready.set()
+            if self._on_load_error is not None:
+                self._on_load_error(exc)
+            return
+        self._ready.set()
+        log.info("model loaded: %s, %d classes", self.predictor.meta.architecture, self.predictor.meta.num_classes)
+        while True:
+            jobs = self._next_batch()
+            if not jobs:
+                return
+            self._run(self.predictor, jobs)
+
+    def _next_batch(self) -> list[Job]:
+        """Block until a request is queued, then gather a batch. Empty list: stop."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return []
+            deadline = time.monotonic() + self.max_wait_s
+            while self._fitting_images() < self.max_batch and self._decoding > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            jobs = [self._queue.popleft()]
+            total = jobs[0].size  # a request larger than max_batch runs alone (in chunks)
+            while self._queue and total + self._queue[0].size <= self.max_batch:
+                total += self._queue[0].size
+                jobs.append(self._queue.popleft())
+            self._waiting -= len(jobs)
+            self._metrics.queue_depth.set(self._waiting)
+            return jobs
+
+    def _fitting_images(self) -> int:
+        total = 0
+        for job in self._queue:
+            if total + job.size > self.max_batch and total:
+                return self.max_batch  # the next one would not fit: the batch is as full as it gets
+            total += job.size
+        return total
+
+    def _run(self, predictor: ServingPredictor, jobs: list[Job]) -> None:
+        # a client that went away cancelled its future: skip its images
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        start = time.perf_counter()
+        images = jobs[0].images if len(jobs) == 1 else torch.cat([job.images for job in jobs])  # (N, 3, S, S)
+        try:
+            logits = predictor.logits(images)  # (N, C)
+        except Exception as exc:  # a failing model fails these requests, not the server
+            log.exception("forward pass failed")
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        offset = 0
+        for job in jobs:
+            part = logits[offset : offset + job.size]  # (n, C)
+            offset += job.size
+            try:
+                job.future.set_result(predictor.postprocess(part, job.top_k, job.thresholds))
+            except Exception as exc:
+                job.future.set_exception(exc)
+        self._metrics.observe_batch(int(images.shape[0]), time.perf_counter() - start)

@@ -1,0 +1,91 @@
+"""Everything ``tagmill serve`` can be told, as one typed object.
+
+The CLI maps its flags 1:1 onto these fields; multi-worker servers hand the same
+object to every worker process as JSON (see ``server.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from tagmill.errors import InputError
+
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
+#: max_batch when none is given
+AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 16}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How to serve one model bundle."""
+
+    bundle: str  #: a bundle directory or URL (model.json + model.safetensors [+ model.onnx])
+    #: loopback by default: opening the port to the network is a decision (--host 0.0.0.0)
+    host: str = "127.0.0.1"
+    port: int = 8080  #: SageMaker's container port
+    #: server processes; each loads the model once. On CPUs, processes with one thread
+    #: each beat one process with many threads (DESIGN.md, "Serving facts").
+    workers: int = 1
+    threads: int = 1  #: torch / onnxruntime intra-op threads in each worker
+    backend: str = "torch"  #: "torch" or "onnx" (the bundle must carry model.onnx)
+    #: None: no authentication. Otherwise the prediction routes need ``X-Api-Key: KEY``
+    #: or ``Authorization: Bearer KEY``; health, metrics and the web page stay open.
+    api_key: str | None = None
+    max_body_mb: float = 10.0  #: larger request bodies are refused with 413
+    #: images per forward pass; 1 turns batching off. None picks per backend (see
+    #: AUTO_MAX_BATCH): measured on a 2-core CPU, onnxruntime's cost per image is flat
+    #: from batch 1 to 16, while torch eager's rises with the batch (27 ms at 1, 48 ms
+    #: at 16 per image), so batching there halves the throughput.
+    max_batch: int | None = None
+    max_wait_ms: float = 5.0  #: longest a batch waits for requests still being decoded
+    queue_size: int = 64  #: requests admitted but not yet in a forward pass; more get 503
+    decode_threads: int = 2  #: per worker: threads decoding and resizing images
+    log_level: str = "info"
+    access_log: bool = False  #: one log line per request (the metrics count them anyway)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bundle, str) or not self.bundle:
+            raise InputError("a bundle location is needed")
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise InputError(f"unknown log level {self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise InputError("the API key must not be empty", hint="leave it out to serve without authentication")
+        _positive_int("port", self.port, upper=65535, allow_zero=True)  # 0: any free port
+        for name in ("workers", "threads", "queue_size", "decode_threads"):
+            _positive_int(name, getattr(self, name))
+        if self.max_batch is not None:
+            _positive_int("max_batch", self.max_batch)
+        if not 0 < self.max_body_mb <= 4096:
+            raise InputError(f"max_body_mb must be in (0, 4096], not {self.max_body_mb!r}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise InputError(f"max_wait_ms must be in [0, 10000], not {self.max_wait_ms!r}")
+
+    @property
+    def batch_limit(self) -> int:
+        """max_batch, or the backend's default."""
+        return self.max_batch if self.max_batch is not None else AUTO_MAX_BATCH[self.backend]
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _positive_int(name: str, value: object, *, upper: int | None = None, allow_zero: bool = False) -> None:
+    lowest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest or (upper is not None and value > upper):
+        limit = f" and <= {upper}" if upper is not None else ""
+        raise InputError(f"{name} must be an integer >= {lowest}{limit}, not {value!r}")

@@ -1,0 +1,113 @@
+"""Prometheus metrics: requests, latency, batch sizes, queue depth.
+
+Each app gets its own registry, so several apps in one process (tests) do not
+collide in prometheus_client's global one. With several uvicorn workers,
+``run_server`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start; every
+worker then writes its samples to files there and ``/metrics``, whichever worker
+answers it, adds up all of them. prometheus_client picks its storage when it is
+first imported, so the variable must be set before that (it is: workers are fresh
+processes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class ServeMetrics:
+    """The server's metrics, and their exposition."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tagmill_http_requests", "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tagmill_http_request_duration_seconds", "Time from request start to the end of the answer.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "tagmill_batch_size", "Images per forward pass (its _count is the number of forward passes).",
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.inference = Histogram(
+            "tagmill_inference_duration_seconds", "Time of one forward pass, post-processing included.",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.images = Counter("tagmill_images", "Images run through the model.", registry=self.registry)
+        # livesum: in multiprocess mode, the sum over the workers that are alive
+        self.queue_depth = Gauge(
+            "tagmill_queue_depth", "Requests admitted but not yet in a forward pass.",
+            multiprocess_mode="livesum", registry=self.registry,
+        )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_batch(self, images: int, seconds: float) -> None:
+        self.batch_size.observe(images)
+        self.inference.observe(seconds)
+        self.images.inc(images)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # reads every worker's files
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request (pure ASGI: no per-request task or copy).
+
+    Requests are labelled with the route *template* (``/endpoints/{name}/invocations``),
+    never the raw path, so a scan of random URLs cannot blow up the label set.
+    """
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app raises before answering
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.observe_request(route_label(scope), scope["method"], status, time.perf_counter() - start)
+
+
+def route_label(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    if scope.get("path", "").startswith("/static/"):
+        return "/static"
+    return "unmatched"

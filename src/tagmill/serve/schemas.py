@@ -1,0 +1,145 @@
+"""Shapes of the HTTP answers, for ``/openapi.json`` (and so for schemathesis and clients).
+
+The routes write their JSON directly (the probabilities of a 1000-class model are not
+worth a pydantic round trip per request); these models only document it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, RootModel
+
+from tagmill.serve.payloads import DOCUMENTED_IMAGE_TYPES, JSON_TYPE, JSONLINES_TYPE, MULTIPART_TYPE
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the error's class, e.g. UnreadableImageError")
+    message: str
+    hint: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class TopEntry(BaseModel):
+    label: str
+    score: float
+
+
+class VerboseAnswer(BaseModel):
+    """One image, with names: ``Accept: application/json;verbose``."""
+
+    probabilities: list[float] = Field(description="every class, in class order")
+    classes: list[str]
+    labels: list[str] = Field(description="single-label: the top class; multi-label: every tag at or above its threshold")
+    predicted_label: str | None = Field(description="the most probable class")
+    top: list[TopEntry]
+
+
+class InvocationAnswer(
+    RootModel[list[float] | list[list[float]] | VerboseAnswer | list[VerboseAnswer]]
+):
+    """Probabilities in class order (SageMaker's image classifier); a list of them for a
+    JSON request with instances; verbose objects with ``Accept: application/json;verbose``."""
+
+
+class PredictAnswer(BaseModel):
+    labels: list[str] = Field(description="single-label: the top class; multi-label: tags at or above the threshold")
+    scores: dict[str, float] = Field(description="every class's probability")
+    top: list[TopEntry] = Field(description="the top-k classes, most probable first")
+    task: Literal["single", "multi"]
+
+
+class ModelInfo(BaseModel):
+    """What the web page shows about the served model."""
+
+    name: str
+    architecture: str
+    task: Literal["single", "multi"]
+    classes: list[str]
+    thresholds: list[float] | None
+    default_top_k: int
+    metrics: dict[str, Any]
+    input_size: int
+    examples: list[str] = Field(description="URLs of example images shipped in the bundle's examples/ folder")
+    backend: str
+    api_key_required: bool
+    tagmill_version: str
+
+
+class Status(BaseModel):
+    status: str
+
+
+# --- request bodies (FastAPI cannot infer them: the routes read the raw body) -------
+
+_BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
+INSTANCES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["instances"],
+    "properties": {
+        "instances": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["b64"],
+                "properties": {"b64": {"type": "string", "description": "a base64-encoded image"}},
+            },
+        }
+    },
+}
+INVOCATION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One encoded image, or several as JSON instances.",
+        "content": {**{kind: _BINARY for kind in DOCUMENTED_IMAGE_TYPES}, JSON_TYPE: {"schema": INSTANCES_SCHEMA}},
+    }
+}
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A multipart upload (field `file`), or the image bytes as the body.",
+        "content": {
+            MULTIPART_TYPE: {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            **{kind: _BINARY for kind in DOCUMENTED_IMAGE_TYPES},
+        },
+    }
+}
+INVOCATION_OK: dict[str, Any] = {
+    "model": InvocationAnswer,
+    "description": "Probabilities; the format follows the Accept header",
+    "content": {JSONLINES_TYPE: {"schema": {"type": "string", "description": "one JSON value per line and image"}}},
+}
+
+_DESCRIPTIONS = {
+    400: "Malformed request: empty body, bad JSON or base64, bad query value",
+    401: "Missing or wrong API key",
+    404: "Not found",
+    406: "None of the Accept header's formats can be produced",
+    413: "Request body larger than the server's limit",
+    415: "Content-Type the route does not read",
+    422: "The bytes are not a usable image (corrupt, truncated, decompression bomb)",
+    503: "Model not ready, or the request queue is full; retry later",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI response entries for these error statuses, all with the error body."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": _DESCRIPTIONS[code]}
+        if code == 503:
+            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+        if code == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        responses[code] = entry
+    return responses

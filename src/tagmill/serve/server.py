@@ -1,0 +1,158 @@
+"""Run the app under uvicorn: one process, or several workers sharing one port.
+
+    python -m tagmill.serve BUNDLE [--port 8080] [--workers 2] ...
+
+(``tagmill serve`` is the same with the CLI's conventions.)
+
+Several workers (``--workers N``): each process binds its own SO_REUSEPORT socket
+and the kernel spreads connections over them (``workers.py``; uvicorn's shared socket
+lets one worker take a whole burst of keep-alive connections). Where SO_REUSEPORT
+does not exist, uvicorn's own ``--workers`` supervisor is used.
+
+TCP_NODELAY: asyncio turns Nagle's algorithm off only for sockets whose ``proto`` is
+IPPROTO_TCP. uvicorn's ``--workers`` binds its socket as ``socket.socket(AF_INET)``
+(proto 0), so accepted connections keep Nagle on: the response body, written after
+the headers, waits for the client's delayed ACK and every keep-alive response takes
+~40 ms (Kludex/uvicorn#3149). :class:`NoDelayHTTPProtocol` sets TCP_NODELAY on every
+accepted connection, whatever created the socket (and ``workers.bind`` creates its
+sockets with IPPROTO_TCP as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from tagmill.bundle.format import read_meta
+from tagmill.errors import TagmillError
+from tagmill.serve.app import create_app
+from tagmill.serve.config import ServeConfig
+from tagmill.serve.metrics import MULTIPROC_ENV
+from tagmill.serve.service import check_onnx
+from tagmill.serve.workers import bind, reuseport_supported, run_workers
+
+#: How the parent process hands the config to worker processes it spawns.
+CONFIG_ENV = "TAGMILL_SERVE_CONFIG"
+
+
+class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol, with TCP_NODELAY on each accepted connection."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # the peer may already be gone
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)  # type: ignore[arg-type]
+
+
+def app_from_env() -> FastAPI:
+    """The app factory each worker process calls (uvicorn ``factory=True``)."""
+    return create_app(ServeConfig.from_json(os.environ[CONFIG_ENV]), exit_on_load_error=True)
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    return {
+        "host": config.host,
+        "port": config.port,
+        # a string, imported by each worker: the supervisor's 5-second health check
+        # starts only after a worker has unpickled its config, and a class here would
+        # make that import torch first
+        "http": "tagmill.serve.server:NoDelayHTTPProtocol",
+        # a worker busy importing torch or running the model answers pings late; do not
+        # let the supervisor kill and respawn it for that
+        "timeout_worker_healthcheck": 60,
+        "log_level": config.log_level,
+        "access_log": config.access_log,
+        "lifespan": "on",
+        "server_header": False,
+    }
+
+
+def check_bundle(config: ServeConfig) -> None:
+    """Fail with the bundle's own error before any port is bound or worker started."""
+    meta = read_meta(config.bundle)
+    if config.backend == "onnx":
+        check_onnx(config.bundle, meta)
+
+
+def run_server(config: ServeConfig) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    check_bundle(config)
+    options = uvicorn_options(config)
+    if config.workers == 1:
+        with bind(config.host, config.port, shared=False):
+            pass  # a taken port fails now, clearly, not after the model has loaded
+        uvicorn.run(create_app(config, exit_on_load_error=True), **options)
+        return
+    with multiprocess_metrics_dir():
+        if reuseport_supported():
+            run_workers(config, options)  # one socket per worker: the kernel balances connections
+            return
+        # elsewhere, uvicorn's own workers: an import string + factory, each builds its app
+        os.environ[CONFIG_ENV] = config.to_json()
+        uvicorn.run("tagmill.serve.server:app_from_env", factory=True, workers=config.workers, **options)
+
+
+@contextlib.contextmanager
+def multiprocess_metrics_dir() -> Iterator[str]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for the workers (a user's own is kept as is)."""
+    existing = os.environ.get(MULTIPROC_ENV)
+    if existing:
+        os.makedirs(existing, exist_ok=True)
+        yield existing
+        return
+    path = tempfile.mkdtemp(prefix="tagmill-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield path
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- python -m tagmill.serve ---------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One option per ServeConfig field (``max_batch`` → ``--max-batch``)."""
+    parser = argparse.ArgumentParser(prog="python -m tagmill.serve", description="Serve a tagmill bundle.")
+    parser.add_argument("bundle")
+    hints = typing.get_type_hints(ServeConfig)
+    for spec in fields(ServeConfig):
+        if spec.name == "bundle":
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not MISSING else None
+        # `int | None` → int: None is the default, never typed on a command line
+        kind = next((t for t in typing.get_args(hints[spec.name]) if t is not type(None)), hints[spec.name])
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            convert = next((t for t in (int, float) if kind is t), str)
+            parser.add_argument(flag, type=convert, default=default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        run_server(ServeConfig(**args))
+    except TagmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

@@ -1,0 +1,143 @@
+"""Several server processes on one port, with the kernel balancing connections.
+
+uvicorn's ``--workers`` shares one listening socket between its processes. asyncio
+accepts every pending connection at once, so the worker that wakes first takes a
+whole burst: measured here, 8 keep-alive clients connecting together landed 7 on
+one worker and 1 on the other, and 32 landed 32 to 0, leaving half the CPUs idle
+for as long as those connections live (a load balancer's pool lives for hours).
+
+Here every worker binds its own socket with SO_REUSEPORT and Linux hashes each new
+connection to one of them, so connections spread evenly. The parent binds the port
+first (failing clearly if it is taken, and resolving port 0), keeps that bound but
+never-listening socket as a placeholder, starts the workers, restarts one that dies,
+and stops them all on SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+from dataclasses import replace
+from typing import Any
+
+from tagmill.errors import InputError, TagmillError
+from tagmill.serve.config import ServeConfig
+from tagmill.serve.metrics import MULTIPROC_ENV
+from tagmill.serve.service import STARTUP_FAILURE
+
+log = logging.getLogger("uvicorn.error")
+
+
+def reuseport_supported() -> bool:
+    return hasattr(socket, "SO_REUSEPORT")
+
+
+def bind(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A TCP socket bound to host:port (with SO_REUSEPORT when ``shared``), not listening.
+
+    proto=IPPROTO_TCP also lets asyncio turn on TCP_NODELAY for accepted connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                         hint="is another server running there? choose another --port") from exc
+    return sock
+
+
+def run_workers(config: ServeConfig, options: dict[str, Any]) -> None:
+    """Serve with ``config.workers`` processes until SIGINT / SIGTERM."""
+    _configure_logging(options["log_level"])
+    # First bind without SO_REUSEPORT: that fails if anything listens there already,
+    # another tagmill server included, which would otherwise share the port silently.
+    with bind(config.host, config.port, shared=False) as probe:
+        port = probe.getsockname()[1]  # port 0: the one the kernel chose
+    placeholder = bind(config.host, port)
+    config = replace(config, port=port)
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def start() -> mp.process.BaseProcess:
+        process = ctx.Process(target=_worker_main, args=(config.to_json(), options), daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(config.workers)]
+    log.info("tagmill: %d workers serving on http://%s:%d", config.workers, config.host, config.port)
+    failed = False
+    try:
+        while not stop.wait(0.5) and not failed:
+            for index, process in enumerate(workers):
+                if process.is_alive():
+                    continue
+                _forget_metrics_of(process.pid)
+                if process.exitcode == STARTUP_FAILURE:  # not worth restarting: it would fail again
+                    failed = True
+                    break
+                log.warning("worker %s died (exit code %s); starting another", process.pid, process.exitcode)
+                workers[index] = start()
+    finally:
+        _stop_all(workers)
+        placeholder.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise TagmillError("a server worker could not start; its error is printed above")
+
+
+def _forget_metrics_of(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (queue depth) from the shared metrics."""
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def _configure_logging(level: str) -> None:
+    """The parent logs like its uvicorn workers do."""
+    import logging.config
+
+    import uvicorn.config
+
+    logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+    log.setLevel(uvicorn.config.LOG_LEVELS[level])
+
+
+def _stop_all(workers: list[mp.process.BaseProcess], timeout: float = 30.0) -> None:
+    for process in workers:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)  # uvicorn finishes the requests in flight
+    for process in workers:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _worker_main(config_json: str, options: dict[str, Any]) -> None:
+    import sys
+
+    import uvicorn
+
+    from tagmill.serve.app import create_app
+
+    config = ServeConfig.from_json(config_json)
+    try:
+        sock = bind(config.host, config.port)
+        app = create_app(config, exit_on_load_error=True)
+    except Exception as exc:  # reported once, then the parent stops (no restart loop)
+        print(f"tagmill worker: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    server.run(sockets=[sock])
+

@@ -1,0 +1,282 @@
+"""The HTTP contract, route by route, through FastAPI's TestClient on a real bundle."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tagmill.bundle import BundleError, Predictor
+from tagmill.serve import ServeConfig, create_app
+from tagmill.serve.app import STATIC_DIR
+from tests import images
+from tests.bundle import MULTI_THRESHOLDS, multilabel_onnx_bundle
+from tests.serve.conftest import CLASSES, X_IMAGE, error_of, metric, serving
+
+JPEG = images.jpeg_bytes(80, 60, seed=1)
+PNG = images.png_bytes(50, 70, seed=2)
+
+
+def webp_bytes() -> bytes:
+    from PIL import Image
+
+    return images.encode(Image.fromarray(images.pattern(64, 48, seed=3)), "WEBP", quality=90)
+
+
+def expected(reference: Predictor, *data: bytes) -> list[list[float]]:
+    return [p.probabilities for p in reference.predict_bytes(list(data))]
+
+
+def test_health_routes(client: TestClient) -> None:
+    assert client.get("/livez").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/ping").status_code == 200
+
+
+def test_not_ready_until_the_model_is_loaded(bundle: str) -> None:
+    # without the lifespan (no `with`), the model thread never starts
+    client = TestClient(create_app(ServeConfig(bundle=bundle)))
+    assert client.get("/livez").status_code == 200
+    for path in ("/readyz", "/ping"):
+        response = client.get(path)
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert error_of(response)["type"] == "NotReadyError"
+    assert client.post("/invocations", content=JPEG, headers=X_IMAGE).status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data"),
+    [("application/x-image", JPEG), ("image/jpeg", JPEG), ("image/png", PNG), ("image/webp", webp_bytes())],
+)
+@pytest.mark.parametrize("path", ["/invocations", "/endpoints/demo/invocations"])
+def test_invocations_answer_probabilities_like_the_predictor(
+    client: TestClient, reference: Predictor, path: str, content_type: str, data: bytes
+) -> None:
+    response = client.post(path, content=data, headers={"Content-Type": content_type})
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    probabilities = response.json()
+    assert len(probabilities) == len(CLASSES)
+    assert probabilities == pytest.approx(expected(reference, data)[0], abs=1e-6)
+
+
+def test_json_instances_answer_a_list_per_image(client: TestClient, reference: Predictor) -> None:
+    batch = [JPEG, PNG, images.jpeg_bytes(40, 90, seed=5)]
+    body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in batch]}
+
+    response = client.post("/invocations", json=body)
+
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert len(answers) == 3
+    for got, want in zip(answers, expected(reference, *batch), strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    # one instance is still a list of lists: the shape follows the request, not the count
+    one = client.post("/invocations", json={"instances": [{"b64": base64.b64encode(PNG).decode()}]}).json()
+    assert len(one) == 1 and one[0] == pytest.approx(expected(reference, PNG)[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("accept", ["application/json;verbose", "application/json; verbose", "text/html, application/json;verbose"])
+def test_verbose_answers_name_the_classes(client: TestClient, reference: Predictor, accept: str) -> None:
+    response = client.post("/invocations", content=JPEG, headers={**X_IMAGE, "Accept": accept})
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    want = reference.predict_bytes([JPEG])[0]
+    assert answer["classes"] == list(CLASSES)
+    assert answer["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
+    assert answer["predicted_label"] == want.top[0][0] == CLASSES[max(range(3), key=want.probabilities.__getitem__)]
+    assert answer["labels"] == want.labels
+    assert [entry["label"] for entry in answer["top"]] == [label for label, _ in want.top]
+
+
+def test_verbose_answers_for_json_instances(client: TestClient) -> None:
+    body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in (JPEG, PNG)]}
+    answers = client.post("/invocations", json=body, headers={"Accept": "application/json;verbose"}).json()
+    assert [set(a) for a in answers] == [{"probabilities", "classes", "labels", "predicted_label", "top"}] * 2
+
+
+@pytest.mark.parametrize(("accept", "verbose"), [("application/jsonlines", False), ("application/jsonlines;verbose", True)])
+def test_jsonlines_answer_one_line_per_image(client: TestClient, reference: Predictor, accept: str, verbose: bool) -> None:
+    body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in (JPEG, PNG)]}
+
+    response = client.post("/invocations", json=body, headers={"Accept": accept})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/jsonlines"
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert len(lines) == 2
+    got = [line["probabilities"] for line in lines] if verbose else lines
+    for g, want in zip(got, expected(reference, JPEG, PNG), strict=True):
+        assert g == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("accept", "status", "verbose"),
+    [
+        ("*/*", 200, False),
+        ("application/*", 200, False),
+        ("text/html;q=0.9, application/json;q=0.5", 200, False),
+        ("application/json;verbose;q=0.2, application/json;q=0.8", 200, False),
+        ("application/json;q=0.2, application/json;verbose;q=0.8", 200, True),
+        ("text/html", 406, None),
+        ("application/json;q=0", 406, None),
+    ],
+)
+def test_accept_negotiation(client: TestClient, accept: str, status: int, verbose: bool | None) -> None:
+    response = client.post("/invocations", content=JPEG, headers={**X_IMAGE, "Accept": accept})
+
+    assert response.status_code == status
+    if status == 406:
+        assert error_of(response)["type"] == "NotAcceptableError"
+    else:
+        assert isinstance(response.json(), dict) is verbose
+
+
+def test_predict_multipart_and_raw_bytes(client: TestClient, reference: Predictor) -> None:
+    want = reference.predict_bytes([JPEG])[0]
+
+    upload = client.post("/predict", files={"file": ("photo.jpg", JPEG, "image/jpeg")})
+    raw = client.post("/predict", content=JPEG, headers={"Content-Type": "image/jpeg"})
+    three = client.post("/predict?top_k=3", files={"file": ("photo.jpg", JPEG, "image/jpeg")})
+
+    assert upload.status_code == raw.status_code == three.status_code == 200, upload.text
+    answer = upload.json()
+    assert answer == raw.json()
+    assert set(answer) == {"labels", "scores", "top", "task"} and answer["task"] == "single"
+    assert answer["labels"] == [want.top[0][0]]
+    assert answer["scores"] == pytest.approx(want.scores, abs=1e-6)
+    assert len(answer["top"]) == 2  # the bundle's default_top_k
+    assert [t["label"] for t in three.json()["top"]] == [label for label, _ in reference.predict_bytes([JPEG], top_k=3)[0].top]
+
+
+@pytest.fixture(scope="module")
+def onnx_client() -> TestClient:
+    """The multi-label bundle with model.onnx, served by onnxruntime."""
+    with serving(create_app(ServeConfig(bundle=multilabel_onnx_bundle(), backend="onnx"))) as c:
+        yield c
+
+
+def test_onnx_backend_gives_the_onnx_predictors_scores(onnx_client: TestClient) -> None:
+    reference = Predictor.from_bundle(multilabel_onnx_bundle(), backend="onnx", intra_op_threads=1)
+
+    response = onnx_client.post("/invocations", content=PNG, headers={"Content-Type": "image/png"})
+
+    assert response.status_code == 200
+    assert response.json() == pytest.approx(reference.predict_bytes([PNG])[0].probabilities, abs=1e-6)
+
+
+def test_multilabel_predict_uses_tuned_thresholds_unless_given(onnx_client: TestClient) -> None:
+    files = {"file": ("photo.png", PNG, "image/png")}
+
+    tuned = onnx_client.post("/predict", files=files).json()
+    everything = onnx_client.post("/predict?threshold=0", files=files).json()
+    nothing = onnx_client.post("/predict?threshold=1", files=files).json()
+
+    assert tuned["task"] == "multi"
+    # the bundle's classifier biases put the probabilities near 0.88 / 0.52 / 0.12
+    assert onnx_client.get("/api/model").json()["thresholds"] == list(MULTI_THRESHOLDS)
+    assert tuned["labels"] == ["dog", "owl"]
+    assert everything["labels"] == ["cat", "dog", "owl"] and nothing["labels"] == []
+
+
+def test_onnx_backend_needs_model_onnx(bundle: str) -> None:
+    with pytest.raises(BundleError, match="model.onnx"):
+        create_app(ServeConfig(bundle=bundle, backend="onnx"))
+
+
+def test_api_model_describes_the_bundle_for_the_page(client: TestClient, bundle: str) -> None:
+    info = client.get("/api/model").json()
+
+    assert info["name"] == Path(bundle).name
+    assert info["architecture"] == "test_efficientnet" and info["task"] == "single"
+    assert info["classes"] == list(CLASSES) and info["thresholds"] is None
+    assert info["default_top_k"] == 2 and info["input_size"] == 48
+    assert info["metrics"] == {"accuracy": 0.75, "split": "val"}
+    assert info["api_key_required"] is False and info["backend"] == "torch"
+    assert info["examples"] == ["/examples/owl.png", "/examples/red-cat.jpg"]  # notes.txt is no image
+    for url in info["examples"]:
+        response = client.get(url)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("image/")
+        assert client.post("/predict", content=response.content, headers={"Content-Type": "image/*"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "..%2Fmodel.json", "../model.json", "%2e%2e%2fmodel.json", "missing.jpg"])
+def test_examples_serve_only_listed_images(client: TestClient, name: str) -> None:
+    response = client.get(f"/examples/{name}")
+    assert response.status_code == 404
+    assert b"weights_sha256" not in response.content
+
+
+def test_web_page_and_openapi(client: TestClient) -> None:
+    page = client.get("/")
+    if (STATIC_DIR / "index.html").is_file():
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    else:
+        assert page.status_code == 404 and error_of(page)["type"] == "NotFound"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/invocations", "/endpoints/{name}/invocations", "/predict", "/ping", "/api/model"} <= set(paths)
+    assert "application/x-image" in paths["/invocations"]["post"]["requestBody"]["content"]
+
+
+def test_metrics_count_requests_and_batches(client: TestClient) -> None:
+    client.post("/invocations", content=JPEG, headers=X_IMAGE)
+    client.post("/invocations", content=b"junk", headers=X_IMAGE)
+
+    text = client.get("/metrics").text
+
+    assert metric(text, "tagmill_http_requests_total", route="/invocations", status="200") >= 1
+    assert metric(text, "tagmill_http_requests_total", route="/invocations", status="422") >= 1
+    assert metric(text, "tagmill_batch_size_count") >= 1
+    assert metric(text, "tagmill_http_request_duration_seconds_count", route="/invocations") >= 2
+    assert "tagmill_queue_depth" in text
+    client.get("/no/such/route")
+    assert metric(client.get("/metrics").text, "tagmill_http_requests_total", route="unmatched", status="404") >= 1
+
+
+def test_api_key_guards_predictions_but_not_health_or_the_page(bundle: str, tmp_path: Path) -> None:
+    with serving(create_app(ServeConfig(bundle=bundle, api_key="s3cret"))) as client:
+        missing = client.post("/invocations", content=JPEG, headers=X_IMAGE)
+        wrong = client.post("/predict", content=JPEG, headers={**X_IMAGE, "X-Api-Key": "guess"})
+        sigv4 = client.post("/invocations", content=JPEG,
+                            headers={**X_IMAGE, "Authorization": "AWS4-HMAC-SHA256 Credential=x/..."})
+        by_header = client.post("/invocations", content=JPEG, headers={**X_IMAGE, "X-Api-Key": "s3cret"})
+        by_bearer = client.post("/endpoints/e/invocations", content=JPEG,
+                                headers={**X_IMAGE, "Authorization": "Bearer s3cret"})
+
+        for refused in (missing, wrong, sigv4):
+            assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+            assert error_of(refused)["type"] == "UnauthorizedError"
+        assert by_header.status_code == by_bearer.status_code == 200
+        for path in ("/ping", "/livez", "/readyz", "/metrics", "/api/model", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/api/model").json()["api_key_required"] is True
+        schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+
+
+def test_without_an_api_key_authorization_headers_are_ignored(client: TestClient) -> None:
+    # boto3 signs every request (SigV4); a server without a key must not care
+    response = client.post("/invocations", content=JPEG,
+                           headers={**X_IMAGE, "Authorization": "AWS4-HMAC-SHA256 Credential=x/20240101/us-east-1"})
+    assert response.status_code == 200
+
+
+def test_a_bundle_that_is_not_one_fails_at_startup(tmp_path: Path, bundle: str) -> None:
+    with pytest.raises(BundleError, match="not a tagmill bundle"):
+        create_app(ServeConfig(bundle=str(tmp_path)))
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    # model.json reads fine, so the app starts; loading the weights fails in the model thread
+    with TestClient(create_app(ServeConfig(bundle=str(broken)))) as client:
+        app_service = client.app.state.service
+        assert app_service.batcher.wait_ready(30)
+        response = client.get("/readyz")
+        assert response.status_code == 503 and "failed to load" in error_of(response)["message"]
+        assert client.get("/livez").status_code == 200

@@ -421,11 +421,13 @@ def serve(
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its dataset and outputs.")] = Path("runs/demo"),
+    port: Annotated[int, typer.Option(help="Port the demo serves its model on at the end.")] = 8080,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Stop after predicting; do not start the server.")] = False,
 ) -> None:
     """Run the main job on the bundled sample data (Fashion-MNIST images + labels CSV)."""
     from tagmill.demo import run_demo
 
-    run_demo(workdir, out, err)
+    run_demo(workdir, out, err, serve_port=None if no_serve else port)
 
 
 def main() -> None:

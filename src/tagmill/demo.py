@@ -31,7 +31,7 @@ def sample_data() -> Path:
     return SAMPLE
 
 
-def run_demo(workdir: Path, out: Console, err: Console) -> None:
+def run_demo(workdir: Path, out: Console, err: Console, *, serve_port: int | None = 8080) -> None:
     from tagmill.bundle.batch_predict import Settings, predict_all
     from tagmill.bundle.from_run import export_run
     from tagmill.dataset.importer import ImportOptions, import_dataset
@@ -76,6 +76,16 @@ def run_demo(workdir: Path, out: Console, err: Console) -> None:
     rows = list(predict_all(Settings(str(bundle), "torch", 3, None, 32), examples))
     out.print(prediction_table(rows, multi=False))
     out.print(f"\n[bold green]done.[/] Bundle: [bold]{bundle}[/]   Report: [bold]{run_dir / 'report.md'}[/]", highlight=False)
+    if serve_port is None:
+        return
+
+    from tagmill.serve.config import ServeConfig
+    from tagmill.serve.server import run_server
+
+    out.rule("[bold]5. serve[/] it: SageMaker-compatible endpoint, REST API and web page")
+    _command(out, f"tagmill serve {bundle} --port {serve_port}")
+    out.print(f"  web page: [bold]http://127.0.0.1:{serve_port}/[/]   (Ctrl+C to stop)", highlight=False)
+    run_server(ServeConfig(bundle=str(bundle), port=serve_port))
 
 
 def _command(out: Console, text: str) -> None:

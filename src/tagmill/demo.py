@@ -68,6 +68,10 @@ def run_demo(workdir: Path, out: Console, err: Console, *, serve_port: int | Non
     out.rule("[bold]3. export[/] a self-describing bundle")
     _command(out, f"tagmill export {run_dir} --out {bundle}")
     meta = export_run(str(run_dir), str(bundle))
+    # a few validation-style images ride along: the web page offers a bundle's examples/
+    (bundle / "examples").mkdir(exist_ok=True)
+    for name in PREDICTED_EXAMPLES:
+        shutil.copyfile(sample / "images" / name, bundle / "examples" / name)
     out.print(f"  {bundle}: {meta.architecture}, {len(meta.classes)} classes, model.json + model.safetensors", highlight=False)
 
     out.rule("[bold]4. predict[/] with the bundle")

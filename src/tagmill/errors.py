@@ -14,6 +14,9 @@ front ends never disagree about what went wrong.
     ├── StorageError                  exit 6   HTTP 502   a path or URL cannot be read or written
     ├── CheckpointError               exit 7   HTTP 500   a training checkpoint cannot be read back
     └── BundleError                   exit 8   HTTP 500   a model bundle is incomplete or inconsistent
+
+The server adds HTTP-only subclasses (401, 406, 413, 415, 503) in
+:mod:`tagmill.serve.errors`; nothing outside the server can raise them.
 """
 
 from __future__ import annotations

@@ -400,7 +400,7 @@ def serve(
     backend: Annotated[str, typer.Option(help="torch | onnx (needs model.onnx: `tagmill export --onnx`).")] = "torch",
     api_key: Annotated[Optional[str], typer.Option(help="Require this key (X-Api-Key or Bearer) on prediction routes.", envvar="TAGMILL_API_KEY")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
-    max_batch: Annotated[int, typer.Option(help="Requests grouped into one forward pass (1: no batching).")] = 16,
+    max_batch: Annotated[Optional[int], typer.Option(help="Requests grouped into one forward pass (default: 1 for torch, where batching is slower on CPUs; 16 for onnx).")] = None,
     max_wait_ms: Annotated[float, typer.Option(help="Longest a batch waits to fill.")] = 5.0,
     queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
 ) -> None:

@@ -38,7 +38,7 @@ class ServeConfig:
     #: images per forward pass; 1 turns batching off. None picks per backend (see
     #: AUTO_MAX_BATCH): measured on a 2-core CPU, onnxruntime's cost per image is flat
     #: from batch 1 to 16, while torch eager's rises with the batch (27 ms at 1, 48 ms
-    #: at 16 per image), so batching there halves the throughput.
+    #: at 16 per image), so batching there costs 30-40% of the throughput.
     max_batch: int | None = None
     max_wait_ms: float = 5.0  #: longest a batch waits for requests still being decoded
     queue_size: int = 64  #: requests admitted but not yet in a forward pass; more get 503

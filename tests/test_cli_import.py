@@ -16,7 +16,6 @@ from tagmill.cli import app
 from tagmill.dataset.manifest import load_manifest, verify_shards
 from tagmill.dataset.shards import iter_shard
 from tagmill.errors import EmptyDatasetError, InputError, SourceError
-from tests import images
 from tests.conftest import make_class_folders
 
 runner = CliRunner()

@@ -18,12 +18,11 @@ import torch
 
 from tagmill.bundle import Predictor
 from tagmill.serve import ServeConfig, create_app
-from tagmill.serve.inference import ServingPredictor
 from tests import images
 from tests.serve.conftest import X_IMAGE, ThreadedServer, error_of, metric
 
 
-class GatedPredictor(ServingPredictor):
+class GatedPredictor(Predictor):
     """The bundle's model; every forward pass waits for ``gate``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

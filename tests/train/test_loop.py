@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tagmill.errors import CheckpointError, InputError
+from tagmill.errors import InputError
 from tagmill.train.checkpoint import load_checkpoint
 from tagmill.train.config import TrainConfig
 from tagmill.train.loop import train

@@ -137,8 +137,8 @@ class Predictor:
         size = self.meta.preprocess.input_size
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
             raise InputError(f"expected a batch of shape (N, 3, {size}, {size}), got {list(batch.shape)}")
-        k, thresholds = self._resolve_top_k(top_k), self._resolve_thresholds(threshold)
-        return self._postprocess(self.logits(batch), k, thresholds)
+        k, thresholds = self.resolve_options(top_k, threshold)
+        return self.postprocess(self.logits(batch), k, thresholds)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw model outputs (N, C), float32 on the CPU, run in chunks of batch_size."""
@@ -151,27 +151,43 @@ class Predictor:
         """(N, C) logits → (N, C) probabilities: softmax for single-label, sigmoid for multi."""
         return torch.sigmoid(logits) if self.meta.multilabel else torch.softmax(logits, dim=1)
 
+    # --- the steps, for callers that run them apart (the batching server) ----------
+
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Encoded image → model input (3, S, S); UnreadableImageError when it is unusable."""
+        return self._to_input(lambda: self._decode(data))
+
+    def resolve_options(self, top_k: int | None, threshold: Threshold | None) -> tuple[int, list[float] | None]:
+        """Check per-call options before any work; InputError when they are bad."""
+        return self._resolve_top_k(top_k), self._resolve_thresholds(threshold)
+
+    def postprocess(self, logits: torch.Tensor, top_k: int, thresholds: list[float] | None) -> list[Prediction]:
+        """(N, C) logits → one Prediction per row, with options from :meth:`resolve_options`."""
+        probs = self.probabilities(logits.float())  # (N, C)
+        # stable sort: equal probabilities keep class order, so top-k is deterministic
+        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
+        rows = zip(probs.tolist(), order.tolist(), strict=True)
+        return [self._one(row, ranks, thresholds) for row, ranks in rows]
+
     # --- the shared path ---------------------------------------------------------
 
     def _predict(
         self, loaders: Sequence[Callable[[], Image.Image]], top_k: int | None, threshold: Threshold | None
     ) -> list[Prediction]:
         # Check per-call options before any work, so a bad option fails the request as a whole.
-        k, thresholds = self._resolve_top_k(top_k), self._resolve_thresholds(threshold)
+        k, thresholds = self.resolve_options(top_k, threshold)
         results: list[Prediction | None] = [None] * len(loaders)
         tensors: list[torch.Tensor] = []
         slots: list[int] = []
         for i, load in enumerate(loaders):
             try:
-                tensors.append(self.transform(load()))  # (3, S, S)
+                tensors.append(self._to_input(load))  # (3, S, S)
                 slots.append(i)
             except UnreadableImageError as exc:
                 results[i] = Prediction(error=exc.message)
-            except (OSError, ValueError, SyntaxError) as exc:  # e.g. broken EXIF met by to_rgb
-                results[i] = Prediction(error=f"corrupt image: {exc}")
         if tensors:
             batch = torch.stack(tensors)  # (n, 3, S, S): one forward for the whole request
-            predicted = self._postprocess(self.logits(batch), k, thresholds)
+            predicted = self.postprocess(self.logits(batch), k, thresholds)
             for slot, prediction in zip(slots, predicted, strict=True):
                 results[slot] = prediction
         return [r for r in results if r is not None]
@@ -179,12 +195,13 @@ class Predictor:
     def _decode(self, data: bytes) -> Image.Image:
         return to_rgb(decode(data, shrink_to=self._shrink_to))
 
-    def _postprocess(self, logits: torch.Tensor, top_k: int, thresholds: list[float] | None) -> list[Prediction]:
-        probs = self.probabilities(logits.float())  # (N, C)
-        # stable sort: equal probabilities keep class order, so top-k is deterministic
-        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
-        rows = zip(probs.tolist(), order.tolist(), strict=True)
-        return [self._one(row, ranks, thresholds) for row, ranks in rows]
+    def _to_input(self, load: Callable[[], Image.Image]) -> torch.Tensor:
+        try:
+            return self.transform(load())  # (3, S, S)
+        except UnreadableImageError:
+            raise
+        except (OSError, ValueError, SyntaxError) as exc:  # e.g. broken EXIF met by to_rgb
+            raise UnreadableImageError(f"corrupt image: {exc}") from exc
 
     def _one(self, probs: list[float], ranks: list[int], thresholds: list[float] | None) -> Prediction:
         classes = self.meta.classes

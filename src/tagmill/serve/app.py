@@ -27,7 +27,7 @@ from tagmill.errors import TagmillError
 from tagmill.serve import payloads
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import UnauthorizedError, UnavailableError
-from tagmill.serve.inference import ServingPredictor
+from tagmill.bundle.predictor import Predictor
 from tagmill.serve.metrics import MetricsMiddleware
 from tagmill.serve.schemas import (
     INVOCATION_BODY,
@@ -56,7 +56,7 @@ Image classification with a tagmill model bundle.
 
 
 def create_app(
-    config: ServeConfig, *, predictor: ServingPredictor | None = None, exit_on_load_error: bool = False
+    config: ServeConfig, *, predictor: Predictor | None = None, exit_on_load_error: bool = False
 ) -> FastAPI:
     """The app serving ``config.bundle``. The model loads in the background when the
     app starts (``/readyz`` answers 503 until then). ``predictor`` replaces loading the

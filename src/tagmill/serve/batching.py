@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tagmill.bundle.predictor import Prediction
 from tagmill.serve.errors import NotReadyError, QueueFullError
-from tagmill.serve.inference import ServingPredictor
+from tagmill.bundle.predictor import Prediction, Predictor
 from tagmill.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class Batcher:
 
     def __init__(
         self,
-        load: Callable[[], ServingPredictor],
+        load: Callable[[], Predictor],
         metrics: ServeMetrics,
         *,
         max_batch: int,
@@ -98,7 +97,7 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self.predictor: ServingPredictor | None = None
+        self.predictor: Predictor | None = None
         self.load_error: BaseException | None = None
 
     # --- lifecycle ----------------------------------------------------------------
@@ -226,7 +225,7 @@ class Batcher:
             total += job.size
         return total
 
-    def _run(self, predictor: ServingPredictor, jobs: list[Job]) -> None:
+    def _run(self, predictor: Predictor, jobs: list[Job]) -> None:
         # a client that went away cancelled its future: skip its images
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:

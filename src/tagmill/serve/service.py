@@ -17,12 +17,11 @@ import torch
 
 from tagmill import storage
 from tagmill.bundle.format import ONNX_FILE, BundleMeta, read_meta
-from tagmill.bundle.predictor import Prediction, Threshold
+from tagmill.bundle.predictor import Prediction, Predictor, Threshold
 from tagmill.errors import BundleError, UnreadableImageError
 from tagmill.serve.batching import Batcher
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import NotReadyError
-from tagmill.serve.inference import ServingPredictor
 from tagmill.serve.metrics import ServeMetrics
 
 #: uvicorn's exit status for a server that cannot start
@@ -36,7 +35,7 @@ class Service:
     """Loads the model (in the batcher's thread) and runs requests through it."""
 
     def __init__(
-        self, config: ServeConfig, predictor: ServingPredictor | None = None, *, exit_on_load_error: bool = False
+        self, config: ServeConfig, predictor: Predictor | None = None, *, exit_on_load_error: bool = False
     ) -> None:
         self.config = config
         # model.json is read now, so a wrong bundle fails before the server binds a port
@@ -56,8 +55,8 @@ class Service:
         )
         self._pool: ThreadPoolExecutor | None = None
 
-    def _load(self) -> ServingPredictor:
-        return ServingPredictor.from_bundle(
+    def _load(self) -> Predictor:
+        return Predictor.from_bundle(
             self.config.bundle,
             self.config.backend,
             intra_op_threads=self.config.threads,
@@ -83,7 +82,7 @@ class Service:
     def ready(self) -> bool:
         return self.batcher.ready
 
-    def require_ready(self) -> ServingPredictor:
+    def require_ready(self) -> Predictor:
         predictor = self.batcher.predictor
         if predictor is not None and self.batcher.ready:
             return predictor
@@ -119,7 +118,7 @@ def _exit_process(_: BaseException) -> None:
     os._exit(STARTUP_FAILURE)
 
 
-def _preprocess_all(predictor: ServingPredictor, images: Sequence[bytes]) -> torch.Tensor:
+def _preprocess_all(predictor: Predictor, images: Sequence[bytes]) -> torch.Tensor:
     tensors = []
     for index, data in enumerate(images):
         try:

@@ -12,18 +12,9 @@ from tagmill.formats import open_reader
 from tagmill.formats.base import FileImage, SourceOptions
 from tagmill.formats.csv_labels import CsvReader
 from tests import images
+from tests.formats.csv_files import add_images, write_csv
 
 
-def write_csv(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def add_images(folder: Path, *names: str) -> None:
-    for seed, name in enumerate(names):
-        data = images.png_bytes(seed=seed) if name.lower().endswith(".png") else images.jpeg_bytes(seed=seed)
-        images.write(folder / name, data)
 
 
 def read(path: Path, **options) -> object:

@@ -12,19 +12,11 @@ from tagmill.formats.base import FileImage, SourceOptions
 from tagmill.formats.csv_labels import CsvReader
 from tagmill.formats.onehot import OneHotCsvReader, looks_one_hot
 from tests import images
+from tests.formats.csv_files import add_images, write_csv
 
 GENRES = ["Action", "Adventure", "Animation", "Drama", "Romance"]
 
 
-def write_csv(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def add_images(folder: Path, *names: str) -> None:
-    for seed, name in enumerate(names):
-        images.write(folder / name, images.jpeg_bytes(seed=seed))
 
 
 def read(path: Path, **options):

@@ -306,6 +306,41 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return kept
 
 
+@app.command("lr-find")
+@reports_errors
+def lr_find_command(
+    dataset: Annotated[str, typer.Argument(help="A packed dataset (from `tagmill import`); path or URL.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write lr_find.png and lr_find.json.")],
+    backbone: Annotated[Optional[str], typer.Option(help="efficientnet_lite0 (default), lite1, lite2, or any timm architecture.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: yes).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (as in training).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same sweep.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    start_lr: Annotated[float, typer.Option(help="Learning rate of the sweep's first step.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Learning rate of its last step.")] = 10.0,
+    steps: Annotated[int, typer.Option(help="Steps in the sweep (it stops early when the loss diverges).")] = 100,
+) -> None:
+    """Suggest a head learning rate: fastai's lr_find, on cached backbone features."""
+    from tagmill.progress import RichProgress
+    from tagmill.train.config import TrainConfig
+    from tagmill.train.lr_find import PLOT, find_lr
+
+    given = {
+        "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
+        "resize_method": resize, "batch_size": batch_size, "seed": seed, "workers": workers, "device": device,
+    }
+    config = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
+    sweep = find_lr(dataset, out_dir, config, start=start_lr, end=end_lr, num_steps=steps, progress=RichProgress(err))
+    out.print(f"suggested lr: [bold]{sweep.suggestion:.1e}[/] ({sweep.method})", highlight=False)
+    if sweep.method != "valley":
+        out.print(f"[yellow]{sweep.message}[/]", highlight=False)
+    out.print(f"plot: [bold]{storage.join(out_dir, PLOT)}[/]", highlight=False)
+
+
 @app.command()
 @reports_errors
 def export(

@@ -13,7 +13,7 @@ from tagmill.evaluate.metrics import (
     multi_label_metrics,
     single_label_metrics,
 )
-from tagmill.evaluate.plots import plot_confusion, plot_curves, plot_per_class_f1
+from tagmill.evaluate.plots import plot_confusion, plot_curves, plot_lr_sweep, plot_per_class_f1
 from tagmill.evaluate.report import top_losses, write_report, write_thumbnail
 from tagmill.evaluate.thresholds import default_grid, tune_thresholds
 
@@ -24,6 +24,7 @@ __all__ = [
     "multi_label_metrics",
     "plot_confusion",
     "plot_curves",
+    "plot_lr_sweep",
     "plot_per_class_f1",
     "single_label_metrics",
     "top_losses",

@@ -1,4 +1,5 @@
-"""PNG plots of a training run: loss/metric curves, confusion matrix, per-class F1.
+"""PNG plots of a training run: loss/metric curves, confusion matrix, per-class F1,
+and the learning-rate finder's sweep.
 
 Figures are built from ``matplotlib.figure.Figure`` with an Agg canvas attached, never
 through pyplot: pyplot keeps global state (current figure, backend) that a server or
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+from textwrap import fill
 from typing import TYPE_CHECKING, Any
 
 from tagmill import storage
@@ -22,6 +24,8 @@ from tagmill.errors import InputError
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from tagmill.train.lr_find import LRSweep
 
 DPI = 100
 #: a confusion matrix gets count annotations up to this many classes
@@ -228,3 +232,55 @@ def _number(value: Any, missing: float = math.nan) -> float:
 
 def _short(name: str, limit: int = LABEL_CHARS) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def plot_lr_sweep(sweep: LRSweep, out: str) -> str:
+    """The learning-rate finder's loss against learning rate (log scale), the suggestion
+    marked with a point on the curve and a labelled vertical line; the title names the
+    method. A fallback without a curve still draws the line, and says why in the axes.
+    """
+    import numpy as np
+
+    lrs = np.asarray(sweep.lrs, dtype=np.float64)  # (n,)
+    smoothed = np.asarray(sweep.losses, dtype=np.float64)  # (n,)
+    raw = np.asarray(sweep.raw_losses, dtype=np.float64)  # (n,)
+    fig = _figure(8, 4.8)
+    ax = fig.subplots()
+    ax.set_xscale("log")
+    suggestion = float(sweep.suggestion)
+    if len(lrs):
+        ax.plot(lrs, raw, color="grey", alpha=0.4, linewidth=1, label="batch loss")
+        ax.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed loss")
+        # the y range follows the smoothed curve: one exploding batch loss at the end
+        # would otherwise flatten everything that matters into the bottom pixel row
+        low, high = float(min(smoothed.min(), raw.min())), float(smoothed.max())
+        # a flat curve still gets a readable range (and plain tick labels, not "+7e-1")
+        pad = max(0.08 * (high - low), 0.005 * abs(high), 1e-6)
+        ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if sweep.method != "fallback" and lrs[0] <= suggestion <= lrs[-1]:
+            at = float(np.interp(np.log(suggestion), np.log(lrs), smoothed))
+            ax.plot([suggestion], [at], "o", color="C3", markersize=8, zorder=3, label="suggestion")
+    else:
+        ax.set_xlim(suggestion / 100, suggestion * 100)
+        ax.set_yticks([])
+    ax.axvline(suggestion, color="C3", linestyle="--", linewidth=1.2)
+    ax.annotate(f"suggested lr {suggestion:.1e}", xy=(suggestion, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(5, -5), textcoords="offset points", ha="left", va="top", fontsize=9, color="C3")
+    if sweep.method == "fallback":
+        ax.text(0.5, 0.5, fill(sweep.message, 70), transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "lightgrey"})
+    ax.set(xlabel="learning rate (log scale)", ylabel="loss",
+           title=f"Learning-rate finder: {suggestion:.1e} ({_METHODS.get(sweep.method, sweep.method)})")
+    ax.grid(alpha=0.3, which="both")
+    if len(lrs):
+        ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, out)
+
+
+#: how each method of the learning-rate finder is named in its plot's title
+_METHODS = {
+    "valley": "valley: the longest descent of the loss",
+    "steep": "steepest descent of the loss",
+    "fallback": "fallback: no usable sweep",
+}

@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index folder it does not find; keep the noise out.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test bench bench-quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: install browser
 
 bench: install
 	$(BIN)/python bench/import_speed.py
+
+# Model quality against a linear probe and fastai (bench/README.md); ~30 min on 2 cores.
+# The bench extras (fastai, scikit-learn) get their own stamp: `make install` stays lean.
+$(VENV)/.installed-bench: pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' $(QUIET_PIP)
+	touch $@
+
+bench-quality: $(VENV)/.installed-bench
+	$(BIN)/python bench/quality.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -131,7 +131,7 @@ def test_bad_inputs_to_train_export_and_predict(colour_dataset, tmp_path):
 
     assert "resnet43" in run("train", colour_dataset, "--out", str(tmp_path / "r3"), "--backbone", "resnet43", code=InputError.exit_code).output
     small = run("train", colour_dataset, "--out", str(tmp_path / "r4"), "--backbone", "vit_tiny_patch16_224",
-                "--no-pretrained", "--image-size", "64", code=InputError.exit_code)
+                "--no-pretrained", "--image-size", "64", "--epochs", "1", code=InputError.exit_code)
     assert "cannot classify 64x64 images" in small.output and not (tmp_path / "r4").exists()
     assert "no CUDA GPU" in run("train", colour_dataset, "--out", str(tmp_path / "r5"), *TINY, "--device", "cuda", code=InputError.exit_code).output
     assert "not a training run" in run("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b"), code=InputError.exit_code).output

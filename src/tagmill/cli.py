@@ -211,18 +211,20 @@ def train_command(
     backbone: Annotated[Optional[str], typer.Option(help="efficientnet_lite0 (default), lite1, lite2, or any timm architecture.")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: yes).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: from the images' size, at most the backbone's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
     augmentation: Annotated[Optional[str], typer.Option(help="none | crop | crop_color | crop_color_transform")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
-    frozen_epochs: Annotated[Optional[int], typer.Option(help="Head-only epochs on cached features.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Whole-network epochs after unfreezing.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head-only stage.")] = None,
+    frozen_epochs: Annotated[Optional[int], typer.Option(help="One-cycle head epochs on cached features (fastai's frozen fit; default: the head is fitted to convergence).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Exactly N whole-network epochs after the head (default: none, or while validation improves within --time-budget).")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Wall time the run may take, e.g. 90s, 10m, 1h: fine-tunes the whole network with what is left after the head, while validation improves.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head's one-cycle epochs (default: the lr finder's suggestion).")] = None,
     lr_mult: Annotated[Optional[float], typer.Option(help="Unfrozen stage: head lr / earliest layers' lr.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Single-label: label smoothing.")] = None,
     pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Multi-label: weight rare tags' positives up.")] = None,
-    cache_views: Annotated[Optional[int], typer.Option(help="Augmented views of each image in the feature cache.")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(help="Views of each image in the feature cache (default: from the input size).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="k of the k-fold that chooses the head's regularisation and tunes tag thresholds.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
@@ -247,6 +249,7 @@ def train_command(
         "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
         "resize_method": resize, "augmentation": augmentation, "batch_size": batch_size,
         "frozen_epochs": frozen_epochs, "unfrozen_epochs": epochs, "lr": lr, "lr_mult": lr_mult,
+        "time_budget": parse_duration(time_budget) if time_budget is not None else None, "folds": folds,
         "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
         "cache_views": cache_views, "precision": precision, "channels_last": channels_last,
         "patience": patience, "seed": seed, "workers": workers, "device": device,
@@ -254,10 +257,12 @@ def train_command(
     }
     options = {k: v for k, v in given.items() if v is not None}
     progress = RichProgress(err)
+    from tagmill.bundle.as_start import starting_point
+
     if resume:
         if dataset or out_dir or options or hyperparameters:
             raise InputError("--resume takes the run directory only: its dataset and options are in the run")
-        result = train(None, resume, resume=True, progress=progress, log=out.print)
+        result = train(None, resume, resume=True, load_start=starting_point, progress=progress, log=out.print)
     else:
         if dataset is None or out_dir is None:
             raise InputError("give a DATASET and --out RUN (or --resume RUN)")
@@ -266,14 +271,27 @@ def train_command(
 
             options = {**config_from_hyperparameters(hyperparameters, dataset, log=out.print), **options}
         if init_from:
-            from tagmill.train.init_from import bundle_settings
+            from tagmill.bundle.as_start import training_settings
 
-            options = {**bundle_settings(init_from), **options}
+            options = {**training_settings(init_from), **options}
         if options.get("pretrained") is False and "frozen_epochs" not in options and not options.get("weights"):
             # a random backbone's features are noise: there is nothing to train a head on
             options["frozen_epochs"] = 0
-        result = train(dataset, out_dir, TrainConfig.from_dict(options), progress=progress, log=out.print)
+        result = train(dataset, out_dir, TrainConfig.from_dict(options), load_start=starting_point, progress=progress, log=out.print)
     out.print(f"best {result.metric_name}: {result.best_metric:.4f} — run in [bold]{result.run_dir}[/]", highlight=False)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '10m', '1.5h'."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise InputError(f"--time-budget {text!r} is not a duration", hint="write e.g. 90s, 10m or 1h") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise InputError(f"--time-budget {text!r} must be a positive duration")
+    return seconds
 
 
 def _launch_torchrun(nproc: int) -> int:
@@ -314,7 +332,7 @@ def lr_find_command(
     backbone: Annotated[Optional[str], typer.Option(help="efficientnet_lite0 (default), lite1, lite2, or any timm architecture.")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: yes).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the backbone's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: from the images' size, at most the backbone's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (as in training).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same sweep.")] = None,

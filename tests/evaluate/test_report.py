@@ -41,7 +41,9 @@ def test_report_for_a_multi_label_run(tmp_path):
     assert text.startswith("# Movie stills, 183 tags\n")
     assert "![Training curves](curves.png)" in text  # absolute path inside the run dir made relative
     assert "![F1 per class](per_class_f1.png)" in text
-    assert f"| accuracy_thresh | {result.headline['accuracy_thresh']:.4f} |" in text
+    # fastai's metrics keep their names and say whose definitions they are
+    assert f"| accuracy_thresh (fastai's: share of all image×tag decisions right) | {result.headline['accuracy_thresh']:.4f} |" in text
+    assert "| fbeta (fastai's: F-beta per image, averaged; an untagged image scores 0) |" in text
     assert "| roc_auc |" in text and "| mAP |" in text
     assert "leaves out 1 (no positive sample in this data): tag0" in text
     # 40 tags: only the 30 worst are listed

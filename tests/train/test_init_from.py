@@ -5,7 +5,8 @@ from tagmill.bundle import load_bundle
 from tagmill.cli import app
 from tagmill.dataset.importer import ImportOptions, import_dataset
 from tagmill.models import create_classifier
-from tagmill.train.init_from import init_from_bundle
+from tagmill.bundle.as_start import starting_point
+from tagmill.train.init_from import transfer_weights
 from tests.conftest import make_colour_classes
 
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
@@ -28,7 +29,7 @@ def test_monthly_retrain_keeps_known_classes_and_adds_new_ones(colour_dataset, t
     import_dataset(str(tmp_path / "src2"), str(tmp_path / "ds2"), ImportOptions(val_fraction=0.25))
     classes = ["green", "red", "yellow"]
     model = create_classifier("test_efficientnet", 3, pretrained=False)
-    transfer = init_from_bundle(model, str(tmp_path / "bundle1"), classes)
+    transfer = transfer_weights(model, starting_point(str(tmp_path / "bundle1")), classes)
     assert (transfer.kept, transfer.added, transfer.removed) == (["green", "red"], ["yellow"], ["blue"])
     old_head, new_head = old_model.get_classifier(), model.get_classifier()
     for new_row, name in enumerate(classes[:2]):

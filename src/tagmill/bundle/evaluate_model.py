@@ -10,20 +10,20 @@ from tagmill.dataset.manifest import load_manifest, verify_shards
 from tagmill.dataset.transforms import Preprocess
 from tagmill.errors import InputError
 from tagmill.progress import SILENT, Progress
-from tagmill.train.checkpoint import load_checkpoint
 from tagmill.train.evaluation import predict_split, write_evaluation
-from tagmill.train.loop import BEST, CONFIG, read_run
+from tagmill.train.run_format import is_run, read_best, read_run, read_thresholds
 
 
 def _from_run(run_dir: str) -> tuple[torch.nn.Module, dict, Preprocess, list[float] | None]:
     from tagmill.models import create_classifier
 
     _, config = read_run(run_dir)
-    best = load_checkpoint(storage.join(run_dir, BEST))
+    best = read_best(run_dir)
     model = create_classifier(config.backbone, len(best["classes"]), pretrained=False)
     model.load_state_dict(best["model"])
     info = {"classes": best["classes"], "task": best["task"], "config": config.as_dict(), "title": config.backbone}
-    return model.eval(), info, Preprocess.from_dict(best["preprocess"]), None
+    thresholds = read_thresholds(run_dir, best["task"])
+    return model.eval(), info, Preprocess.from_dict(best["preprocess"]), list(thresholds) if thresholds else None
 
 
 def _from_bundle(location: str) -> tuple[torch.nn.Module, dict, Preprocess, list[float] | None]:
@@ -36,7 +36,7 @@ def evaluate_model(model_location: str, dataset: str, split: str, out_dir: str, 
                    progress: Progress = SILENT):
     if storage.exists(storage.join(model_location, MODEL_JSON)):
         model, info, preprocess, thresholds = _from_bundle(model_location)
-    elif storage.exists(storage.join(model_location, CONFIG)):
+    elif is_run(model_location):
         model, info, preprocess, thresholds = _from_run(model_location)
     else:
         raise InputError(f"{model_location} is neither a training run nor a model bundle")
@@ -54,6 +54,7 @@ def evaluate_model(model_location: str, dataset: str, split: str, out_dir: str, 
         out_dir, dataset, manifest, split, preds,
         title=f"{info['title']} on {storage.basename(dataset)} ({split})",
         config=config, threshold=float(config.get("threshold", 0.2)), top_k=int(config.get("top_k", 5)),
-        tune=tune, thresholds=None if tune else thresholds,
+        tune=tune, thresholds=thresholds,
+        threshold_source="the model's own per-tag thresholds" if thresholds else "",
     )
     return result

@@ -21,6 +21,7 @@ from tagmill.bundle.format import ONNX_FILE, BundleError, BundleMeta, load_bundl
 from tagmill.dataset.images import decode, to_rgb
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import InputError, UnreadableImageError
+from tagmill.objective import objective
 
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
@@ -149,7 +150,7 @@ class Predictor:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, C) logits → (N, C) probabilities: softmax for single-label, sigmoid for multi."""
-        return torch.sigmoid(logits) if self.meta.multilabel else torch.softmax(logits, dim=1)
+        return objective(self.meta.task).probabilities(logits)
 
     # --- the steps, for callers that run them apart (the batching server) ----------
 

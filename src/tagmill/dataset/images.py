@@ -102,7 +102,7 @@ def resize_shorter_side(img: Image.Image, max_side: int) -> Image.Image:
 def pack_image(data: bytes, max_side: int | None) -> PackedImage:
     """Decode, normalise, resize and re-encode one image for a shard."""
     img = decode(data, shrink_to=max_side)
-    drafted = img.mode == "RGB" and img.format == "JPEG" and img.size != _header_size(data)
+    drafted = img.mode == "RGB" and img.format == "JPEG" and img.size != header_size(data)
     rgb = to_rgb(img)
     if max_side is not None:
         rgb = resize_shorter_side(rgb, max_side)
@@ -118,7 +118,7 @@ def pack_image(data: bytes, max_side: int | None) -> PackedImage:
     return PackedImage(buffer.getvalue(), "jpg", *rgb.size)
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
+def header_size(data: bytes) -> tuple[int, int]:
     """The stored size of an image, read from its header only."""
     return Image.open(io.BytesIO(data)).size
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,8 +85,7 @@ from torchmetrics.functional.classification import (
 )
 
 from tagmill.errors import InputError
-
-Task = Literal["single", "multi"]
+from tagmill.objective import TaskName
 
 #: The threshold fastai's seed job (movie stills, 183 tags) used for its metrics.
 DEFAULT_MULTI_THRESHOLD = 0.2
@@ -109,7 +108,7 @@ _BINARY_TWIN: dict[Any, Any] = {
 class EvaluationResult:
     """Metrics of one model on one split; ``as_dict()`` is what metrics.json holds."""
 
-    task: Task
+    task: TaskName
     #: the few numbers of a one-line summary (see the module docstring for each key)
     headline: dict[str, float]
     #: one row per class, in class order: {"class", "precision", "recall", "f1", "support", ...}
@@ -236,16 +235,17 @@ def multi_label_metrics(
 
     roc_auc, roc_defined = _auroc_per_tag(probs, targets)  # (C,), (C,) bool
     ap, ap_defined = _average_precision_per_tag(probs, targets)  # (C,), (C,) bool
+    # the threshold-free and untagged-safe metrics first; fastai's two after them
     headline = {
+        "mAP": _mean_defined(ap),
+        "micro_f1": _item(score(multilabel_f1_score, average="micro")),
+        "macro_f1": _item(score(multilabel_f1_score, average="macro")),
+        "roc_auc": _mean_defined(roc_auc),
         "accuracy_thresh": _item(score(multilabel_accuracy, average="micro")),
         # per-sample F-beta over tags, mean over samples: see the module docstring
         "fbeta": _item(
             binary_fbeta_score(decisions, targets, beta=beta, multidim_average="samplewise", validate_args=False).mean()
         ),
-        "micro_f1": _item(score(multilabel_f1_score, average="micro")),
-        "macro_f1": _item(score(multilabel_f1_score, average="macro")),
-        "mAP": _mean_defined(ap),
-        "roc_auc": _mean_defined(roc_auc),
     }
     extra = {
         "micro_precision": _item(score(multilabel_precision, average="micro")),
@@ -279,6 +279,20 @@ def multi_label_metrics(
             "roc_auc": [name for name, ok in zip(classes, roc_defined.tolist()) if not ok],
         },
     )
+
+
+def accuracy(probs: Tensor, targets: Tensor) -> float:
+    """Single-label accuracy alone (the best-model selector), without the full metric set."""
+    probs = _check_probs(probs)
+    targets = _check_class_targets(targets, probs.shape[0], probs.shape[1])
+    return _item(multiclass_accuracy(probs, targets, num_classes=probs.shape[1], average="micro", validate_args=False))
+
+
+def mean_average_precision(probs: Tensor, targets: Tensor) -> float:
+    """Multi-label mAP alone (the best-model selector): mean AP over tags with a positive."""
+    probs = _check_probs(probs)
+    targets = _check_tag_targets(targets, probs.shape)
+    return _mean_defined(_average_precision_per_tag(probs, targets)[0])
 
 
 def _rows(classes: list[str], columns: dict[str, Tensor]) -> list[dict[str, Any]]:

@@ -29,6 +29,11 @@ _UNDEFINED_BECAUSE = {
     "mAP": "no positive sample in this data",
     "roc_auc": "all samples positive or all negative in this data",
 }
+#: fastai's multi-label metrics keep their names, marked as fastai's definitions
+_METRIC_LABELS = {
+    "accuracy_thresh": "accuracy_thresh (fastai's: share of all image×tag decisions right)",
+    "fbeta": "fbeta (fastai's: F-beta per image, averaged; an untagged image scores 0)",
+}
 _PLOT_TITLES = {
     "curves": "Training curves",
     "confusion": "Confusion matrix",
@@ -44,17 +49,23 @@ def write_report(
     plots: dict[str, str],
     top_losses: list[dict[str, Any]],
     config: dict[str, Any],
+    sources: dict[str, str] | None = None,
+    fixed: dict[str, Any] | None = None,
 ) -> str:
     """Write ``run_dir/report.md`` and return its location.
 
     ``plots`` maps a name ("curves", "confusion", "per_class_f1", or any other) to a
     PNG path, relative to ``run_dir`` or inside it. ``top_losses`` rows are
     {"thumbnail", "id", "true", "predicted", "loss"}, thumbnails already written.
+    ``sources`` says in words where the numbers come from ({"metrics", "model",
+    "thresholds"}); ``fixed`` holds the headline at one fixed threshold when the
+    main table uses per-tag ones ({"threshold", "headline"}).
     """
     sections = [
         f"# {_text(title)}",
         _overview(result),
-        _headline_section(result),
+        _sources_section(sources or {}),
+        _headline_section(result, fixed),
         _plots_section(run_dir, plots),
         _per_class_section(result),
         _top_losses_section(run_dir, top_losses),
@@ -112,9 +123,27 @@ def _overview(result: EvaluationResult) -> str:
     )
 
 
-def _headline_section(result: EvaluationResult) -> str:
-    rows = [[name, _fmt(value)] for name, value in {**result.headline, **result.extra}.items()]
-    lines = ["## Metrics", "", _table(["metric", "value"], rows)]
+def _sources_section(sources: dict[str, str]) -> str:
+    if not sources:
+        return ""
+    labels = {"metrics": "Metrics", "model": "Model", "thresholds": "Thresholds"}
+    lines = ["## Where the numbers come from", ""]
+    lines += [f"- **{labels.get(key, key.capitalize())}**: {_text(text)}." for key, text in sources.items()]
+    return "\n".join(lines)
+
+
+def _headline_section(result: EvaluationResult, fixed: dict[str, Any] | None = None) -> str:
+    values = {**result.headline, **result.extra}
+    header = ["metric", "value"]
+    if fixed:
+        header.append(f"at threshold {fixed['threshold']:g}")
+    rows = []
+    for name, value in values.items():
+        row = [_text(_METRIC_LABELS.get(name, name)), _fmt(value)]
+        if fixed:
+            row.append(_fmt(fixed["headline"].get(name)))
+        rows.append(row)
+    lines = ["## Metrics", "", _table(header, rows)]
     for metric, names in result.excluded.items():
         if names:
             lines.append("")

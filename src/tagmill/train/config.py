@@ -20,16 +20,24 @@ class TrainConfig:
     weights: str | None = None
     #: a model bundle to start from (incremental training); classes are matched by name
     init_from: str | None = None
-    #: None: the backbone's own input size (224 for Lite0)
+    #: None: chosen from the data (see ``train.auto``): small images are not upsampled to
+    #: the backbone's full size unless they carry that much detail
     image_size: int | None = None
     resize_method: str = "squish"
     augmentation: str = "crop"
     batch_size: int = 64
-    #: head-only epochs on cached backbone features (fastai's first fit_one_cycle)
-    frozen_epochs: int = 3
-    #: whole-network epochs with discriminative learning rates (after unfreeze())
-    unfrozen_epochs: int = 2
-    lr: float = 5e-3
+    #: None: fit the head to convergence on the cached features (L-BFGS, L2 chosen by
+    #: k-fold on train); N: N one-cycle epochs of the head instead (fastai's frozen fit);
+    #: 0: no head stage
+    frozen_epochs: int | None = None
+    #: whole-network epochs after unfreezing. None: only within --time-budget, and only
+    #: while validation improves; N: exactly N (fastai's fine_tune), unless --patience
+    unfrozen_epochs: int | None = None
+    #: seconds the whole run may take; the whole-network stage gets what is left after
+    #: the head, and starts no epoch it cannot finish in time
+    time_budget: float | None = None
+    #: None: found by the learning-rate finder on the cached features when a stage needs one
+    lr: float | None = None
     #: the unfrozen stage's head learning rate is lr * unfrozen_lr_scale ...
     unfrozen_lr_scale: float = 0.1
     #: ... and the earliest layers get that divided by lr_mult
@@ -38,8 +46,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     #: multi-label: weight positives of rare tags up (BCE pos_weight = negatives/positives, capped)
     pos_weight: bool = False
-    #: augmented views of each training image in the feature cache (1 = no augmentation)
-    cache_views: int = 2
+    #: views of each training image in the feature cache (view 0 plain, the rest augmented);
+    #: None: chosen from the input size (see ``train.auto``)
+    cache_views: int | None = None
+    #: k of the k-fold that chooses the head's L2 strength and gives out-of-fold predictions
+    folds: int = 5
     precision: str = "fp32"
     channels_last: bool = True
     patience: int | None = None
@@ -60,14 +71,31 @@ class TrainConfig:
             raise InputError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {self.augmentation!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.batch_size < 1 or self.frozen_epochs < 0 or self.unfrozen_epochs < 0:
+        if self.batch_size < 1 or (self.frozen_epochs or 0) < 0 or (self.unfrozen_epochs or 0) < 0:
             raise InputError("batch size must be >= 1 and epoch counts >= 0")
-        if self.frozen_epochs + self.unfrozen_epochs == 0:
-            raise InputError("nothing to train: both --frozen-epochs and --unfrozen-epochs are 0")
-        if self.lr <= 0 or self.lr_mult < 1:
+        if self.frozen_epochs == 0 and not self.unfrozen_epochs and self.time_budget is None:
+            raise InputError(
+                "nothing to train: no head stage (--frozen-epochs 0) and no whole-network epochs",
+                hint="give --epochs N or --time-budget",
+            )
+        if (self.lr is not None and not self.lr > 0) or self.lr_mult < 1:
             raise InputError("--lr must be > 0 and --lr-mult >= 1")
-        if self.cache_views < 1:
+        if self.cache_views is not None and self.cache_views < 1:
             raise InputError("--cache-views must be >= 1")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise InputError("--time-budget must be a positive duration")
+        if self.folds < 2:
+            raise InputError("--folds must be >= 2")
+
+    @property
+    def convex_head(self) -> bool:
+        """The head is fitted to convergence (the default) rather than trained for epochs."""
+        return self.frozen_epochs is None
+
+    @property
+    def head_epochs(self) -> int:
+        """Epochs the head stage takes: one for the convex fit, else --frozen-epochs."""
+        return 1 if self.frozen_epochs is None else self.frozen_epochs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

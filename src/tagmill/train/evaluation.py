@@ -21,8 +21,10 @@ from tagmill.dataset.shards import iter_shard
 from tagmill.dataset.torch_data import ShardDataset
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import DatasetError
+from tagmill.objective import objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train.device import autocast, inference_chunk, run_chunked
+from tagmill.train.run_format import THRESHOLDS
 
 TOP_LOSSES = 12
 
@@ -52,17 +54,14 @@ def predict_split(
     model.eval()
     data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, across_ranks=False)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    task = objective(manifest.task)
     probs, targets, losses, keys = [], [], [], []
     with progress.task(f"predicting {split}", len(data)) as advance:
         for images, target, batch_keys in loader:
             with autocast(device, precision):
                 logits = run_chunked(model, images.to(device), inference_chunk(device, preprocess.input_size)).float().cpu()  # (B, C)
-            if manifest.task == "single":
-                probs.append(logits.softmax(-1))
-                losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
-            else:
-                probs.append(logits.sigmoid())
-                losses.append(torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1))
+            probs.append(task.probabilities(logits))
+            losses.append(task.per_sample_loss(logits, target))
             targets.append(target)
             keys.extend(batch_keys)
             advance(len(batch_keys))
@@ -70,11 +69,17 @@ def predict_split(
 
 
 def evaluate_predictions(preds: Predictions, manifest: Manifest, *, threshold: float, top_k: int, thresholds: torch.Tensor | None = None):
-    from tagmill.evaluate import multi_label_metrics, single_label_metrics
+    cut = thresholds if thresholds is not None else threshold
+    return objective(manifest.task).metrics(preds.probs, preds.targets, manifest.classes, threshold=cut, top_k=top_k)
 
-    if manifest.task == "single":
-        return single_label_metrics(preds.probs, preds.targets, manifest.classes, top_k=top_k)
-    return multi_label_metrics(preds.probs, preds.targets, manifest.classes, threshold=thresholds if thresholds is not None else threshold)
+
+def out_of_fold_thresholds(probs: torch.Tensor, targets: torch.Tensor, where: str) -> tuple[list[float], str]:
+    """Per-tag thresholds tuned on out-of-fold predictions over the training split (never
+    on the split that is reported), and a sentence saying where they come from."""
+    from tagmill.evaluate import tune_thresholds
+
+    tuned = tune_thresholds(probs, targets.long())
+    return tuned.tolist(), f"tuned per tag on out-of-fold predictions over the training split ({len(targets):,} images; {where})"
 
 
 def write_evaluation(
@@ -89,10 +94,16 @@ def write_evaluation(
     history: list[dict[str, Any]] | None = None,
     threshold: float = 0.2,
     top_k: int = 5,
-    tune: bool = True,
+    tune: bool = False,
     thresholds: list[float] | None = None,
+    threshold_source: str = "",
+    selection: str = "",
 ):
-    """Metrics (+ tuned per-tag thresholds), plots, thumbnails and report.md in out_dir."""
+    """Metrics, plots, thumbnails and report.md in out_dir.
+
+    Multi-label decisions use ``thresholds`` (per tag, tuned elsewhere: say where in
+    ``threshold_source``) or the one ``threshold``. ``tune`` tunes them on this very
+    split instead, which flatters the result; the report says so."""
     from tagmill.evaluate import (
         plot_confusion,
         plot_curves,
@@ -107,14 +118,17 @@ def write_evaluation(
     fixed = evaluate_predictions(preds, manifest, threshold=threshold, top_k=top_k)
     result, tuned = fixed, None
     if manifest.task == "multi":
-        if thresholds is not None:
-            tuned = torch.tensor(thresholds, dtype=torch.float32)
-        elif tune:
+        if tune:
             tuned = tune_thresholds(preds.probs, preds.targets)  # (C,)
+            threshold_source = f"tuned per tag on this same {split} split: optimistic, the numbers are not held out"
+        elif thresholds is not None:
+            tuned = torch.tensor(thresholds, dtype=torch.float32)
         if tuned is not None:
             result = evaluate_predictions(preds, manifest, threshold=threshold, top_k=top_k, thresholds=tuned)
-            storage.write_bytes(storage.join(out_dir, "thresholds.json"), (json.dumps(tuned.tolist()) + "\n").encode())
-    metrics = {"split": split, "result": result.as_dict()}
+            storage.write_bytes(storage.join(out_dir, THRESHOLDS), (json.dumps(tuned.tolist()) + "\n").encode())
+        elif not threshold_source:
+            threshold_source = f"one threshold for every tag ({threshold:g})"
+    metrics = {"split": split, "result": result.as_dict(), "sources": _sources(split, len(preds.keys), threshold_source, selection)}
     if tuned is not None:
         metrics["at_fixed_threshold"] = {"threshold": threshold, "headline": fixed.as_dict()["headline"]}
     storage.write_bytes(storage.join(out_dir, "metrics.json"), (json.dumps(metrics, indent=2) + "\n").encode())
@@ -126,8 +140,19 @@ def write_evaluation(
         plots["confusion"] = plot_confusion(result.confusion, manifest.classes, storage.join(out_dir, "confusion.png"))
     plots["per_class_f1"] = plot_per_class_f1(result.per_class, storage.join(out_dir, "per_class_f1.png"))
     worst = _write_top_losses(out_dir, dataset, manifest, split, preds, result, tuned, threshold, write_thumbnail, top_losses)
-    write_report(out_dir, title=title, result=result, plots=plots, top_losses=worst, config=config)
+    write_report(out_dir, title=title, result=result, plots=plots, top_losses=worst, config=config,
+                 sources=metrics["sources"], fixed=metrics.get("at_fixed_threshold"))
     return result, tuned
+
+
+def _sources(split: str, count: int, threshold_source: str, selection: str) -> dict[str, str]:
+    """Where each number of the evaluation comes from, in words (for metrics.json and report.md)."""
+    sources = {"metrics": f"the {split} split ({count:,} images), which no model or threshold was fitted on"}
+    if selection:
+        sources["model"] = selection
+    if threshold_source:
+        sources["thresholds"] = threshold_source
+    return sources
 
 
 def _write_top_losses(out_dir, dataset, manifest, split, preds, result, tuned, threshold, write_thumbnail, top_losses) -> list[dict]:

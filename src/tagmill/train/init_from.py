@@ -33,24 +33,19 @@ def _preview(names: list[str], shown: int = 6) -> str:
     return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
 
 
-def bundle_settings(location: str) -> dict:
-    """Training options implied by a bundle: its architecture and preprocessing."""
-    from tagmill.bundle.format import read_meta  # the bundle package sits downstream of training
+@dataclass(frozen=True)
+class StartingPoint:
+    """What a run starting from an earlier model needs of it (read by the caller, who
+    knows bundles: training sits upstream of them)."""
 
-    meta = read_meta(location)
-    return {
-        "backbone": meta.architecture,
-        "image_size": meta.preprocess.input_size,
-        "resize_method": meta.preprocess.resize_method,
-    }
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]
+    architecture: str
 
 
-def init_from_bundle(model: torch.nn.Module, location: str, classes: list[str]) -> HeadTransfer:
-    """Load ``location``'s weights into ``model`` (built for ``classes``), matching the head by name."""
-    from tagmill.bundle.format import load_bundle
-
-    old_model, meta = load_bundle(location)
-    old_state = old_model.state_dict()
+def transfer_weights(model: torch.nn.Module, start: StartingPoint, classes: list[str]) -> HeadTransfer:
+    """Load ``start``'s weights into ``model`` (built for ``classes``), matching the head by name."""
+    old_state = start.state_dict
     state = model.state_dict()
     head = model.get_classifier()
     head_keys = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
@@ -58,11 +53,11 @@ def init_from_bundle(model: torch.nn.Module, location: str, classes: list[str]) 
     mismatched = [k for k, v in body.items() if k not in state or state[k].shape != v.shape]
     if mismatched or len(body) != len(state) - len(head_keys):
         raise InputError(
-            f"the bundle's {meta.architecture} does not fit this run's backbone (first mismatch: {(mismatched or ['?'])[0]})",
+            f"the bundle's {start.architecture} does not fit this run's backbone (first mismatch: {(mismatched or ['?'])[0]})",
             hint="leave --backbone out with --init-from: the bundle's architecture is used",
         )
     state.update(body)
-    old_index = {name: i for i, name in enumerate(meta.classes)}
+    old_index = {name: i for i, name in enumerate(start.classes)}
     for key in head_keys:  # weight (C, D) and bias (C,): copy rows of classes both know
         new, old = state[key].clone(), old_state[key]
         for i, name in enumerate(classes):
@@ -74,5 +69,5 @@ def init_from_bundle(model: torch.nn.Module, location: str, classes: list[str]) 
     return HeadTransfer(
         kept=[c for c in classes if c in old_index],
         added=[c for c in classes if c not in old_index],
-        removed=[c for c in meta.classes if c not in known],
+        removed=[c for c in start.classes if c not in known],
     )

@@ -1,20 +1,27 @@
-"""``tagmill train``: fastai-style fine-tuning, fast on a CPU.
+"""``tagmill train``: transfer learning, the best model per CPU-second.
 
-    frozen stage   : backbone features cached once (augmented views), head trained on
-                     the cache with a one-cycle schedule — seconds, not minutes, per epoch
-    unfrozen stage : the whole network, discriminative learning rates (earlier layers
-                     learn slower), one-cycle, optional bf16 autocast and channels-last
+    choices        : input size and cached views from the data (``train.auto``), when
+                     not given
+    head stage     : backbone features cached once; by default the head is fitted to
+                     convergence on them (``train.head_fit``: L-BFGS, L2 chosen by k-fold
+                     on train, out-of-fold predictions kept for threshold tuning); with
+                     --frozen-epochs N, N one-cycle epochs as fastai does instead
+    unfrozen stage : the whole network, discriminative learning rates, one-cycle; only
+                     when asked (--epochs N) or within --time-budget, and then only
+                     while validation improves. The head-only model is an epoch like any
+                     other, so the model kept is never worse than it.
 
 After every epoch: one line of metrics (``metrics.jsonl``), ``last.pt`` (everything
-needed to resume), and ``best.pt`` when the validation metric improved. Each epoch
-seeds its own randomness from (seed, epoch), so a run resumed after a kill ends where
-an uninterrupted run would.
+needed to resume), and ``best.pt`` when the selection metric improved (accuracy, or
+mAP for tags). Each epoch seeds its own randomness from (seed, epoch), so a run
+resumed after a kill ends where an uninterrupted run would. The run directory's
+layout is ``train.run_format``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import time
@@ -32,14 +39,20 @@ from tagmill.dataset.shard_cache import ShardCache
 from tagmill.dataset.torch_data import ShardDataset
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import CheckpointError, DatasetError, InputError
+from tagmill.objective import Objective, objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train import distributed
 from tagmill.train.checkpoint import load_checkpoint, save_checkpoint
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, resolve_device, run_chunked
 from tagmill.train.features import FeatureSet, extract_features, load_features, save_features
+from tagmill.train.init_from import StartingPoint, transfer_weights
+from tagmill.train.run_format import BEST, CONFIG, FEATURES, LAST, read_oof, read_run, write_history, write_oof, write_run
 
-LAST, BEST, FEATURES, METRICS, CONFIG = "last.pt", "best.pt", "features.safetensors", "metrics.jsonl", "config.json"
+#: a whole-network training step costs about this many forward passes (forward,
+#: backward through every layer, optimizer): 62 img/s caching vs 16 img/s training for
+#: Lite0 on 2 cores (bench/README.md); used to plan epochs within --time-budget
+TRAIN_STEP_COST = 4.0
 
 
 @dataclass
@@ -60,10 +73,10 @@ class _State:
     bad_epochs: int = 0
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
-
-
-def metric_name(task: str) -> str:
-    return "accuracy" if task == "single" else "fbeta"
+    #: seconds of work done so far (feature caching included), for --time-budget
+    elapsed: float = 0.0
+    #: whole-network epochs planned when that stage began (None: not begun)
+    unfrozen_planned: int | None = None
 
 
 def preprocess_for(config: TrainConfig) -> Preprocess:
@@ -76,16 +89,8 @@ def preprocess_for(config: TrainConfig) -> Preprocess:
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
         interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
     )
-
-
-def read_run(run_dir: str) -> tuple[str, TrainConfig]:
-    """The dataset and configuration a run directory was started with."""
-    location = storage.join(run_dir, CONFIG)
-    if not storage.exists(location):
-        raise InputError(f"{run_dir} is not a training run (it has no {CONFIG})")
-    saved = json.loads(storage.read_text(location))
-    return saved["dataset"], TrainConfig.from_dict(saved["config"])
 
 
 def train(
@@ -94,12 +99,14 @@ def train(
     config: TrainConfig | None = None,
     *,
     resume: bool = False,
+    load_start: Callable[[str], StartingPoint] | None = None,
     progress: Progress = SILENT,
     log: Callable[[str], None] = lambda line: None,
 ) -> TrainResult:
     """Train on ``dataset`` into ``run_dir``; with ``resume``, continue the run there
-    (its dataset and configuration come from the run directory). Under torchrun every
-    rank calls this; only rank 0 writes."""
+    (its dataset and configuration come from the run directory). ``load_start`` reads
+    the bundle named by ``config.init_from`` (the caller knows bundles; training does
+    not). Under torchrun every rank calls this; only rank 0 writes."""
     if resume:
         dataset, config = read_run(run_dir)
     elif dataset is None:
@@ -110,16 +117,36 @@ def train(
     _check_dataset(manifest)
     ctx, device_name = distributed.start(config.device)
     try:
-        return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, progress, log)
+        if not ctx.is_main:
+            progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
+        config = _choose_open_settings(dataset, manifest, config, log)
+        return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, load_start, progress, log)
     finally:
         distributed.stop()
 
 
-def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, log) -> TrainResult:
+def _choose_open_settings(dataset: str, manifest: Manifest, config: TrainConfig, log: Callable[[str], None]) -> TrainConfig:
+    """Fill in the input size and cached views from the data when the user left them open."""
+    from tagmill.models import pretrained_config
+    from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
+
+    native = pretrained_config(config.backbone).input_size
+    chosen: dict[str, Any] = {}
+    if config.image_size is None:
+        size = choose_input_size(native, typical_shorter_side(dataset, manifest))
+        chosen["image_size"] = size.value
+        log(f"input size: {size.reason}")
+    if config.cache_views is None:
+        views = choose_cache_views(native, chosen.get("image_size", config.image_size))
+        chosen["cache_views"] = views.value
+        if config.head_epochs > 0:
+            log(f"feature cache: {views.reason}")
+    return dataclasses.replace(config, **chosen) if chosen else config
+
+
+def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, progress, log) -> TrainResult:
     from tagmill.models import check_image_size, create_classifier
 
-    if not ctx.is_main:
-        progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
     preprocess = preprocess_for(config)
     check_image_size(config.backbone, preprocess.input_size)
 
@@ -132,7 +159,8 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, lo
         _check_checkpoint(checkpoint, manifest)
         state = _State(
             checkpoint["epoch"], checkpoint["history"], checkpoint["best_metric"], checkpoint["bad_epochs"],
-            checkpoint["optimizer"], checkpoint["scheduler"],
+            checkpoint["optimizer"], checkpoint["scheduler"], checkpoint.get("elapsed", 0.0),
+            checkpoint.get("unfrozen_planned"),
         )
     # else: killed before its first epoch ended; start over in the same directory
 
@@ -145,23 +173,25 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, progress, lo
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     elif config.init_from is not None:
-        from tagmill.train.init_from import init_from_bundle
-
-        log(f"starting from {config.init_from}: {init_from_bundle(model, config.init_from, manifest.classes).describe()}")
+        if load_start is None:
+            raise InputError(f"this run starts from {config.init_from}, but no bundle reader was given to train()")
+        transfer = transfer_weights(model, load_start(config.init_from), manifest.classes)
+        refit = " (the head is then fitted afresh on the new data)" if config.convex_head else ""
+        log(f"starting from {config.init_from}: {transfer.describe()}{refit}")
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
     run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx)
-    if state.epoch < config.frozen_epochs and not run.stopped_early():
-        run.frozen_stage()
-    if state.epoch < config.frozen_epochs + config.unfrozen_epochs and not run.stopped_early():
+    if state.epoch < config.head_epochs and not run.stopped_early():
+        run.head_stage()
+    if not run.stopped_early():
         run.unfrozen_stage()
     if ctx.is_main:
         # the other ranks may exit meanwhile: torchrun waits for all, and no collective
         # remains that could time out while rank 0 evaluates a large validation split
         run.final_report()
-    return TrainResult(run_dir, state.history, state.best_metric, metric_name(manifest.task))
+    return TrainResult(run_dir, state.history, state.best_metric, run.objective.selection_metric)
 
 
 def _check_dataset(manifest: Manifest) -> None:
@@ -186,8 +216,7 @@ def _start_run_dir(run_dir: str, dataset: str, config: TrainConfig, ctx: distrib
         raise InputError(f"{run_dir} already holds a training run", hint="resume it with `tagmill train --resume`, or choose another --out")
     if ctx.is_main:
         storage.makedirs(run_dir)
-        saved = {"dataset": dataset, "config": config.as_dict()}
-        storage.write_bytes(storage.join(run_dir, CONFIG), (json.dumps(saved, indent=2) + "\n").encode())
+        write_run(run_dir, dataset, config)
 
 
 def _keep_batchnorm_statistics(model: torch.nn.Module) -> None:
@@ -214,25 +243,27 @@ class _Run:
         #: per-rank batch: the configured batch size is the global one
         self.batch_size = max(1, config.batch_size // ctx.world)
         self.cache = ShardCache(config.cache_dir, int(config.cache_gb * 1e9)) if config.cache_dir else None
-        self.task = manifest.task
+        self.objective: Objective = objective(manifest.task)
         self.loss_fn = self._loss()
+        #: when this process started counting; state.elapsed carries earlier sessions' work
+        self.clock = time.perf_counter() - state.elapsed
+        #: backbone images/s measured while caching features (plans --time-budget epochs)
+        self.forward_rate: float | None = None
 
     # ---------------------------------------------------------------- shared pieces
 
     def _loss(self) -> torch.nn.Module:
-        if self.task == "single":
-            return torch.nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
         pos_weight = None
-        if self.config.pos_weight:
+        if not self.objective.single and self.config.pos_weight:
             train = self.manifest.split("train")
             positives = torch.tensor([max(train.class_counts[c], 1) for c in self.manifest.classes], dtype=torch.float32)
             # negatives / positives, capped so a tag seen twice does not dominate the loss
             pos_weight = ((train.count - positives) / positives).clamp(1.0, 50.0).to(self.device)
-        return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return self.objective.loss_module(label_smoothing=self.config.label_smoothing, pos_weight=pos_weight)
 
-    def _loader(self, split: str, transform, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+    def _loader(self, split: str, transform, *, shuffle: bool, epoch: int = 0, across_ranks: bool = True) -> DataLoader:
         data = ShardDataset(self.dataset, split, transform, manifest=self.manifest, shuffle=shuffle, seed=self.config.seed,
-                            cache=self.cache)
+                            cache=self.cache, across_ranks=across_ranks)
         data.set_epoch(epoch)
         workers = self.config.workers if self.config.workers is not None else min(4, os.cpu_count() or 1)
         return DataLoader(
@@ -244,25 +275,46 @@ class _Run:
         return math.ceil(self.manifest.split(split).count / self.ctx.world / self.batch_size)
 
     def stopped_early(self) -> bool:
-        return self.config.patience is not None and self.state.bad_epochs >= self.config.patience
+        """--patience N: N epochs without improvement. Left open, a run that decides its
+        own fine-tuning stops at the first whole-network epoch that does not pay; exact
+        epoch counts (fastai's schedule) run to the end."""
+        if self.config.patience is not None:
+            return self.state.bad_epochs >= self.config.patience
+        if self.config.unfrozen_epochs is None and self.state.history:
+            last = self.state.history[-1]
+            return last["stage"] == "unfrozen" and not last.get("improved", True)
+        return False
 
-    def _evaluate(self, probs: torch.Tensor, targets: torch.Tensor):
-        from tagmill.evaluate import multi_label_metrics, single_label_metrics
+    def learning_rate(self) -> float:
+        """--lr, or the learning-rate finder's suggestion on the cached features (found
+        once, then saved in the run's config so a resumed run uses the same)."""
+        if self.config.lr is not None:
+            return self.config.lr
+        from tagmill.models import head
+        from tagmill.train.lr_find import DEFAULT_LR, sweep_head
 
-        if self.task == "single":
-            return single_label_metrics(probs, targets, self.manifest.classes, top_k=self.config.top_k)
-        return multi_label_metrics(probs, targets, self.manifest.classes, threshold=self.config.threshold)
-
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(-1) if self.task == "single" else logits.sigmoid()
+        if self.config.head_epochs == 0:
+            lr, message = DEFAULT_LR, f"no cached features to sweep; using the default {DEFAULT_LR:.1e}"
+        else:
+            views, _ = self._feature_cache()
+            sweep = sweep_head(views[0].features, views[0].targets, task=self.manifest.task, head=head(self.model),
+                               batch_size=self.config.batch_size, seed=self.config.seed, device=self.device)
+            lr, message = sweep.suggestion, f"{sweep.suggestion:.1e} ({sweep.method}). {sweep.message}".strip()
+        self.log(f"learning rate: {message} (--lr overrides)")
+        self.config = dataclasses.replace(self.config, lr=lr)
+        if self.ctx.is_main:
+            write_run(self.run_dir, self.dataset, self.config)
+        return lr
 
     def _end_epoch(self, stage: str, train_loss: float, val_loss: float, probs, targets, seconds: float, images: int,
                    optimizer, scheduler, data_fingerprint: int | None = None) -> None:
-        result = self._evaluate(probs, targets)
-        name = metric_name(self.task)
+        config = self.config
+        result = self.objective.metrics(probs, targets, self.manifest.classes, threshold=config.threshold, top_k=config.top_k)
+        name = self.objective.selection_metric
         value = float(result.headline[name])
         state = self.state
         state.epoch += 1
+        state.elapsed = time.perf_counter() - self.clock
         row = {
             "epoch": state.epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
             "metric": name, "val_metric": value,
@@ -274,11 +326,13 @@ class _Run:
             # sum of CRC32s of the sample keys trained on: equal across runs exactly when
             # every sample was seen once, whatever the number of ranks and workers
             row["train_fingerprint"] = data_fingerprint
-        state.history.append(row)
         improved = value > state.best_metric
+        row["improved"] = improved
+        state.history.append(row)
         state.best_metric = max(state.best_metric, value)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
+        state.optimizer = optimizer.state_dict() if optimizer is not None else None
+        state.scheduler = scheduler.state_dict() if scheduler is not None else None
         self.log(
             f"epoch {state.epoch:>3} {stage:<8} train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
             f"{name} {value:.4f}{'  *' if improved else ''}  {row['images_per_s']:.0f} img/s"
@@ -286,27 +340,31 @@ class _Run:
         if not self.ctx.is_main:
             return
         checkpoint = {
-            "epoch": state.epoch, "stage": stage, "classes": self.manifest.classes, "task": self.task,
+            "epoch": state.epoch, "stage": stage, "classes": self.manifest.classes, "task": self.manifest.task,
             "preprocess": self.preprocess.as_dict(), "config": self.config.as_dict(), "dataset": self.dataset,
             "model": self.model.state_dict(), "optimizer": state.optimizer, "scheduler": state.scheduler,
             "history": state.history, "best_metric": state.best_metric, "bad_epochs": state.bad_epochs,
+            "elapsed": state.elapsed, "unfrozen_planned": state.unfrozen_planned,
         }
         if improved:
             save_checkpoint(storage.join(self.run_dir, BEST), {**checkpoint, "metrics": result.as_dict()})
         save_checkpoint(storage.join(self.run_dir, LAST), checkpoint)
-        lines = "".join(json.dumps(r) + "\n" for r in state.history)
-        storage.write_bytes(storage.join(self.run_dir, METRICS), lines.encode())
+        write_history(self.run_dir, state.history)
 
     # ---------------------------------------------------------------- frozen stage
 
     def _feature_cache(self) -> tuple[list[FeatureSet], FeatureSet]:
+        if getattr(self, "_cache", None) is not None:
+            return self._cache
         location = storage.join(self.run_dir, FEATURES)
         if storage.exists(location):
             views, val = load_features(location)
             if len(views) == self.config.cache_views and val is not None:
-                return views, val
+                self._cache = views, val
+                return self._cache
         config = self.config
         extract = dict(device=self.device, precision=config.precision, channels_last=config.channels_last, progress=self.progress)
+        start = time.perf_counter()
         views = []
         for view in range(config.cache_views):
             # view 0 is unaugmented when several views are cached: the plain image is a
@@ -318,9 +376,12 @@ class _Run:
                                                        total=self._share("train"), **extract)))
         val = self._merged(extract_features(self.model, self._loader("val", eval_transform(self.preprocess), shuffle=False),
                                             description="caching validation features", total=self._share("val"), **extract))
+        images = len(val.keys) + sum(len(v.keys) for v in views)
+        self.forward_rate = images / self.ctx.world / max(time.perf_counter() - start, 1e-9)
         if self.ctx.is_main:
             save_features(location, views, val)
-        return views, val
+        self._cache = views, val
+        return self._cache
 
     def _share(self, split: str) -> int:
         """About how many of ``split``'s samples this rank reads (for progress bars)."""
@@ -337,22 +398,54 @@ class _Run:
         targets = torch.cat([p.targets for p in parts])[order]
         return FeatureSet(features, targets, [keys[i] for i in order])
 
-    def frozen_stage(self) -> None:
+    # ---------------------------------------------------------------- head stage
+
+    def head_stage(self) -> None:
+        if self.config.convex_head:
+            self._fit_head()
+        else:
+            self._head_epochs()
+
+    def _fit_head(self) -> None:
+        """The head at the optimum of its convex problem, L2 chosen by k-fold on train."""
+        from tagmill.models import head
+        from tagmill.train.head_fit import fit_head
+
+        views, val = self._feature_cache()
+        start = time.perf_counter()
+        fit = fit_head([v.features for v in views], views[0].targets, self.objective, seed=self.config.seed,
+                       folds=self.config.folds, device=self.device)
+        self.log(fit.message)
+        classifier = head(self.model)
+        fit.load_into(classifier)
+        if self.ctx.is_main and fit.oof_probs is not None:
+            write_oof(self.run_dir, fit.oof_probs, fit.oof_targets, fit.folds)
+        with torch.inference_mode():
+            train_loss = self.loss_fn(classifier(views[0].features.to(self.device)), views[0].targets.to(self.device)).item()
+            logits = classifier(val.features.to(self.device))  # (N, C)
+            val_loss = self.loss_fn(logits, val.targets.to(self.device)).item()
+        images = sum(len(v.keys) for v in views)
+        self._end_epoch("head", train_loss, val_loss, self.objective.probabilities(logits).float().cpu(), val.targets,
+                        time.perf_counter() - start, images, None, None)
+
+    def _head_epochs(self) -> None:
+        """fastai's frozen stage: one-cycle epochs of the head, on the cache."""
         from tagmill.models import head
 
         config, state = self.config, self.state
         views, val = self._feature_cache()
+        lr = self.learning_rate()
         classifier = head(self.model)
         # one frozen epoch = one pass over every cached view (each an augmented copy of the data)
         train_set = TensorDataset(torch.cat([v.features for v in views]), torch.cat([v.targets for v in views]))
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
-        optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=config.weight_decay)
         steps = len(loader)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.frozen_epochs, pct_start=0.25)
-        if state.optimizer is not None and state.epoch < config.frozen_epochs:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps * config.head_epochs, pct_start=0.25)
+        if state.optimizer is not None and state.epoch < config.head_epochs:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
-        while state.epoch < config.frozen_epochs and not self.stopped_early():
+        while state.epoch < config.head_epochs and not self.stopped_early():
             epoch = state.epoch
             torch.manual_seed(config.seed * 1000 + epoch)
             start = time.perf_counter()
@@ -373,31 +466,67 @@ class _Run:
             with torch.inference_mode():
                 logits = classifier(val.features.to(self.device))  # (N, C)
                 val_loss = self.loss_fn(logits, val.targets.to(self.device)).item()
-            self._end_epoch("frozen", total / max(seen, 1), val_loss, self._probs(logits).float().cpu(), val.targets,
+            self._end_epoch("frozen", total / max(seen, 1), val_loss, self.objective.probabilities(logits).float().cpu(), val.targets,
                             time.perf_counter() - start, seen, optimizer, scheduler)
         state.optimizer = state.scheduler = None  # the unfrozen stage starts its own
 
     # ---------------------------------------------------------------- unfrozen stage
 
+    def _plan_unfrozen(self) -> int:
+        """Whole-network epochs to run: --epochs, or as many as --time-budget leaves room for."""
+        config = self.config
+        wanted = config.unfrozen_epochs
+        if config.time_budget is None:
+            if wanted is None:
+                self.log("whole-network fine-tuning: off (give --time-budget, e.g. 10m, to fine-tune while "
+                         "validation improves, or --epochs N for exactly N epochs)")
+            return wanted or 0
+        left = config.time_budget - (time.perf_counter() - self.clock)
+        per_epoch = self._epoch_seconds()
+        fits = max(0, int(left // per_epoch)) if per_epoch else (wanted or 1)
+        planned = min(fits, wanted) if wanted is not None else fits
+        self.log(f"whole-network fine-tuning: {planned} epoch(s) planned; the budget leaves {left:.0f} s"
+                 + (f", an epoch takes about {per_epoch:.0f} s" if per_epoch else ""))
+        return planned
+
+    def _epoch_seconds(self) -> float | None:
+        """The expected length of one whole-network epoch plus its validation."""
+        finished = [row["seconds"] for row in self.state.history if row["stage"] == "unfrozen"]
+        if finished:
+            return max(finished)
+        if self.forward_rate is None:
+            return None
+        train = self._share("train") * TRAIN_STEP_COST
+        return (train + self._share("val")) / self.forward_rate
+
     def unfrozen_stage(self) -> None:
         from tagmill.models import param_groups, unfreeze
 
         config, state = self.config, self.state
+        if state.unfrozen_planned is None:
+            state.unfrozen_planned = self._plan_unfrozen()
+        if state.unfrozen_planned == 0:
+            return
         unfreeze(self.model)
-        lr = config.lr * config.unfrozen_lr_scale
+        lr = self.learning_rate() * config.unfrozen_lr_scale
         groups = param_groups(self.model, lr, lr_mult=config.lr_mult, weight_decay=config.weight_decay)
         optimizer = torch.optim.AdamW(groups)
         steps = self._steps("train") + (self.config.workers or 0) + 4  # streaming: a few partial batches per worker
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps * config.unfrozen_epochs, pct_start=0.25
+            optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps * state.unfrozen_planned, pct_start=0.25
         )
-        if state.optimizer is not None and state.epoch > config.frozen_epochs:
+        if state.optimizer is not None and state.epoch > config.head_epochs:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
-        end = config.frozen_epochs + config.unfrozen_epochs
+        end = config.head_epochs + state.unfrozen_planned
         # DDP averages gradients across ranks; without torchrun it is the plain model
         network = self._wrap_ddp()
         while state.epoch < end and not self.stopped_early():
+            if config.time_budget is not None and state.epoch > config.head_epochs:
+                left = config.time_budget - (time.perf_counter() - self.clock)
+                if left < (self._epoch_seconds() or 0):
+                    self.log(f"whole-network fine-tuning: stopped, {left:.0f} s of the budget left is less than an epoch")
+                    break
             epoch = state.epoch
             torch.manual_seed(config.seed * 1000 + epoch)
             start = time.perf_counter()
@@ -424,6 +553,8 @@ class _Run:
             val_loss, probs, targets = self._validate()
             self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, int(seen),
                             optimizer, scheduler, data_fingerprint=int(fingerprint))
+        if self.stopped_early() and config.patience is None and state.epoch < end:
+            self.log("whole-network fine-tuning: stopped, the last epoch did not improve validation")
 
     def _wrap_ddp(self) -> torch.nn.Module:
         if not self.ctx.enabled:
@@ -452,12 +583,51 @@ class _Run:
             self.model, self.dataset, self.manifest, "val", self.preprocess, device=self.device,
             precision=self.config.precision, batch_size=self.config.batch_size, progress=self.progress,
         )
+        thresholds, source = self._thresholds(best["stage"])
         write_evaluation(
             self.run_dir, self.dataset, self.manifest, "val", preds,
             title=f"{self.config.backbone} on {storage.basename(self.dataset)}",
             config={"dataset": self.dataset, **self.config.as_dict()}, history=self.state.history,
             threshold=self.config.threshold, top_k=self.config.top_k,
+            thresholds=thresholds, threshold_source=source,
+            selection=self._selection_note(best),
         )
+
+    def _thresholds(self, best_stage: str) -> tuple[list[float] | None, str]:
+        """Multi-label: per-tag thresholds from out-of-fold predictions over train. The
+        head's k-fold fit left them when it made the kept model; otherwise the kept
+        model's own backbone features over train get a k-fold head fit for them."""
+        from tagmill.train.evaluation import out_of_fold_thresholds
+        from tagmill.train.head_fit import fit_head
+
+        if self.objective.single:
+            return None, ""
+        oof = read_oof(self.run_dir) if best_stage == "head" else None
+        if oof is not None:
+            probs, targets, folds = oof
+            return out_of_fold_thresholds(probs, targets, f"{folds}-fold head fit")
+        if best_stage == "frozen":  # the backbone is the cached one
+            views = [self._feature_cache()[0][0].features]
+            targets = self._feature_cache()[0][0].targets
+            where = "k-fold head fits on the cached features"
+        else:
+            plain = extract_features(self.model, self._loader("train", eval_transform(self.preprocess), shuffle=False, across_ranks=False),
+                                     device=self.device, precision=self.config.precision, channels_last=self.config.channels_last,
+                                     progress=self.progress, description="training features for threshold tuning",
+                                     total=self.manifest.split("train").count)
+            views, targets = [plain.features], plain.targets
+            where = "k-fold head fits on the fine-tuned backbone's features, which saw these labels: somewhat optimistic"
+        fit = fit_head(views, targets, self.objective, seed=self.config.seed, folds=self.config.folds, device=self.device)
+        if fit.oof_probs is None:
+            return None, f"one threshold for every tag ({self.config.threshold:g}): {fit.message.removeprefix('head: ')}"
+        return out_of_fold_thresholds(fit.oof_probs, fit.oof_targets, where)
+
+    def _selection_note(self, best: dict[str, Any]) -> str:
+        epochs = len(self.state.history)
+        if epochs <= 1:
+            return "one model was trained (no choice between epochs was made on validation)"
+        return (f"the best of {epochs} epochs by validation {self.objective.selection_metric} "
+                f"(epoch {best['epoch']}, stage {best['stage']}): validation took part in that choice")
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)  # (B, 3, H, W)
@@ -472,7 +642,7 @@ class _Run:
             with autocast(self.device, self.config.precision):
                 logits = run_chunked(self.model, self._to_device(images), chunk).float()  # (B, C)
             total += self.loss_fn(logits, target.to(self.device)).item() * len(target)
-            probs.append(self._probs(logits).cpu())
+            probs.append(self.objective.probabilities(logits).cpu())
             targets.append(target)
             keys.extend(batch_keys)
         parts = distributed.gather((total, keys, torch.cat(probs), torch.cat(targets)), self.ctx)

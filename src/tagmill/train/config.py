@@ -36,9 +36,9 @@ class TrainConfig:
     #: seconds the whole run may take; the whole-network stage gets what is left after
     #: the head, and starts no epoch it cannot finish in time
     time_budget: float | None = None
-    #: None: found by the learning-rate finder on the cached features when a stage needs one
+    #: the head's one-cycle epochs; None: found by the learning-rate finder on the cached features
     lr: float | None = None
-    #: the unfrozen stage's head learning rate is lr * unfrozen_lr_scale ...
+    #: the unfrozen stage's head learning rate is lr * unfrozen_lr_scale (5e-4 without --lr) ...
     unfrozen_lr_scale: float = 0.1
     #: ... and the earliest layers get that divided by lr_mult
     lr_mult: float = 10.0

@@ -704,6 +704,22 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def load_all_tagmill_modules() -> None:
+    """Import every tagmill module now, so the whole run uses the code as it was at the start.
+
+    src/ may be edited while the bench runs (the defaults are under development); a module
+    first imported mid-run would mix two versions of the code, and a run failed that way in
+    its final report. Training's data-loader workers are forked, so they inherit this set.
+    """
+    import pkgutil
+
+    import tagmill
+
+    for info in pkgutil.walk_packages(tagmill.__path__, "tagmill."):
+        if not info.name.endswith("__main__"):  # importing a __main__ would run the command
+            importlib.import_module(info.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="A,B,C", help="comma list of A, B, C")
@@ -729,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     # Import everything before any clock starts: import time is nobody's.
-    import tagmill.train.loop  # noqa: F401
+    load_all_tagmill_modules()
     if "fastai" in methods:
         import fastai.vision.all  # noqa: F401
     if "probe" in methods:

@@ -11,10 +11,15 @@ views of one image never sit on both sides. The validation split is never looked
 The same folds give out-of-fold probabilities for every training image (each judged
 by a head that never saw its label); multi-label thresholds are tuned on them.
 
-Features are standardised before fitting (L-BFGS converges in far fewer steps on
-well-scaled inputs, and one L2 strength then means the same for every feature); the
-scaling is folded back into the weights, so the result is a plain ``nn.Linear`` on
-the raw features.
+Features are centred and divided by one overall scale before fitting, so that one L2
+grid suits every backbone; each feature keeps its relative scale (scaling features to
+unit variance each scored lower on held-out data: it inflates the many near-silent
+units). The shift and scale are folded back into the weights, so the result is a
+plain ``nn.Linear`` on the raw features.
+
+When the cache holds augmented views besides the plain one, cross-validation also
+decides whether training on them helps (held-out images are always plain views):
+augmentation that changes what an image shows can hurt a linear head.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tagmill.objective import Objective
 #: L2 strengths tried (loss = mean data loss + l2/2 · ‖W‖²). sklearn's default C=1 on
 #: ~2,000 images is l2 = 1/(C·N) = 5e-4; the grid spans it to three decades above (features of
 #: a network trained on other images are noisy predictors: strong L2 won on every set tried).
-L2_GRID: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+L2_GRID: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 #: used when the data are too small to cross-validate (see ``choose_folds``)
 FALLBACK_L2 = 1e-3
 #: k of the k-fold; fewer when the rarest class has fewer images than this
@@ -48,7 +53,8 @@ class HeadFit:
     weight: Tensor  #: (C, D), for the raw (unstandardised) features
     bias: Tensor  #: (C,)
     l2: float  #: the L2 strength chosen
-    #: mean cross-validated score (the task's selection metric) per L2 strength tried
+    #: cross-validated score (the task's selection metric) per L2 strength tried, with
+    #: the views chosen
     cv_scores: dict[float, float]
     folds: int  #: 0 when the data were too small to cross-validate
     #: (N, C) out-of-fold probabilities of the plain view at the chosen L2; None without CV
@@ -86,13 +92,23 @@ def fit_head(
     oof = None
     if k:
         fold_of = _assign_folds(targets, task, k, seed, limit=CV_MAX_IMAGES)  # (N,) fold index, -1 = not in CV
-        scores, oofs = _cross_validate(scaled, targets, task, num_classes, fold_of, k, grid)
-        l2 = max(grid, key=lambda g: (scores[g], g))  # ties: the stronger regularisation
+        # candidates: (number of views trained on, L2); ties go to fewer views, then stronger L2
+        candidates: dict[tuple[int, float], float] = {}
+        oofs: dict[tuple[int, float], Tensor] = {}
+        for count in sorted({1, len(views)}):
+            cv_scores, cv_oofs = _cross_validate(scaled[:count], targets, task, num_classes, fold_of, k, grid)
+            candidates.update({(count, g): v for g, v in cv_scores.items()})
+            oofs.update({(count, g): p for g, p in cv_oofs.items()})
+        used, l2 = max(candidates, key=lambda c: (candidates[c], -c[0], c[1]))
+        scores = {g: candidates[(used, g)] for g in grid}
+        scaled = scaled[:used]
         in_cv = fold_of >= 0
-        oof = (oofs[l2], targets[in_cv].cpu())
+        oof = (oofs[(used, l2)], targets[in_cv].cpu())
+        on = "the plain view" if used == 1 else f"all {used} views"
+        compared = f"; {'augmented views did not help' if used == 1 else 'augmented views helped'}" if len(views) > 1 else ""
         message = (
-            f"head: L2 {l2:g} chosen by {k}-fold cross-validation on the training features "
-            f"({task.selection_metric} {scores[l2]:.4f}; tried {', '.join(f'{g:g}' for g in grid)})"
+            f"head: L2 {l2:g}, trained on {on}, chosen by {k}-fold cross-validation on the training features "
+            f"({task.selection_metric} {scores[l2]:.4f}; L2 tried {', '.join(f'{g:g}' for g in grid)}{compared})"
         )
     else:
         l2 = FALLBACK_L2
@@ -126,10 +142,10 @@ def choose_folds(targets: Tensor, task: Objective, folds: int) -> tuple[int, str
 
 
 def _moments(features: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-feature mean (D,) and one overall scale (): the features' RMS deviation."""
     mean = features.mean(0)  # (D,)
-    # a constant feature (dead unit) would divide by zero; leave it unscaled
-    std = features.std(0).clamp_min(1e-6)  # (D,)
-    return mean, std
+    scale = (features - mean).pow(2).mean().sqrt().clamp_min(1e-6)  # ()
+    return mean, scale
 
 
 def _fit(

@@ -254,6 +254,7 @@ class _Run:
         self.clock = time.perf_counter() - state.elapsed
         #: backbone images/s measured while caching features (plans --time-budget epochs)
         self.forward_rate: float | None = None
+        self._cache: tuple[list[FeatureSet], FeatureSet] | None = None
 
     # ---------------------------------------------------------------- shared pieces
 
@@ -359,7 +360,9 @@ class _Run:
     # ---------------------------------------------------------------- frozen stage
 
     def _feature_cache(self) -> tuple[list[FeatureSet], FeatureSet]:
-        if getattr(self, "_cache", None) is not None:
+        """The cached features of every training view and of validation: computed once
+        (all ranks together), kept in memory and in the run directory."""
+        if self._cache is not None:
             return self._cache
         location = storage.join(self.run_dir, FEATURES)
         if storage.exists(location):
@@ -580,14 +583,25 @@ class _Run:
 
     def final_report(self) -> None:
         """Evaluate the best checkpoint on validation: metrics, thresholds, plots, report.md."""
-        from tagmill.train.evaluation import predict_split, write_evaluation
+        from tagmill.train.evaluation import Predictions, predict_split, write_evaluation
 
         best = load_checkpoint(storage.join(self.run_dir, BEST))
         self.model.load_state_dict(best["model"])
-        preds = predict_split(
-            self.model, self.dataset, self.manifest, "val", self.preprocess, device=self.device,
-            precision=self.config.precision, batch_size=self.config.batch_size, progress=self.progress,
-        )
+        cached = self._cache is not None or storage.exists(storage.join(self.run_dir, FEATURES))
+        if best["stage"] in ("head", "frozen") and cached:
+            # the backbone is the one whose validation features are cached: only the head runs
+            from tagmill.models import head
+
+            _, val = self._feature_cache()
+            with torch.inference_mode():
+                logits = head(self.model)(val.features.to(self.device)).float().cpu()  # (N, C)
+            preds = Predictions(self.objective.probabilities(logits), val.targets,
+                                self.objective.per_sample_loss(logits, val.targets), list(val.keys))
+        else:
+            preds = predict_split(
+                self.model, self.dataset, self.manifest, "val", self.preprocess, device=self.device,
+                precision=self.config.precision, batch_size=self.config.batch_size, progress=self.progress,
+            )
         thresholds, source = self._thresholds(best["stage"])
         write_evaluation(
             self.run_dir, self.dataset, self.manifest, "val", preds,

@@ -647,21 +647,21 @@ def wait_until_idle(max_minutes: float) -> float:
 # --- the report --------------------------------------------------------------------------
 
 
-def print_table(ds: Dataset, results: dict[str, dict[str, Any]]) -> None:
-    metrics = ["accuracy"] if ds.task == "single" else ["f1_own", "f1_at_0.2", "mAP"]
+def print_table(key: str, entry: dict[str, Any]) -> None:
+    """One dataset's table from its JSON entry (spec, summary, results)."""
+    spec, s, results = entry["spec"], entry["summary"], entry["results"]
+    multi = spec["task"] == "multi"
+    metrics = ["f1_own", "f1_at_0.2", "mAP"] if multi else ["accuracy"]
     names = {"accuracy": "accuracy", "f1_own": "micro-F1 own rule", "f1_at_0.2": "micro-F1 @0.2", "mAP": "mAP"}
-    s = ds.summary()
-    print(f"\n### {ds.spec.key}: {ds.spec.name} — {ds.spec.description}")
-    untagged = ""
-    if ds.task == "multi":
-        untagged = f", untagged {s['train_untagged_pct']}% train / {s['val_untagged_pct']}% val"
+    print(f"\n### {key}: {spec['name']} — {spec['description']}")
+    untagged = f", untagged {s['train_untagged_pct']}% train / {s['val_untagged_pct']}% val" if multi else ""
     print(f"{s['train_images']} train / {s['val_images']} val images, {s['classes']} "
-          f"{'tags' if ds.task == 'multi' else 'classes'}{untagged}")
+          f"{'tags' if multi else 'classes'}{untagged}")
     header = ["method", *[names[m] for m in metrics], "seconds", "others' load (cores)"]
     rows = []
     for method, r in results.items():
         if "error" in r:
-            rows.append([method, *["error"] * len(metrics), "-", "-"])
+            rows.append([method, *["error"] * len(metrics), "-", "-"])  # the message is in the JSON
         else:
             rows.append([method, *[f"{100 * r['scores'][m]:.1f}" for m in metrics], f"{r['seconds']:.1f}",
                          f"{r['other_load_cores']:.2f}"])
@@ -674,6 +674,7 @@ def print_table(ds: Dataset, results: dict[str, dict[str, Any]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+    # The ratios asked of every run: score differences in points, time ratios.
     t, p, f = (results.get(m, {}) for m in METHODS)
     if "scores" in t and "scores" in p:
         deltas = ", ".join(f"{names[m]} {100 * (t['scores'][m] - p['scores'][m]):+.1f} pts" for m in metrics)
@@ -681,6 +682,17 @@ def print_table(ds: Dataset, results: dict[str, dict[str, Any]]) -> None:
     if "scores" in t and "scores" in f:
         deltas = ", ".join(f"{names[m]} {100 * (t['scores'][m] - f['scores'][m]):+.1f} pts" for m in metrics)
         print(f"tagmill − fastai: {deltas}; time tagmill/fastai {t['seconds'] / f['seconds']:.2f}x")
+    sys.stdout.flush()
+
+
+def print_report(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    dirty = " + uncommitted src changes" if env["git_dirty_src"] else ""
+    print(f"\n## quality: tagmill defaults vs linear probe vs fastai fine_tune(4) ({report['variant']} datasets)")
+    print(f"torch {env['torch']}, fastai {env.get('fastai', '-')}, {THREADS} threads, "
+          f"commit {env['git_commit'][:10]}{dirty}")
+    for key, entry in report["datasets"].items():
+        print_table(key, entry)
 
 
 def environment() -> dict[str, Any]:
@@ -731,7 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="MINUTES",
                         help="before each method, wait up to this long for other processes to leave the CPUs")
     parser.add_argument("--build-only", action="store_true", help="build the datasets, print their summaries, stop")
+    parser.add_argument("--print-only", action="store_true", help="print the tables of the results in --out, stop")
     args = parser.parse_args(argv)
+    if args.print_only:
+        print_report(json.loads(Path(args.out).read_text()))
+        return 0
     keys = [k.strip().upper() for k in args.datasets.split(",") if k.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     specs = DEV_SPECS if args.dev else MAIN_SPECS
@@ -759,10 +775,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
     for ds in datasets:
         y = ds.targets(valid=True)
         results: dict[str, dict[str, Any]] = {}
+        entry = {"spec": asdict(ds.spec), "summary": ds.summary(), "results": results}
+        report["datasets"][ds.spec.key] = entry
         for method in methods:
             if args.wait_idle:
                 wait_until_idle(args.wait_idle)
@@ -779,26 +798,19 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
                 traceback.print_exc()
                 results[method] = {"error": f"{type(exc).__name__}: {exc}"}
-                continue
+            else:
+                scores = score(ds.task, y, r.probs, r.thresholds)
+                results[method] = {"scores": scores, "seconds": r.seconds, "other_load_cores": load.cores, **r.notes}
+                print(f"[{ds.spec.key}] {method}: {json.dumps(scores)} in {r.seconds:.1f} s "
+                      f"(other processes: {load.cores:.2f} cores)", flush=True)
             finally:
                 torch.set_num_threads(THREADS)  # in case a library changed it
-            scores = score(ds.task, y, r.probs, r.thresholds)
-            results[method] = {"scores": scores, "seconds": r.seconds, "other_load_cores": load.cores, **r.notes}
-            print(f"[{ds.spec.key}] {method}: {json.dumps(scores)} in {r.seconds:.1f} s "
-                  f"(other processes: {load.cores:.2f} cores)", flush=True)
-        report["datasets"][ds.spec.key] = {"spec": asdict(ds.spec), "summary": ds.summary(), "results": results}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))  # after every dataset: a killed run keeps what it has
+            out.write_text(json.dumps(report, indent=2))  # after every method: a killed run keeps what it has
+        print_table(ds.spec.key, entry)
 
-    print(f"\n## quality: tagmill defaults vs linear probe vs fastai fine_tune(4) ({report['variant']} datasets)")
-    env = report["environment"]
-    dirty = " + uncommitted src changes" if env["git_dirty_src"] else ""
-    print(f"torch {env['torch']}, fastai {env.get('fastai', '-')}, {THREADS} threads, "
-          f"commit {env['git_commit'][:10]}{dirty}")
-    for ds in datasets:
-        print_table(ds, report["datasets"][ds.spec.key]["results"])
     report["total_seconds"] = time.perf_counter() - total
     out.write_text(json.dumps(report, indent=2))
+    print_report(report)
     print(f"\nall methods: {report['total_seconds'] / 60:.1f} min; results in {out}")
     return 0
 

@@ -19,9 +19,8 @@ def blobs(n_per_class: int, classes: int, dim: int = 16, spread: float = 0.3, se
 
 def regularised_gradient(fit, features, targets, task) -> float:
     """Norm of the gradient of the objective the fit minimised, at its solution, in the
-    centred and scaled coordinates it was solved in (weights there are W·σ)."""
-    mean = features.mean(0)
-    std = (features - mean).pow(2).mean().sqrt()
+    standardised coordinates it was solved in (weights there are W·σ)."""
+    mean, std = features.mean(0), features.std(0)
     x = (features - mean) / std
     w = (fit.weight * std).clone().requires_grad_(True)
     b = (fit.bias + fit.weight @ mean).clone().requires_grad_(True)

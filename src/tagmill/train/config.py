@@ -24,7 +24,10 @@ class TrainConfig:
     #: the backbone's full size unless they carry that much detail
     image_size: int | None = None
     resize_method: str = "squish"
-    augmentation: str = "crop"
+    #: the augmented cache views and fine-tuning use it. None: "crop" for the cache; for
+    #: fine-tuning, "crop" when the head's cross-validation found augmented views helped,
+    #: else "none" (augmentation that hurts a linear head hurts fine-tuning too)
+    augmentation: str | None = None
     batch_size: int = 64
     #: None: fit the head to convergence on the cached features (L-BFGS, L2 chosen by
     #: k-fold on train); N: N one-cycle epochs of the head instead (fastai's frozen fit);
@@ -67,7 +70,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.resize_method not in RESIZE_METHODS:
             raise InputError(f"--resize must be one of {', '.join(RESIZE_METHODS)}, not {self.resize_method!r}")
-        if self.augmentation not in AUGMENTATIONS:
+        if self.augmentation is not None and self.augmentation not in AUGMENTATIONS:
             raise InputError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {self.augmentation!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
@@ -86,6 +89,10 @@ class TrainConfig:
             raise InputError("--time-budget must be a positive duration")
         if self.folds < 2:
             raise InputError("--folds must be >= 2")
+
+    @property
+    def cache_augmentation(self) -> str:
+        return self.augmentation or "crop"
 
     @property
     def convex_head(self) -> bool:

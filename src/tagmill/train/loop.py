@@ -55,7 +55,7 @@ from tagmill.train.run_format import BEST, CONFIG, FEATURES, LAST, read_oof, rea
 TRAIN_STEP_COST = 4.0
 #: the whole network's peak learning rate (head; earlier layers lr_mult times less) when
 #: --lr is not given: fastai's fine_tune after unfreezing uses 1e-3, and 5e-4 measured
-#: better on the demo data. The lr finder sweeps only the head on cached features; a
+#: finder existed. The lr finder sweeps only the head on cached features; a
 #: whole-network sweep would cost ~100 training steps, minutes on a CPU.
 UNFROZEN_LR = 5e-4
 
@@ -377,7 +377,7 @@ class _Run:
         for view in range(config.cache_views):
             # view 0 is unaugmented when several views are cached: the plain image is a
             # sample the head should see; later views are augmented
-            transform = eval_transform(self.preprocess) if view == 0 and config.cache_views > 1 else train_transform(self.preprocess, config.augmentation)
+            transform = eval_transform(self.preprocess) if view == 0 and config.cache_views > 1 else train_transform(self.preprocess, config.cache_augmentation)
             torch.manual_seed(config.seed * 7919 + view)
             loader = self._loader("train", transform, shuffle=False)
             views.append(self._merged(extract_features(self.model, loader, description=f"caching features (view {view + 1}/{config.cache_views})",
@@ -424,6 +424,12 @@ class _Run:
         fit = fit_head([v.features for v in views], views[0].targets, self.objective, seed=self.config.seed,
                        folds=self.config.folds, device=self.device)
         self.log(fit.message)
+        if self.config.augmentation is None and len(views) > 1 and fit.folds:
+            # fine-tuning augments as the held-out data said the head should
+            chosen = self.config.cache_augmentation if fit.views_used > 1 else "none"
+            self.config = dataclasses.replace(self.config, augmentation=chosen)
+            if self.ctx.is_main:
+                write_run(self.run_dir, self.dataset, self.config)
         classifier = head(self.model)
         fit.load_into(classifier)
         if self.ctx.is_main and fit.oof_probs is not None:
@@ -541,7 +547,7 @@ class _Run:
             self.model.train()
             _keep_batchnorm_statistics(self.model)
             total, seen, fingerprint = 0.0, 0, 0
-            loader = self._loader("train", train_transform(self.preprocess, config.augmentation), shuffle=True, epoch=epoch)
+            loader = self._loader("train", train_transform(self.preprocess, config.cache_augmentation), shuffle=True, epoch=epoch)
             with self.progress.task(f"epoch {epoch + 1} (whole network)", self._share("train")) as advance, self._join(network):
                 for images, targets, keys in loader:
                     images, targets = self._to_device(images), targets.to(self.device)

@@ -54,8 +54,9 @@ from tagmill.train.run_format import BEST, CONFIG, FEATURES, LAST, read_oof, rea
 #: Lite0 on 2 cores (bench/README.md); used to plan epochs within --time-budget
 TRAIN_STEP_COST = 4.0
 #: the whole network's peak learning rate (head; earlier layers lr_mult times less) when
-#: --lr is not given: fastai's fine_tune after unfreezing uses 1e-3, and 5e-4 measured
-#: finder existed. The lr finder sweeps only the head on cached features; a
+#: --lr is not given: fastai's fine_tune after unfreezing uses 1e-3; 5e-4 is the rate
+#: tagmill fine-tuned at before the finder existed. The finder sweeps only the head on
+#: cached features; a
 #: whole-network sweep would cost ~100 training steps, minutes on a CPU.
 UNFROZEN_LR = 5e-4
 

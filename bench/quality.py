@@ -25,9 +25,9 @@ Scores come from ONE function for all methods, from each method's validation
 probabilities: accuracy (single-label); micro-F1 at each method's own decision rule
 (tagmill: the per-tag thresholds in its bundle's model.json, else 0.2; the others: 0.2),
 micro-F1 at 0.2 for everyone, and mAP over the tags with at least one positive in val
-(multi-label). Note that tagmill tunes its thresholds and picks its best epoch on the
-same validation split, so its own-rule F1 is optimistic; mAP and F1@0.2 are the
-like-for-like numbers.
+(multi-label). If tagmill tuned its thresholds on the validation split (older versions
+did; the JSON keeps the run's own account, ``sources`` from its metrics.json), its
+own-rule F1 is optimistic; mAP and F1@0.2 are the like-for-like numbers.
 
 Datasets (built once into --cache, default /tmp/tagmill-quality-bench, seeded):
 
@@ -464,6 +464,9 @@ def run_tagmill(ds: Dataset, work: Path) -> MethodResult:
     # tagmill's own final evaluation, kept to cross-check this bench's scoring against it
     notes = {"config": config.as_dict(), "reported_metrics": meta.get("metrics"),
              "tuned_thresholds": bool(meta.get("thresholds"))}
+    metrics_file = run_dir / "metrics.json"  # where the run says its model and thresholds come from
+    if metrics_file.exists():
+        notes["sources"] = json.loads(metrics_file.read_text()).get("sources")
     return MethodResult(out, seconds, thresholds, notes)
 
 

@@ -292,7 +292,9 @@ def find_lr(
         raise DatasetError("the dataset has no training images")
     fallback = _fallback_lr(config)
     device = resolve_device(config.device)
-    preprocess = _preprocess(config)
+    from tagmill.train.loop import preprocess_for  # the preprocessing training caches its plain view with
+
+    preprocess = preprocess_for(config)
     check_image_size(config.backbone, preprocess.input_size)
     _check_range(start, end, num_steps, fallback)  # before the minutes of feature extraction
 
@@ -331,17 +333,6 @@ def _training_features(
     loader = DataLoader(data, batch_size=config.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     return extract_features(model, loader, device=device, precision="fp32", channels_last=False, progress=progress,
                             description="caching features for the lr sweep", total=manifest.split("train").count)
-
-
-def _preprocess(config: TrainConfig) -> Preprocess:
-    """The evaluation preprocessing ``tagmill train`` caches its plain view with."""
-    from tagmill.models import pretrained_config
-
-    cfg = pretrained_config(config.backbone)
-    return Preprocess(
-        input_size=config.image_size or cfg.input_size, resize_method=config.resize_method,
-        mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation,
-    )
 
 
 def _fallback_lr(config: TrainConfig) -> float:

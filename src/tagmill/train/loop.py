@@ -56,8 +56,7 @@ TRAIN_STEP_COST = 4.0
 #: the whole network's peak learning rate (head; earlier layers lr_mult times less) when
 #: --lr is not given: fastai's fine_tune after unfreezing uses 1e-3; 5e-4 is the rate
 #: tagmill fine-tuned at before the finder existed. The finder sweeps only the head on
-#: cached features; a
-#: whole-network sweep would cost ~100 training steps, minutes on a CPU.
+#: cached features; a whole-network sweep would cost ~100 training steps, minutes on a CPU.
 UNFROZEN_LR = 5e-4
 
 
@@ -633,8 +632,8 @@ class _Run:
             probs, targets, folds = oof
             return out_of_fold_thresholds(probs, targets, f"{folds}-fold head fit")
         if best_stage == "frozen":  # the backbone is the cached one
-            views = [self._feature_cache()[0][0].features]
-            targets = self._feature_cache()[0][0].targets
+            plain = self._feature_cache()[0][0]
+            views, targets = [plain.features], plain.targets
             where = "k-fold head fits on the cached features"
         else:
             plain = extract_features(self.model, self._loader("train", eval_transform(self.preprocess), shuffle=False, across_ranks=False),

@@ -52,6 +52,9 @@ def test_export_predict_files_and_formats(trained, tmp_path):
     model, meta = load_bundle(str(bundle))
     assert meta.classes == ("blue", "green", "red") and meta.architecture == "test_efficientnet"
     assert meta.preprocess.input_size == 48 and meta.metrics["split"] == "val"
+    # the default pooling (avg+max for CNNs) is rebuilt from model.json alone
+    assert meta.model_kwargs == {"global_pool": "catavgmax"}
+    assert model.get_classifier().in_features == 2 * model.num_features
 
     photos = tmp_path / "photos"
     make_colour_classes(photos, 2)

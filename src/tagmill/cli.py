@@ -213,6 +213,7 @@ def train_command(
     weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: from the images' size, at most the backbone's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="avg | avgmax: how the feature map becomes the head's input (default: avgmax, fastai's concat pooling, for CNNs).")] = None,
     augmentation: Annotated[Optional[str], typer.Option(help="none | crop | crop_color | crop_color_transform")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
     frozen_epochs: Annotated[Optional[int], typer.Option(help="One-cycle head epochs on cached features (fastai's frozen fit; default: the head is fitted to convergence).")] = None,
@@ -247,7 +248,7 @@ def train_command(
 
     given = {
         "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
-        "resize_method": resize, "augmentation": augmentation, "batch_size": batch_size,
+        "resize_method": resize, "pooling": pooling, "augmentation": augmentation, "batch_size": batch_size,
         "frozen_epochs": frozen_epochs, "unfrozen_epochs": epochs, "lr": lr, "lr_mult": lr_mult,
         "time_budget": parse_duration(time_budget) if time_budget is not None else None, "folds": folds,
         "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
@@ -334,6 +335,7 @@ def lr_find_command(
     weights: Annotated[Optional[str], typer.Option(help="Local weights file for the backbone (.safetensors or .pth state dict).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: from the images' size, at most the backbone's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="squish | crop | pad")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="avg | avgmax: how the feature map becomes the head's input (default: avgmax, fastai's concat pooling, for CNNs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (as in training).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same sweep.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
@@ -349,7 +351,8 @@ def lr_find_command(
 
     given = {
         "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
-        "resize_method": resize, "batch_size": batch_size, "seed": seed, "workers": workers, "device": device,
+        "resize_method": resize, "pooling": pooling, "batch_size": batch_size, "seed": seed, "workers": workers,
+        "device": device,
     }
     config = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
     sweep = find_lr(dataset, out_dir, config, start=start_lr, end=end_lr, num_steps=steps, progress=RichProgress(err))

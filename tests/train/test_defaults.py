@@ -24,6 +24,7 @@ from tagmill.models import create_classifier
 from tagmill.train.checkpoint import load_checkpoint
 from tagmill.train.config import TrainConfig
 from tagmill.train.loop import train
+from tagmill.train.features import load_features
 from tagmill.train.run_format import read_oof
 from tests import images
 from tests.conftest import COLOURS, make_colour_classes
@@ -148,6 +149,24 @@ def kill_when(cmd, ready, timeout=120):
     assert proc.poll() is None, "training finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_the_converged_head_is_fitted_and_judged_on_the_plain_images(colour_dataset, tmp_path, tiny_weights):
+    """One cached view is the unaugmented image: runs that differ only in their seed (and
+    so in any augmentation) cache the same features as view 1 of a two-view cache."""
+    features = []
+    for seed in (0, 1):
+        config = TrainConfig(**{**TINY, "pretrained": True}, weights=tiny_weights, cache_views=1, seed=seed)
+        train(colour_dataset, str(tmp_path / f"run{seed}"), config)
+        features.append(load_features(str(tmp_path / f"run{seed}" / "features.safetensors")))
+    (views0, val0), (views1, _) = features
+    assert len(views0) == 1 and torch.equal(views0[0].features, views1[0].features)
+    # the same pipeline as validation: a training image and its cached features
+    config = TrainConfig(**{**TINY, "pretrained": True}, weights=tiny_weights, cache_views=2, seed=1)
+    train(colour_dataset, str(tmp_path / "two"), config)
+    two, _ = load_features(str(tmp_path / "two" / "features.safetensors"))
+    assert torch.allclose(two[0].features, views0[0].features, atol=1e-5)
+    assert not torch.allclose(two[1].features, views0[0].features, atol=1e-3)  # view 2 is augmented
 
 
 @pytest.mark.parametrize("stage", ["head", "unfrozen"])

@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 from tagmill.bundle import load_bundle
 from tagmill.cli import app
 from tagmill.dataset.importer import ImportOptions, import_dataset
-from tagmill.models import create_classifier
+from tagmill.models import create_classifier, pooling_of
 from tagmill.bundle.as_start import starting_point
 from tagmill.train.init_from import transfer_weights
 from tests.conftest import make_colour_classes
@@ -28,7 +28,7 @@ def test_monthly_retrain_keeps_known_classes_and_adds_new_ones(colour_dataset, t
     make_colour_classes(tmp_path / "src2", 16, classes=("green", "red", "yellow"))
     import_dataset(str(tmp_path / "src2"), str(tmp_path / "ds2"), ImportOptions(val_fraction=0.25))
     classes = ["green", "red", "yellow"]
-    model = create_classifier("test_efficientnet", 3, pretrained=False)
+    model = create_classifier("test_efficientnet", 3, pretrained=False, pooling=pooling_of(old_meta.model_kwargs))
     transfer = transfer_weights(model, starting_point(str(tmp_path / "bundle1")), classes)
     assert (transfer.kept, transfer.added, transfer.removed) == (["green", "red"], ["yellow"], ["blue"])
     old_head, new_head = old_model.get_classifier(), model.get_classifier()

@@ -19,7 +19,7 @@ def _from_run(run_dir: str) -> tuple[torch.nn.Module, dict, Preprocess, list[flo
 
     _, config = read_run(run_dir)
     best = read_best(run_dir)
-    model = create_classifier(config.backbone, len(best["classes"]), pretrained=False)
+    model = create_classifier(config.backbone, len(best["classes"]), pretrained=False, pooling=config.model_pooling)
     model.load_state_dict(best["model"])
     info = {"classes": best["classes"], "task": best["task"], "config": config.as_dict(), "title": config.backbone}
     thresholds = read_thresholds(run_dir, best["task"])

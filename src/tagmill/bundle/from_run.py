@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tagmill.bundle.format import BundleMeta, save_bundle
 from tagmill.dataset.transforms import Preprocess
-from tagmill.models import create_classifier, resolve_architecture
+from tagmill.models import create_classifier, pooling_kwargs, resolve_architecture
 from tagmill.train.run_format import read_best, read_final_metrics, read_run, read_thresholds
 
 
@@ -16,11 +16,12 @@ def export_run(run_dir: str, out: str, *, onnx: bool = False) -> BundleMeta:
     # The bundle names the concrete timm architecture, never an alias: timm has its own,
     # differently padded "efficientnet_lite0" that would load these weights silently wrong.
     architecture = resolve_architecture(config.backbone)
-    model = create_classifier(architecture, len(classes), pretrained=False)
+    model = create_classifier(architecture, len(classes), pretrained=False, pooling=config.model_pooling)
     model.load_state_dict(best["model"])
     meta = BundleMeta(
         architecture=architecture,
         task=best["task"],
+        model_kwargs=pooling_kwargs(architecture, config.model_pooling),
         classes=tuple(classes),
         preprocess=Preprocess.from_dict(best["preprocess"]),
         thresholds=read_thresholds(run_dir, best["task"]),

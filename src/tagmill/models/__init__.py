@@ -5,7 +5,14 @@ the architecture, loads the weights (never from a hub) and decides which layers
 train at which learning rate.
 """
 
-from tagmill.models.factory import check_image_size, create_classifier
+from tagmill.models.factory import (
+    POOLINGS,
+    check_image_size,
+    create_classifier,
+    pooling_kwargs,
+    pooling_of,
+    supports_avgmax,
+)
 from tagmill.models.features import forward_features_pooled, head
 from tagmill.models.freezing import (
     classifier_parameters,
@@ -38,6 +45,7 @@ __all__ = [
     "DEFAULT_ARCHITECTURE",
     "LoadReport",
     "OFFLINE_WEIGHTS",
+    "POOLINGS",
     "PretrainedConfig",
     "TEST_ARCHITECTURES",
     "check_image_size",
@@ -54,10 +62,13 @@ __all__ = [
     "load_weights",
     "offline_weights_path",
     "param_groups",
+    "pooling_kwargs",
+    "pooling_of",
     "pretrained_config",
     "read_state_dict",
     "registered_architectures",
     "resolve_architecture",
     "set_frozen_bn_eval",
+    "supports_avgmax",
     "unfreeze",
 ]

@@ -10,6 +10,8 @@ from tagmill.dataset.transforms import AUGMENTATIONS, RESIZE_METHODS
 from tagmill.errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
+#: as ``models.POOLINGS`` (not imported from there: the config module stays free of timm)
+POOLINGS = ("avg", "avgmax")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class TrainConfig:
     #: the backbone's full size unless they carry that much detail
     image_size: int | None = None
     resize_method: str = "squish"
+    #: how the feature map becomes the head's input: "avg" or "avgmax" (see
+    #: ``models.POOLINGS``). None: "avgmax" where the backbone has a feature map to
+    #: max-pool (CNNs), else "avg"
+    pooling: str | None = None
     #: the augmented cache views and fine-tuning use it. None: "crop" for the cache; for
     #: fine-tuning, "crop" when the head's cross-validation found augmented views helped,
     #: else "none" (augmentation that hurts a linear head hurts fine-tuning too)
@@ -70,6 +76,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.resize_method not in RESIZE_METHODS:
             raise InputError(f"--resize must be one of {', '.join(RESIZE_METHODS)}, not {self.resize_method!r}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise InputError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.augmentation is not None and self.augmentation not in AUGMENTATIONS:
             raise InputError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {self.augmentation!r}")
         if self.precision not in PRECISIONS:
@@ -93,6 +101,12 @@ class TrainConfig:
     @property
     def cache_augmentation(self) -> str:
         return self.augmentation or "crop"
+
+    @property
+    def model_pooling(self) -> str:
+        """The pooling the run's model is built with. Training fills ``pooling`` in before
+        it starts; a run saved before the option existed has none and pooled by average."""
+        return self.pooling or "avg"
 
     @property
     def convex_head(self) -> bool:

@@ -41,6 +41,7 @@ class StartingPoint:
     state_dict: dict[str, torch.Tensor]
     classes: list[str]
     architecture: str
+    pooling: str  #: the new run pools the same way: the head's rows are carried over
 
 
 def transfer_weights(model: torch.nn.Module, start: StartingPoint, classes: list[str]) -> HeadTransfer:
@@ -55,6 +56,13 @@ def transfer_weights(model: torch.nn.Module, start: StartingPoint, classes: list
         raise InputError(
             f"the bundle's {start.architecture} does not fit this run's backbone (first mismatch: {(mismatched or ['?'])[0]})",
             hint="leave --backbone out with --init-from: the bundle's architecture is used",
+        )
+    head_inputs = [(k, old_state[k].shape[-1], state[k].shape[-1]) for k in head_keys if state[k].ndim == 2]
+    if any(old != new for _, old, new in head_inputs):
+        _, old, new = head_inputs[0]
+        raise InputError(
+            f"the bundle's head takes {old} features and this run's {new}: they pool the feature map differently",
+            hint="train with the bundle's pooling: leave --pooling out with --init-from (the command line then takes the bundle's)",
         )
     state.update(body)
     old_index = {name: i for i, name in enumerate(start.classes)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -124,15 +125,20 @@ def train(
     try:
         if not ctx.is_main:
             progress, log = SILENT, (lambda line: None)  # one set of bars and epoch lines per job
-        config = _choose_open_settings(dataset, manifest, config, log)
+        if load_start is not None:
+            load_start = functools.cache(load_start)  # read once: settings and weights both come from it
+        config = choose_open_settings(dataset, manifest, config, log, load_start)
         return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, load_start, progress, log)
     finally:
         distributed.stop()
 
 
-def _choose_open_settings(dataset: str, manifest: Manifest, config: TrainConfig, log: Callable[[str], None]) -> TrainConfig:
-    """Fill in the input size and cached views from the data when the user left them open."""
-    from tagmill.models import pretrained_config
+def choose_open_settings(
+    dataset: str, manifest: Manifest, config: TrainConfig, log: Callable[[str], None],
+    load_start: Callable[[str], StartingPoint] | None = None,
+) -> TrainConfig:
+    """Fill in the input size, cached views and pooling when the user left them open."""
+    from tagmill.models import pretrained_config, supports_avgmax
     from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
 
     native = pretrained_config(config.backbone).input_size
@@ -146,6 +152,11 @@ def _choose_open_settings(dataset: str, manifest: Manifest, config: TrainConfig,
         chosen["cache_views"] = views.value
         if config.head_epochs > 0:
             log(f"feature cache: {views.reason}")
+    if config.pooling is None:
+        if config.init_from is not None and load_start is not None:
+            chosen["pooling"] = load_start(config.init_from).pooling  # its head rows are carried over
+        else:
+            chosen["pooling"] = "avgmax" if supports_avgmax(config.backbone) else "avg"
     return dataclasses.replace(config, **chosen) if chosen else config
 
 
@@ -173,7 +184,7 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, 
     fresh = checkpoint is None and config.init_from is None
     model = create_classifier(
         config.backbone, len(manifest.classes), pretrained=config.pretrained and fresh,
-        weights=config.weights if fresh else None,
+        weights=config.weights if fresh else None, pooling=config.model_pooling,
     )
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -375,9 +386,7 @@ class _Run:
         start = time.perf_counter()
         views = []
         for view in range(config.cache_views):
-            # view 0 is unaugmented when several views are cached: the plain image is a
-            # sample the head should see; later views are augmented
-            transform = eval_transform(self.preprocess) if view == 0 and config.cache_views > 1 else train_transform(self.preprocess, config.cache_augmentation)
+            transform = eval_transform(self.preprocess) if view == 0 and self._plain_first_view else train_transform(self.preprocess, config.cache_augmentation)
             torch.manual_seed(config.seed * 7919 + view)
             loader = self._loader("train", transform, shuffle=False)
             views.append(self._merged(extract_features(self.model, loader, description=f"caching features (view {view + 1}/{config.cache_views})",
@@ -390,6 +399,18 @@ class _Run:
             save_features(location, views, val)
         self._cache = views, val
         return self._cache
+
+    @property
+    def _plain_first_view(self) -> bool:
+        """Whether cached view 0 is the unaugmented image.
+
+        The converged head is cross-validated on view 0 (held-out images are judged as
+        they will be at prediction time), so for it view 0 is always plain: a lone
+        augmented view cost 4 mAP points on an outline-drawing tag set. One-cycle head
+        epochs over a single cached view keep it augmented, as fastai's frozen epochs
+        see augmented images; with more views, view 0 is plain and the rest augmented.
+        """
+        return self.config.convex_head or self.config.cache_views > 1
 
     def _share(self, split: str) -> int:
         """About how many of ``split``'s samples this rank reads (for progress bars)."""

@@ -292,14 +292,17 @@ def find_lr(
         raise DatasetError("the dataset has no training images")
     fallback = _fallback_lr(config)
     device = resolve_device(config.device)
-    from tagmill.train.loop import preprocess_for  # the preprocessing training caches its plain view with
+    # the settings and preprocessing training would choose and cache its plain view with
+    from tagmill.train.loop import choose_open_settings, preprocess_for
 
+    config = choose_open_settings(dataset, manifest, config, log)
     preprocess = preprocess_for(config)
     check_image_size(config.backbone, preprocess.input_size)
     _check_range(start, end, num_steps, fallback)  # before the minutes of feature extraction
 
     torch.manual_seed(config.seed)
-    model = create_classifier(config.backbone, len(manifest.classes), pretrained=config.pretrained, weights=config.weights)
+    model = create_classifier(config.backbone, len(manifest.classes), pretrained=config.pretrained, weights=config.weights,
+                              pooling=config.model_pooling)
     model.to(device)
     train = _training_features(dataset, manifest, model, preprocess, config, device, progress)
     sweep = sweep_head(

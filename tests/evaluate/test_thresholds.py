@@ -89,3 +89,18 @@ def test_a_single_tag_works():
 def test_bad_arguments_are_input_errors(kwargs, match):
     with pytest.raises(InputError, match=match):
         tune_thresholds(torch.tensor([[0.3, 0.2]]), torch.tensor([[1, 0]]), **kwargs)
+
+
+def test_tags_with_few_positives_share_the_best_micro_threshold():
+    generator = torch.Generator().manual_seed(3)
+    targets = (torch.rand(400, 3, generator=generator) < torch.tensor([0.5, 0.03, 0.03])).long()  # (N, 3)
+    probs = (0.35 * targets + 0.6 * torch.rand(400, 3, generator=generator)).clamp(0, 1)
+    own = tune_thresholds(probs, targets)
+    mixed = tune_thresholds(probs, targets, min_positives=50)
+    assert int(targets[:, 0].sum()) >= 50 and int(targets[:, 1:].sum(0).max()) < 50
+    assert float(mixed[0]) == float(own[0])  # enough positives: its own threshold
+    assert float(mixed[1]) == float(mixed[2])  # the rare tags share one ...
+    grid = torch.unique(torch.cat([default_grid(), torch.tensor([0.5])]))
+    micro = [multi_label_metrics(probs, targets, ["a", "b", "c"], threshold=float(t)).headline["micro_f1"] for t in grid]
+    shared = multi_label_metrics(probs, targets, ["a", "b", "c"], threshold=float(mixed[1])).headline["micro_f1"]
+    assert shared == pytest.approx(max(micro))  # ... the one best for all tags together

@@ -74,12 +74,15 @@ def evaluate_predictions(preds: Predictions, manifest: Manifest, *, threshold: f
 
 
 def out_of_fold_thresholds(probs: torch.Tensor, targets: torch.Tensor, where: str) -> tuple[list[float], str]:
-    """Per-tag thresholds tuned on out-of-fold predictions over the training split (never
-    on the split that is reported), and a sentence saying where they come from."""
-    from tagmill.evaluate import tune_thresholds
+    """Thresholds tuned on out-of-fold predictions over the training split (never on the
+    split that is reported), and a sentence saying where they come from."""
+    from tagmill.evaluate.thresholds import OWN_THRESHOLD_MIN_POSITIVES, tune_thresholds
 
-    tuned = tune_thresholds(probs, targets.long())
-    return tuned.tolist(), f"tuned per tag on out-of-fold predictions over the training split ({len(targets):,} images; {where})"
+    tuned = tune_thresholds(probs, targets.long(), min_positives=OWN_THRESHOLD_MIN_POSITIVES)
+    own = int((targets.sum(0) >= OWN_THRESHOLD_MIN_POSITIVES).sum())
+    how = (f"{own} of {targets.shape[1]} tags with their own (those with ≥ {OWN_THRESHOLD_MIN_POSITIVES} positives), "
+           "one shared by the rest")
+    return tuned.tolist(), f"tuned on out-of-fold predictions over the training split ({len(targets):,} images; {where}): {how}"
 
 
 def write_evaluation(
@@ -113,14 +116,15 @@ def write_evaluation(
         write_report,
         write_thumbnail,
     )
+    from tagmill.evaluate.thresholds import OWN_THRESHOLD_MIN_POSITIVES
 
     storage.makedirs(out_dir)
     fixed = evaluate_predictions(preds, manifest, threshold=threshold, top_k=top_k)
     result, tuned = fixed, None
     if manifest.task == "multi":
         if tune:
-            tuned = tune_thresholds(preds.probs, preds.targets)  # (C,)
-            threshold_source = f"tuned per tag on this same {split} split: optimistic, the numbers are not held out"
+            tuned = tune_thresholds(preds.probs, preds.targets, min_positives=OWN_THRESHOLD_MIN_POSITIVES)  # (C,)
+            threshold_source = f"tuned on this same {split} split: optimistic, the numbers are not held out"
         elif thresholds is not None:
             tuned = torch.tensor(thresholds, dtype=torch.float32)
         if tuned is not None:

@@ -16,10 +16,6 @@ from tagmill.errors import InputError
 
 #: The bundled sample: Fashion-MNIST images and a labels CSV (see its README).
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "fashion-mnist"
-#: One whole-network epoch after the converged head: the demo shows both stages and
-#: stays within a few minutes on two CPU cores (the input size, 128 px for these 28-px
-#: images, is chosen from the data).
-DEMO_FINE_TUNING_EPOCHS = 1
 PREDICTED_EXAMPLES = ["00000.png", "00001.png", "00002.png", "00003.png", "00004.png", "00005.png"]
 
 
@@ -59,9 +55,11 @@ def run_demo(workdir: Path, out: Console, err: Console, *, serve_port: int | Non
     contact_sheet(str(dataset), str(sheet), (6, 4))
     out.print(f"  contact sheet of training images: {sheet}", highlight=False)
 
-    out.rule("[bold]2. train[/] from ImageNet weights: a converged head on cached features, then fine-tuning")
-    _command(out, f"tagmill train {dataset} --out {run_dir} --epochs {DEMO_FINE_TUNING_EPOCHS}")
-    config = TrainConfig(unfrozen_epochs=DEMO_FINE_TUNING_EPOCHS)
+    out.rule("[bold]2. train[/] from ImageNet weights: a converged head on cached features")
+    _command(out, f"tagmill train {dataset} --out {run_dir}")
+    # the defaults: on Fashion-MNIST, whole-network epochs after the converged head lowered
+    # validation accuracy (dev data of bench/quality.py), so none are run unless asked for
+    config = TrainConfig()
     trained = train(str(dataset), str(run_dir), config, progress=progress, log=lambda line: out.print(line, highlight=False))
     out.print(f"  best validation {trained.metric_name}: [bold]{trained.best_metric:.1%}[/]", highlight=False)
     out.print(f"  report with plots and worst predictions: {run_dir / 'report.md'}", highlight=False)

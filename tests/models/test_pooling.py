@@ -33,3 +33,13 @@ def test_token_pooling_backbones_refuse_avgmax_clearly():
         create_classifier("test_vit", 3, pretrained=False, pooling="avgmax")
     with pytest.raises(InputError, match="unknown pooling"):
         create_classifier("test_efficientnet", 3, pretrained=False, pooling="max")
+
+
+def test_the_training_config_knows_the_same_poolings():
+    from tagmill.models import POOLINGS
+    from tagmill.train.config import POOLINGS as CONFIG_POOLINGS
+    from tagmill.train.config import TrainConfig
+
+    assert CONFIG_POOLINGS == POOLINGS  # kept apart so the config module needs no timm
+    with pytest.raises(InputError, match="--pooling"):
+        TrainConfig(pooling="max")

@@ -157,6 +157,8 @@ def choose_open_settings(
             chosen["pooling"] = load_start(config.init_from).pooling  # its head rows are carried over
         else:
             chosen["pooling"] = "avgmax" if supports_avgmax(config.backbone) else "avg"
+            how = "average and max side by side (fastai's head)" if chosen["pooling"] == "avgmax" else "the backbone's own"
+            log(f"pooling: {how} (--pooling overrides)")
     return dataclasses.replace(config, **chosen) if chosen else config
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,22 @@ def test_a_bundle_that_is_not_one_fails_at_startup(tmp_path: Path, bundle: str) 
         response = client.get("/readyz")
         assert response.status_code == 503 and "failed to load" in error_of(response)["message"]
         assert client.get("/livez").status_code == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_refuses_a_truncated_bundle_as_predict_does_before_binding(tmp_path: Path, bundle: str, workers: int) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    results = {
+        command: subprocess.run([sys.executable, "-m", "tagmill", *args], capture_output=True, text=True, timeout=120)
+        for command, args in {
+            "predict": ["predict", str(broken), str(tmp_path)],
+            "serve": ["serve", str(broken), "--port", "0", "--workers", str(workers)],
+        }.items()
+    }
+    for command, result in results.items():
+        assert result.returncode == 8, (command, result.stdout, result.stderr)  # the bundle error's exit code
+        assert "is corrupt or was replaced" in result.stderr, command
+    assert "Uvicorn running" not in results["serve"].stderr + results["serve"].stdout

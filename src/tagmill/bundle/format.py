@@ -348,14 +348,28 @@ def read_checked(location: str, name: str, expected_sha256: str) -> bytes:
     return data
 
 
+def _read_weights(location: str, meta: BundleMeta) -> dict[str, torch.Tensor]:
+    """The bundle's tensors, checked against model.json's sha256 and parsed."""
+    data = read_checked(location, WEIGHTS_FILE, meta.weights_sha256)
+    try:
+        return safetensors.torch.load(data)  # tensors only: no code runs
+    except safetensors.SafetensorError as exc:
+        raise BundleError(f"{storage.join(location, WEIGHTS_FILE)} is not a safetensors file: {exc}") from exc
+
+
+def verify_bundle(location: str) -> BundleMeta:
+    """Everything ``load_bundle`` checks about the files, without building the model:
+    model.json, and weights that are whole (sha256) and readable. A server runs it
+    before it binds its port, so a broken bundle fails as it does for ``predict``."""
+    meta = read_meta(location)
+    _read_weights(location, meta)
+    return meta
+
+
 def load_bundle(location: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BundleMeta]:
     """Rebuild the model of the bundle at ``location``, in eval mode, on ``device``."""
     meta = read_meta(location)
-    data = read_checked(location, WEIGHTS_FILE, meta.weights_sha256)
-    try:
-        tensors = safetensors.torch.load(data)  # tensors only: no code runs
-    except safetensors.SafetensorError as exc:
-        raise BundleError(f"{storage.join(location, WEIGHTS_FILE)} is not a safetensors file: {exc}") from exc
+    tensors = _read_weights(location, meta)
     model = build_model(meta)
     load_weights(model, tensors, source=storage.join(location, WEIGHTS_FILE))
     return model.to(device).eval(), meta

@@ -37,7 +37,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from tagmill.bundle.format import read_meta
+from tagmill.bundle.format import verify_bundle
 from tagmill.errors import TagmillError
 from tagmill.serve.app import create_app
 from tagmill.serve.config import ServeConfig
@@ -84,8 +84,9 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
 
 
 def check_bundle(config: ServeConfig) -> None:
-    """Fail with the bundle's own error before any port is bound or worker started."""
-    meta = read_meta(config.bundle)
+    """Fail with the bundle's own error (as ``predict`` would) before any port is bound
+    or worker started: model.json, and weights that are whole and readable."""
+    meta = verify_bundle(config.bundle)
     if config.backend == "onnx":
         check_onnx(config.bundle, meta)
 

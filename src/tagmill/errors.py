@@ -29,6 +29,8 @@ class TagmillError(Exception):
     http_status: int = 500
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        if hint is None:
+            message, hint = _unwrap_worker_text(message)
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -63,6 +65,29 @@ class UnreadableImageError(InputError):
         super().__init__(message, hint=hint)
         #: short machine-readable category used in import reports ("unreadable", "bomb", ...)
         self.reason = reason
+
+
+#: how torch's DataLoader re-raises a worker's exception: the same class, built from one
+#: string that wraps the worker's whole traceback
+_WORKER_PREFIX, _WORKER_TRACEBACK = "Caught ", "\nOriginal Traceback (most recent call last):"
+
+
+def _unwrap_worker_text(text: str) -> tuple[str, str | None]:
+    """The message and hint of a TagmillError raised in a data-loader worker process.
+
+    torch re-raises it in the main process as ``type(exc)(wrapper_text)``: the class (so
+    the exit code) survives, but the message becomes a traceback with ``str(exc)``
+    (message, then "  hint: ...") on its last lines. Anything else is returned as is.
+    """
+    if not (text.startswith(_WORKER_PREFIX) and _WORKER_TRACEBACK in text):
+        return text, None
+    marker = "tagmill.errors."
+    tail = text[text.rfind(marker):] if marker in text else ""
+    original = tail.split(": ", 1)[1].strip() if ": " in tail else ""
+    if not original:
+        return text, None
+    message, _, hint = original.partition("\n  hint: ")
+    return message, hint or None
 
 
 class DatasetError(TagmillError):

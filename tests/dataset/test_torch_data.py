@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from tagmill.dataset.importer import ImportOptions, import_dataset
 from tagmill.dataset.torch_data import ReaderSlot, ShardDataset, encode_labels
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
-from tagmill.errors import InputError
+from tagmill.errors import DatasetError, InputError
 from tests import images
 from tests.conftest import make_class_folders
 
@@ -81,3 +81,42 @@ def test_bad_preprocess_values_are_input_errors():
     with pytest.raises(InputError):
         train_transform(Preprocess(), "mixup")
     assert Preprocess.from_dict(Preprocess(input_size=64).as_dict()) == Preprocess(input_size=64)
+
+
+def test_a_class_list_that_disagrees_with_the_shards_is_a_dataset_error(packed, tmp_path):
+    """A class renamed in dataset.json by hand: every data-loader worker path ends in the
+    corrupt-dataset error (exit 4) with its own message, not a KeyError or a lost tag."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tagmill.cli import app
+    from tagmill.errors import DatasetError
+
+    edited = tmp_path / "edited"
+    shutil.copytree(packed, edited)
+    manifest = json.loads((edited / "dataset.json").read_text())
+    renamed = manifest["classes"][0]
+    manifest["classes"][0] = "renamed-by-hand"
+    (edited / "dataset.json").write_text(json.dumps(manifest))
+    dataset = ShardDataset(str(edited), "train", eval_transform(Preprocess(input_size=32)), shuffle=False)
+    with pytest.raises(DatasetError) as caught:
+        list(DataLoader(dataset, batch_size=4, num_workers=2))  # raised in a worker process, re-raised here
+    assert caught.value.message.endswith(f"has label {renamed!r}, which is not in the class list of dataset.json: "
+                                         "the manifest and its shards disagree")
+    assert "re-import" in caught.value.hint and "Traceback" not in str(caught.value)
+
+    result = CliRunner().invoke(app, ["train", str(edited), "--out", str(tmp_path / "run"), "--backbone", "test_efficientnet",
+                                      "--no-pretrained", "--image-size", "32", "--workers", "2", "--epochs", "1"], env={"COLUMNS": "300"})
+    assert result.exit_code == 4 and "the manifest and its shards disagree" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unknown_tag_is_never_dropped_silently():
+    index = {"a": 0, "b": 1}
+    assert encode_labels(["b"], index, "multi").tolist() == [0.0, 1.0]
+    with pytest.raises(DatasetError, match="'c', which is not in the class list"):
+        encode_labels(["a", "c"], index, "multi", "val-0000007")
+    with pytest.raises(DatasetError, match="2 labels"):
+        encode_labels(["a", "b"], index, "single")

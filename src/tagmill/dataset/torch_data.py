@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
 from tagmill.dataset.shard_cache import ShardCache
 from tagmill.dataset.shards import Sample, iter_shard
+from tagmill.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,23 @@ def reader_slot(across_ranks: bool = True) -> ReaderSlot:
     return ReaderSlot(rank * workers + worker, world * workers)
 
 
-def encode_labels(labels: list[str], class_index: dict[str, int], task: str) -> torch.Tensor:
-    """single: LongTensor[] class index; multi: FloatTensor[C] multi-hot."""
+def encode_labels(labels: list[str], class_index: dict[str, int], task: str, key: str = "a sample") -> torch.Tensor:
+    """single: LongTensor[] class index; multi: FloatTensor[C] multi-hot.
+
+    A label outside the class list means dataset.json and its shards disagree (a class
+    renamed or dropped by hand): DatasetError, never a silently dropped tag."""
+    unknown = [label for label in labels if label not in class_index]
+    if unknown or (task == "single" and len(labels) != 1):
+        problem = f"label {unknown[0]!r}, which is not in the class list" if unknown else f"{len(labels)} labels"
+        raise DatasetError(
+            f"{key} has {problem} of dataset.json: the manifest and its shards disagree",
+            hint="dataset.json was edited or comes from another import; re-import the data",
+        )
     if task == "single":
         return torch.tensor(class_index[labels[0]], dtype=torch.long)
     target = torch.zeros(len(class_index), dtype=torch.float32)
     for label in labels:
-        if label in class_index:
-            target[class_index[label]] = 1.0
+        target[class_index[label]] = 1.0
     return target
 
 
@@ -124,7 +134,7 @@ class ShardDataset(IterableDataset):
         task = self.manifest.task
         for sample in samples:
             image = self.transform(decode_rgb(sample.image))  # (3, H, W) float
-            yield image, encode_labels(sample.meta["labels"], self.class_index, task), sample.key
+            yield image, encode_labels(sample.meta["labels"], self.class_index, task, sample.key), sample.key
 
 
 def _buffer_shuffle(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:

@@ -120,3 +120,32 @@ def test_an_unknown_tag_is_never_dropped_silently():
         encode_labels(["a", "c"], index, "multi", "val-0000007")
     with pytest.raises(DatasetError, match="2 labels"):
         encode_labels(["a", "b"], index, "single")
+
+
+def test_counts_edited_in_dataset_json_are_caught(packed, tmp_path):
+    import json
+    import shutil
+
+    from tagmill.dataset.manifest import load_manifest
+
+    def edited(name, change):
+        copy = tmp_path / name
+        shutil.copytree(packed, copy)
+        manifest = json.loads((copy / "dataset.json").read_text())
+        change(manifest["splits"]["train"])
+        (copy / "dataset.json").write_text(json.dumps(manifest))
+        return str(copy)
+
+    def split_count(split):
+        split["count"] += 1
+
+    with pytest.raises(DatasetError, match="the train split's count is .*, its shards hold"):
+        load_manifest(edited("split", split_count))
+
+    def shard_count(split):  # the shard and the split agree with each other, not with the data
+        split["shards"][0]["count"] += 1
+        split["count"] += 1
+
+    dataset = ShardDataset(edited("shard", shard_count), "train", eval_transform(Preprocess(input_size=32)), shuffle=False)
+    with pytest.raises(DatasetError, match=r"holds \d+ samples, dataset.json says \d+"):
+        list(DataLoader(dataset, batch_size=4, num_workers=0))

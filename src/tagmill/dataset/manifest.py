@@ -83,7 +83,7 @@ class Manifest:
                 hint="upgrade tagmill",
             )
         try:
-            return cls(
+            manifest = cls(
                 task=data["task"],
                 classes=list(data["classes"]),
                 splits={name: SplitInfo.from_dict(info) for name, info in data["splits"].items()},
@@ -95,6 +95,19 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"malformed dataset manifest: {exc!r}") from exc
+        manifest._check_counts()
+        return manifest
+
+    def _check_counts(self) -> None:
+        """Each split's count is the sum of its shards' (the shards' own counts are checked
+        against what they hold when they are read: ``torch_data.ShardDataset``)."""
+        for name, info in self.splits.items():
+            in_shards = sum(shard.count for shard in info.shards)
+            if info.count != in_shards or info.count < 0:
+                raise DatasetError(
+                    f"dataset.json is inconsistent: the {name} split's count is {info.count}, its shards hold {in_shards}",
+                    hint="dataset.json was edited or comes from another import; re-import the data",
+                )
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

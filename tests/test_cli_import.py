@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from tagmill.cli import app
@@ -101,6 +104,33 @@ def test_a_killed_import_never_leaves_a_complete_looking_dataset(tmp_path):
     assert not (out / "dataset.json").exists()
     inspect = run("inspect", str(out), "--no-sheet")
     assert inspect.exit_code != 0 and "no dataset.json" in inspect.output
-    # and the next import succeeds in the same folder
+    # a killed writer's temporary shard, as storage.atomic_write names it (kill -9 runs no cleanup)
+    (out / ".tmp-k1ll3d-train-000003.tar").write_bytes(b"half a shard")
+    # and the next import succeeds in the same folder, leaving nothing of the killed one
     assert run("import", str(src), "--out", str(out), "--max-side", "32").exit_code == 0
     assert json.loads((out / "dataset.json").read_text())["report"]["imported"] == 300
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_no_partial_shard(tmp_path):
+    """A real 3 MB tmpfs filled by shards of incompressible images (needs root to mount)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root needed): {mounted.stderr.strip()}")
+    try:
+        rng = np.random.default_rng(0)
+        for c in ("a", "b"):
+            (tmp_path / "src" / c).mkdir(parents=True)
+            for i in range(20):  # 40 × ~120 KB of noise: PNG cannot compress it below the 3 MB
+                Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+        cmd = [sys.executable, "-m", "tagmill", "import", str(tmp_path / "src"), "--out", str(small / "ds"),
+               "--shard-size-mb", "1", "--workers", "1"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert result.returncode == 6, result.stderr  # StorageError
+        assert "no space left to write" in result.stderr and "Traceback" not in result.stderr
+        left = sorted(p.name for p in (small / "ds").iterdir())
+        assert left and not [n for n in left if n.startswith(".tmp-")] and "dataset.json" not in left
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -13,6 +13,7 @@ plus ``--storage-option KEY=VALUE`` (``endpoint_url``, ``key``, ``secret``, ``pr
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -203,6 +204,8 @@ def storage_error(location: str, exc: BaseException) -> StorageError | None:
         return StorageError(f"not found: {location}")
     if isinstance(exc, PermissionError):
         return StorageError(f"permission denied: {location} ({exc})")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left to write {location} ({exc.strerror})", hint="free some space, or write elsewhere")
     if isinstance(exc, OSError):
         return StorageError(f"cannot access {location}: {exc}")
     if _is_remote_library_error(exc):  # botocore/aiohttp errors have no common base we can import lazily
@@ -473,9 +476,13 @@ class AtomicFile:
             self.discard()
 
     def discard(self) -> None:
-        self.handle.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        try:
+            self.handle.close()  # flushes what is buffered: on a full disk that fails again
+        except OSError:
+            pass
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
 
     def __enter__(self) -> IO[bytes]:
         return self.handle

@@ -36,6 +36,8 @@ from tagmill.progress import SILENT, Progress
 
 DEFAULT_VAL_FRACTION = 0.1
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+#: a shard's temporary file (``storage.atomic_write``), left behind by a killed import
+_PARTIAL_SHARD = re.compile(r"^\.tmp-[^/]*-(train|val|test)-\d{6}\.tar$")
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,8 @@ def _write_split(
     counts: Counter[str] = Counter()
     untagged = 0
     try:
-        with progress.task(f"writing {split} shards", len(images)) as advance:
+        # a full disk or a lost connection is a StorageError (exit 6), like every other I/O failure
+        with storage.storage_errors(out), progress.task(f"writing {split} shards", len(images)) as advance:
             for index, image in enumerate(images):
                 record = image.record
                 meta = {"id": record.id, "labels": list(record.labels), "source": record.image.describe()}
@@ -262,7 +265,7 @@ def _write_split(
                 counts.update(record.labels)
                 untagged += not record.labels
                 advance(1)
-        shards = writer.close()
+            shards = writer.close()
     except BaseException:
         writer.abort()
         raise
@@ -294,8 +297,9 @@ def _report(
 
 
 def _remove_stale_shards(out: str, manifest: Manifest) -> None:
-    """Shards left by an earlier, larger import in the same folder are not ours any more."""
+    """Shards left by an earlier, larger import in the same folder are not ours any more,
+    nor are the partial shards of an import that was killed (``kill -9`` runs no cleanup)."""
     current = {s.name for info in manifest.splits.values() for s in info.shards}
     for name in storage.list_files(out):
-        if _SHARD_NAME.match(name) and name not in current:
+        if (_SHARD_NAME.match(name) and name not in current) or _PARTIAL_SHARD.match(name):
             storage.remove(storage.join(out, name))

@@ -103,12 +103,17 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Drop the shard being written (its temporary file is removed)."""
+        """Drop the shard being written (its temporary file is removed), whatever the
+        disk says: on a full disk, finishing the tar stream fails again."""
         if self._file is not None:
-            if self._tar is not None:
-                self._tar.close()  # finish the stream before its file goes away
-            self._file.discard()
-            self._file = self._tar = self._hasher = None
+            try:
+                if self._tar is not None:
+                    self._tar.close()  # finish the stream before its file goes away
+            except OSError:
+                pass  # the file is discarded anyway; the error that got us here is reported
+            finally:
+                self._file.discard()
+                self._file = self._tar = self._hasher = None
 
     def _name(self) -> str:
         return f"{self.split}-{len(self.shards):06d}.tar"

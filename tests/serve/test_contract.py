@@ -17,7 +17,7 @@ from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.app import STATIC_DIR
 from tests import images
 from tests.bundle import MULTI_THRESHOLDS, multilabel_onnx_bundle
-from tests.serve.conftest import CLASSES, X_IMAGE, error_of, metric, serving
+from tests.serve.conftest import CLASSES, X_IMAGE, ServerProcess, error_of, metric, serving
 
 JPEG = images.jpeg_bytes(80, 60, seed=1)
 PNG = images.png_bytes(50, 70, seed=2)
@@ -301,3 +301,11 @@ def test_serve_refuses_a_truncated_bundle_as_predict_does_before_binding(tmp_pat
         assert result.returncode == 8, (command, result.stdout, result.stderr)  # the bundle error's exit code
         assert "is corrupt or was replaced" in result.stderr, command
     assert "Uvicorn running" not in results["serve"].stderr + results["serve"].stdout
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_is_a_clean_shutdown(bundle: str, workers: str) -> None:
+    server = ServerProcess(bundle, "--workers", workers)
+    with server:
+        pass  # ready: it answered /readyz
+    assert server.process is not None and server.process.returncode == 0  # stopped by SIGTERM, not killed (143)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -91,6 +92,10 @@ def check_bundle(config: ServeConfig) -> None:
         check_onnx(config.bundle, meta)
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     check_bundle(config)
@@ -98,7 +103,14 @@ def run_server(config: ServeConfig) -> None:
     if config.workers == 1:
         with bind(config.host, config.port, shared=False):
             pass  # a taken port fails now, clearly, not after the model has loaded
-        uvicorn.run(create_app(config, exit_on_load_error=True), **options)
+        # uvicorn shuts down gracefully on SIGTERM and then raises the signal again for
+        # the handler it found: with the default one the process would die with 143, as
+        # if killed. A stop request that was honoured is a clean exit (0).
+        previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            uvicorn.run(create_app(config, exit_on_load_error=True), **options)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return
     with multiprocess_metrics_dir():
         if reuseport_supported():

@@ -459,6 +459,8 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option(help="Requests grouped into one forward pass (default: 1 for torch, where batching is slower on CPUs; 16 for onnx).")] = None,
     max_wait_ms: Annotated[float, typer.Option(help="Longest a batch waits to fill.")] = 5.0,
     queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
+    max_connections: Annotated[int, typer.Option(help="Open connections per worker, idle ones included; beyond, 503.")] = 512,
+    header_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to send a request's headers.")] = 10.0,
 ) -> None:
     """Serve a bundle: SageMaker-compatible endpoint, REST API and a web page."""
     from tagmill.serve.config import ServeConfig
@@ -467,6 +469,7 @@ def serve(
     config = ServeConfig(
         bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+        max_connections=max_connections, header_timeout_s=header_timeout_s,
     )
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     out.print(f"serving {bundle} — web page: [bold]http://{shown}:{port}/[/]  (Ctrl+C to stop)", highlight=False)

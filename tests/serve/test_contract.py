@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -309,3 +310,26 @@ def test_sigterm_is_a_clean_shutdown(bundle: str, workers: str) -> None:
     with server:
         pass  # ready: it answered /readyz
     assert server.process is not None and server.process.returncode == 0  # stopped by SIGTERM, not killed (143)
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(bundle: str) -> None:
+    """Slow loris: half a request line holds a connection only until the header deadline;
+    a client that pauses longer than that between whole requests is still served."""
+    import socket
+    import time
+
+    with ServerProcess(bundle, "--header-timeout-s", "1") as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+        for sock in stalled:
+            sock.sendall(b"GET /pi")  # and nothing more
+        start = time.monotonic()
+        closed = [sock.recv(1) == b"" for sock in stalled]  # the server hangs up: EOF
+        waited = time.monotonic() - start
+        assert all(closed) and 0.5 < waited < 8
+        with httpx.Client(base_url=server.url) as client:  # keep-alive; reconnects if the idle connection was closed
+            for _ in range(2):
+                assert client.get("/ping").status_code == 200
+                time.sleep(1.5)
+            assert client.get("/ping").status_code == 200
+        for sock in stalled:
+            sock.close()

@@ -43,6 +43,12 @@ class ServeConfig:
     max_wait_ms: float = 5.0  #: longest a batch waits for requests still being decoded
     queue_size: int = 64  #: requests admitted but not yet in a forward pass; more get 503
     decode_threads: int = 2  #: per worker: threads decoding and resizing images
+    #: open connections per worker, idle ones included; beyond, new requests get 503. Half
+    #: of the usual 1,024 open-file limit: the rest is for the model, logs and metrics files
+    max_connections: int = 512
+    #: seconds a connection may take to send a request's line and headers before it is
+    #: closed (slow-loris clients); a real client sends them in one packet
+    header_timeout_s: float = 10.0
     log_level: str = "info"
     access_log: bool = False  #: one log line per request (the metrics count them anyway)
 
@@ -56,12 +62,14 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("the API key must not be empty", hint="leave it out to serve without authentication")
         _positive_int("port", self.port, upper=65535, allow_zero=True)  # 0: any free port
-        for name in ("workers", "threads", "queue_size", "decode_threads"):
+        for name in ("workers", "threads", "queue_size", "decode_threads", "max_connections"):
             _positive_int(name, getattr(self, name))
         if self.max_batch is not None:
             _positive_int("max_batch", self.max_batch)
         if not 0 < self.max_body_mb <= 4096:
             raise InputError(f"max_body_mb must be in (0, 4096], not {self.max_body_mb!r}")
+        if not 0 < self.header_timeout_s <= 3600:
+            raise InputError(f"header_timeout_s must be in (0, 3600], not {self.header_timeout_s!r}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise InputError(f"max_wait_ms must be in [0, 10000], not {self.max_wait_ms!r}")
 

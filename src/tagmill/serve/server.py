@@ -50,8 +50,21 @@ from tagmill.serve.workers import bind, reuseport_supported, run_workers
 CONFIG_ENV = "TAGMILL_SERVE_CONFIG"
 
 
+#: How the parent hands the header timeout to the protocol objects uvicorn builds itself.
+HEADER_TIMEOUT_ENV = "TAGMILL_HEADER_TIMEOUT_S"
+
+
 class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol, with TCP_NODELAY on each accepted connection."""
+    """uvicorn's HTTP protocol, with TCP_NODELAY on each accepted connection, and a
+    deadline for a request's line and headers.
+
+    uvicorn times out idle keep-alive connections only after a response; a client that
+    connects and sends half a request line (slow loris) would hold its connection and
+    file descriptor forever. The deadline runs from the connection, and again from each
+    response, until the next request's headers are complete.
+    """
+
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
@@ -59,6 +72,37 @@ class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             with contextlib.suppress(OSError):  # the peer may already be gone
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        # only where the parser reports complete headers (httptools, which tagmill installs)
+        if hasattr(AutoHTTPProtocol, "on_headers_complete"):
+            self._cancel_header_timer()
+            seconds = float(os.environ.get(HEADER_TIMEOUT_ENV, ServeConfig.header_timeout_s))
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        busy = (self.cycle is not None and not self.cycle.response_complete) or self.pipeline
+        if not busy and not self.transport.is_closing():  # a request being answered has its headers
+            self.transport.close()
 
 
 def app_from_env() -> FastAPI:
@@ -81,6 +125,7 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
         "access_log": config.access_log,
         "lifespan": "on",
         "server_header": False,
+        "limit_concurrency": config.max_connections,
     }
 
 
@@ -99,6 +144,7 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     check_bundle(config)
+    os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_s)  # workers inherit it
     options = uvicorn_options(config)
     if config.workers == 1:
         with bind(config.host, config.port, shared=False):

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -316,7 +317,6 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(bundle: str) -
     """Slow loris: half a request line holds a connection only until the header deadline;
     a client that pauses longer than that between whole requests is still served."""
     import socket
-    import time
 
     with ServerProcess(bundle, "--header-timeout-s", "1") as server:
         stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
@@ -333,3 +333,18 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(bundle: str) -
             assert client.get("/ping").status_code == 200
         for sock in stalled:
             sock.close()
+
+
+def test_open_connections_per_worker_are_capped(bundle: str) -> None:
+    import socket
+
+    with ServerProcess(bundle, "--max-connections", "4") as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/ping").status_code == 503  # a fifth connection: refused, not queued forever
+            for sock in idle:
+                sock.close()
+            deadline = time.monotonic() + 10
+            while (status := client.get("/ping").status_code) != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert status == 200  # room again once they are gone

@@ -11,6 +11,7 @@ corrupt file.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -115,11 +116,17 @@ def import_dataset(
         )
         _check_training_classes(classes, split_records["train"])
         by_record = {id(img.record): img for img in staging.images}
-        splits = {
-            name: _write_split(out, name, [by_record[id(r)] for r in split_records[name]], staging, classes, task, options, progress)
-            for name in SPLITS
-            if split_records.get(name)
-        }
+        try:
+            splits = {
+                name: _write_split(out, name, [by_record[id(r)] for r in split_records[name]], staging, classes, task, options, progress)
+                for name in SPLITS
+                if split_records.get(name)
+            }
+        except BaseException:
+            # shards without a dataset.json are nobody's data: a failed import leaves none
+            with contextlib.suppress(Exception):
+                _remove_shards(out, keep=set())
+            raise
 
     report = _report(read, records, staging.images, skipped, steps, task, options)
     manifest = Manifest(
@@ -299,7 +306,11 @@ def _report(
 def _remove_stale_shards(out: str, manifest: Manifest) -> None:
     """Shards left by an earlier, larger import in the same folder are not ours any more,
     nor are the partial shards of an import that was killed (``kill -9`` runs no cleanup)."""
-    current = {s.name for info in manifest.splits.values() for s in info.shards}
+    _remove_shards(out, keep={s.name for info in manifest.splits.values() for s in info.shards})
+
+
+def _remove_shards(out: str, *, keep: set[str]) -> None:
+    """Every shard file in ``out`` (finished or partial) except those in ``keep``."""
     for name in storage.list_files(out):
-        if (_SHARD_NAME.match(name) and name not in current) or _PARTIAL_SHARD.match(name):
+        if (_SHARD_NAME.match(name) and name not in keep) or _PARTIAL_SHARD.match(name):
             storage.remove(storage.join(out, name))

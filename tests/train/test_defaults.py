@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from tagmill.train.run_format import read_oof
 from tests import images
 from tests.conftest import COLOURS, make_colour_classes
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="test_efficientnet", pretrained=False, image_size=48, batch_size=8, workers=0)
 TIMING = {"images_per_s", "seconds"}
 
@@ -169,11 +171,28 @@ def test_the_converged_head_is_fitted_and_judged_on_the_plain_images(colour_data
     assert not torch.allclose(two[1].features, views0[0].features, atol=1e-3)  # view 2 is augmented
 
 
-@pytest.mark.parametrize("stage", ["head", "unfrozen"])
-def test_killed_in_either_stage_resumes_to_the_uninterrupted_result(colour_dataset, tmp_path, tiny_weights, stage):
+@pytest.fixture(scope="module")
+def fashion_dataset(tmp_path_factory):
+    """Real images: the first 80 Fashion-MNIST pictures of the bundled sample (64 train / 16 val)."""
+    root = tmp_path_factory.mktemp("fashion")
+    sample = REPO / "sample_data" / "fashion-mnist"
+    lines = (sample / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join(lines[:81]) + "\n")
+    import_dataset(str(root / "labels.csv"), str(root / "ds"),
+                   ImportOptions(source=SourceOptions(images=str(sample / "images"), suffix=".png"), val_fraction=0.2,
+                                 min_per_class=0))
+    return str(root / "ds")
+
+
+@pytest.mark.parametrize("stage", ["head", "unfrozen", "unfrozen on real images"])
+def test_killed_in_either_stage_resumes_to_the_uninterrupted_result(colour_dataset, fashion_dataset, tmp_path, tiny_weights,
+                                                                    stage):
+    """kill -9 while the features are cached or the head fitted, or in the middle of a
+    whole-network epoch (the first one's row written, the second one running)."""
     args = ["--backbone", "test_efficientnet", "--weights", tiny_weights, "--image-size", "64", "--batch-size", "8",
             "--workers", "0", "--epochs", "3"]
-    full = CliRunner().invoke(app, ["train", colour_dataset, "--out", str(tmp_path / "full"), *args], catch_exceptions=False)
+    dataset = fashion_dataset if stage.endswith("real images") else colour_dataset
+    full = CliRunner().invoke(app, ["train", dataset, "--out", str(tmp_path / "full"), *args], catch_exceptions=False)
     assert full.exit_code == 0, full.output
     assert [r["stage"] for r in rows_of(tmp_path / "full")] == ["head", "unfrozen", "unfrozen", "unfrozen"]
 
@@ -183,7 +202,7 @@ def test_killed_in_either_stage_resumes_to_the_uninterrupted_result(colour_datas
         ready = lambda: (killed / "config.json").exists()  # noqa: E731
     else:
         ready = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2  # noqa: E731
-    kill_when([sys.executable, "-m", "tagmill", "train", colour_dataset, "--out", str(killed), *args], ready)
+    kill_when([sys.executable, "-m", "tagmill", "train", dataset, "--out", str(killed), *args], ready)
     done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     assert done == 0 if stage == "head" else 2 <= done < 4
 

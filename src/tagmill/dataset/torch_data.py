@@ -104,8 +104,7 @@ class ShardDataset(IterableDataset):
         self.shards = shard_locations(dataset, self.manifest, split)
         #: a local read-through cache for shards behind URLs: epoch 2 reads disk, not network
         self.cache = cache
-        self._sha = {loc: info.sha256 for loc, info in zip(self.shards, self.manifest.split(split).shards)}
-        self._count = {loc: info.count for loc, info in zip(self.shards, self.manifest.split(split).shards)}
+        self._info = dict(zip(self.shards, self.manifest.split(split).shards))  # location -> its ShardInfo
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch (the same on every rank and worker)."""
@@ -121,7 +120,7 @@ class ShardDataset(IterableDataset):
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         position = 0
         for shard in order:
-            opener = (lambda url: self.cache.open(url, self._sha[url])) if self.cache is not None else None
+            opener = (lambda url: self.cache.open(url, self._info[url].sha256)) if self.cache is not None else None
             seen = 0
             for sample in iter_shard(shard, opener):
                 if position % slot.count == slot.index:
@@ -129,9 +128,9 @@ class ShardDataset(IterableDataset):
                 position += 1
                 seen += 1
             # the step counts, progress bars and learning-rate schedule rely on the counts
-            if seen != self._count[shard]:
+            if seen != self._info[shard].count:
                 raise DatasetError(
-                    f"shard {shard} holds {seen} samples, dataset.json says {self._count[shard]}: "
+                    f"shard {shard} holds {seen} samples, dataset.json says {self._info[shard].count}: "
                     "the manifest and its shards disagree",
                     hint="dataset.json was edited or comes from another import; re-import the data",
                 )

@@ -7,6 +7,7 @@ num_classes=N)`` and ``load_state_dict``.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import timm
@@ -46,6 +47,7 @@ def pooling_of(model_kwargs: dict[str, object]) -> str:
     return "avgmax" if model_kwargs.get("global_pool") == "catavgmax" else "avg"
 
 
+@functools.cache  # asked when settings are chosen, and again by every model built with avgmax
 def supports_avgmax(architecture: str) -> bool:
     """Whether timm builds ``architecture`` with concatenated avg+max pooling (CNNs do;
     ViTs pool tokens and refuse it). Built on the meta device: no weights allocated."""

@@ -57,9 +57,10 @@ def transfer_weights(model: torch.nn.Module, start: StartingPoint, classes: list
             f"the bundle's {start.architecture} does not fit this run's backbone (first mismatch: {(mismatched or ['?'])[0]})",
             hint="leave --backbone out with --init-from: the bundle's architecture is used",
         )
-    head_inputs = [(k, old_state[k].shape[-1], state[k].shape[-1]) for k in head_keys if state[k].ndim == 2]
-    if any(old != new for _, old, new in head_inputs):
-        _, old, new = head_inputs[0]
+    # the head's weight (C, D): D is what the pooling gives
+    widths = [(old_state[k].shape[-1], state[k].shape[-1]) for k in head_keys if state[k].ndim == 2]
+    if mismatch := next(((old, new) for old, new in widths if old != new), None):
+        old, new = mismatch
         raise InputError(
             f"the bundle's head takes {old} features and this run's {new}: they pool the feature map differently",
             hint="train with the bundle's pooling: leave --pooling out with --init-from (the command line then takes the bundle's)",

@@ -36,7 +36,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tagmill.bundle.format import verify_bundle
 from tagmill.errors import TagmillError
@@ -54,7 +54,7 @@ CONFIG_ENV = "TAGMILL_SERVE_CONFIG"
 HEADER_TIMEOUT_ENV = "TAGMILL_HEADER_TIMEOUT_S"
 
 
-class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+class NoDelayHTTPProtocol(HttpToolsProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol, with TCP_NODELAY on each accepted connection, and a
     deadline for a request's line and headers.
 
@@ -87,11 +87,9 @@ class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
-        # only where the parser reports complete headers (httptools, which tagmill installs)
-        if hasattr(AutoHTTPProtocol, "on_headers_complete"):
-            self._cancel_header_timer()
-            seconds = float(os.environ.get(HEADER_TIMEOUT_ENV, ServeConfig.header_timeout_s))
-            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+        self._cancel_header_timer()
+        seconds = float(os.environ.get(HEADER_TIMEOUT_ENV, ServeConfig.header_timeout_s))
+        self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -311,6 +312,60 @@ def test_sigterm_is_a_clean_shutdown(bundle: str, workers: str) -> None:
     with server:
         pass  # ready: it answered /readyz
     assert server.process is not None and server.process.returncode == 0  # stopped by SIGTERM, not killed (143)
+
+
+def server_workers(parent: int) -> list[int]:
+    """The live worker processes of a ``--workers N`` server (spawned interpreters)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_replaced_worker_takes_no_connection_before_its_model_is_loaded(bundle: str) -> None:
+    """Workers share the port; while a killed one is replaced (a new process loading the
+    model for seconds), every new connection is still answered by a ready model."""
+    import signal
+
+    with ServerProcess(bundle, "--workers", "2") as server:
+        assert server.process is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ready means one worker is; wait for both
+            workers = server_workers(server.process.pid)
+            if len(workers) == 2 and all(is_listening(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2 and all(is_listening(pid) for pid in workers)
+        os.kill(workers[0], signal.SIGKILL)
+        statuses: list[int] = []
+        after_listening = 0  # requests sent since the replacement started listening
+        deadline = time.monotonic() + 90
+        while after_listening < 40 and time.monotonic() < deadline:
+            # a new connection each time: the kernel picks among the listening workers
+            statuses.append(httpx.post(f"{server.url}/invocations", content=images.jpeg_bytes(40, 30, seed=5),
+                                       headers={"Content-Type": "image/jpeg"}).status_code)
+            replacements = set(server_workers(server.process.pid)) - set(workers)
+            if any(is_listening(pid) for pid in replacements):
+                after_listening += 1
+        assert after_listening == 40, "no replacement worker came to listen"
+        assert set(statuses) == {200}, statuses
+
+
+def is_listening(pid: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket in the LISTEN state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                return True
+    return False
 
 
 def test_a_client_that_never_finishes_its_headers_is_disconnected(bundle: str) -> None:

@@ -7,6 +7,7 @@ are the :class:`Service`'s job. Every error, from any layer, leaves as
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import http
 from collections.abc import AsyncIterator
@@ -56,17 +57,26 @@ Image classification with a tagmill model bundle.
 
 
 def create_app(
-    config: ServeConfig, *, predictor: Predictor | None = None, exit_on_load_error: bool = False
+    config: ServeConfig,
+    *,
+    predictor: Predictor | None = None,
+    exit_on_load_error: bool = False,
+    start_when_loaded: bool = False,
 ) -> FastAPI:
     """The app serving ``config.bundle``. The model loads in the background when the
     app starts (``/readyz`` answers 503 until then). ``predictor`` replaces loading the
     bundle (tests use it to run a model they control). ``exit_on_load_error`` ends
-    the process when the model cannot load (servers); otherwise ``/readyz`` reports it."""
+    the process when the model cannot load (servers); otherwise ``/readyz`` reports it.
+    ``start_when_loaded`` holds the app's startup until the model is loaded: uvicorn
+    listens only after startup, so a worker that shares its port with others takes no
+    connection it would answer with 503."""
     service = Service(config, predictor, exit_on_load_error=exit_on_load_error)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.start()
+        if start_when_loaded:
+            await asyncio.to_thread(service.batcher.wait_ready)
         try:
             yield
         finally:

@@ -7,7 +7,8 @@ one worker and 1 on the other, and 32 landed 32 to 0, leaving half the CPUs idle
 for as long as those connections live (a load balancer's pool lives for hours).
 
 Here every worker binds its own socket with SO_REUSEPORT and Linux hashes each new
-connection to one of them, so connections spread evenly. The parent binds the port
+connection to one of them, so connections spread evenly. A worker starts listening
+only when its model is loaded, so no connection lands on one that would answer 503. The parent binds the port
 first (failing clearly if it is taken, and resolving port 0), keeps that bound but
 never-listening socket as a placeholder, starts the workers, restarts one that dies,
 and stops them all on SIGINT / SIGTERM.
@@ -134,7 +135,9 @@ def _worker_main(config_json: str, options: dict[str, Any]) -> None:
     config = ServeConfig.from_json(config_json)
     try:
         sock = bind(config.host, config.port)
-        app = create_app(config, exit_on_load_error=True)
+        # listen only once the model is loaded: the kernel then hands connections to
+        # the workers that can answer them, at startup and while a dead one is replaced
+        app = create_app(config, exit_on_load_error=True, start_when_loaded=True)
     except Exception as exc:  # reported once, then the parent stops (no restart loop)
         print(f"tagmill worker: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import io
 import os
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
 from tagmill.dataset.shard_cache import ShardCache
@@ -155,3 +157,42 @@ def _buffer_shuffle(items: Iterator[Sample], size: int, rng: random.Random) -> I
             yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
     yield from buffer
+
+
+#: how long a new loader waits for exiting queue threads before it forks anyway: they
+#: end within milliseconds once their loader has shut down; one that belongs to a loader
+#: still running never ends, and costs this much once
+SETTLE_TIMEOUT_S = 0.5
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader that lets the threads of earlier loaders finish before it forks.
+
+    Each loader's worker processes are forked from the training process, which has
+    threads. When a loader shuts down, the threads feeding its queues exit a moment
+    later, and an exiting thread holds the interpreter's thread-state lock briefly.
+    Under CPython 3.11 a fork at that instant copies the lock held, and the child hangs
+    for ever in ``PyOS_AfterFork_Child``: seen in a 2-rank torchrun job, when the
+    validation loader forked right after the training loader finished, leaving both
+    ranks waiting. Joining those threads first closes the window. (Starting workers
+    from a fork server instead would avoid forking a threaded process at all, but it
+    re-imports a user's ``__main__``, which breaks scripts without a main guard, and
+    torch's workers then watch the fork server instead of the trainer.)
+    """
+
+    def _get_iterator(self):  # type: ignore[no-untyped-def]
+        if self.num_workers > 0:
+            _join_exiting_queue_threads(SETTLE_TIMEOUT_S)
+        return super()._get_iterator()
+
+
+def _join_exiting_queue_threads(timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def shard_loader(data: ShardDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader every reader of shards uses (see :class:`ShardLoader`)."""
+    return ShardLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest
 from tagmill.dataset.shards import iter_shard
-from tagmill.dataset.torch_data import ShardDataset
+from tagmill.dataset.torch_data import ShardDataset, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import DatasetError
 from tagmill.objective import objective
@@ -53,7 +52,7 @@ def predict_split(
 ) -> Predictions:
     model.eval()
     data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, across_ranks=False)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    loader = shard_loader(data, batch_size=batch_size, workers=workers)
     task = objective(manifest.task)
     probs, targets, losses, keys = [], [], [], []
     with progress.task(f"predicting {split}", len(data)) as advance:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
 from tagmill.dataset.shard_cache import ShardCache
-from tagmill.dataset.torch_data import ShardDataset
+from tagmill.dataset.torch_data import ShardDataset, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import CheckpointError, DatasetError, InputError
 from tagmill.objective import Objective, objective
@@ -285,10 +285,7 @@ class _Run:
                             cache=self.cache, across_ranks=across_ranks)
         data.set_epoch(epoch)
         workers = self.config.workers if self.config.workers is not None else min(4, os.cpu_count() or 1)
-        return DataLoader(
-            data, batch_size=self.batch_size, num_workers=workers,
-            persistent_workers=False, pin_memory=self.device.type == "cuda",
-        )
+        return shard_loader(data, batch_size=self.batch_size, workers=workers, pin_memory=self.device.type == "cuda")
 
     def _steps(self, split: str) -> int:
         return math.ceil(self.manifest.split(split).count / self.ctx.world / self.batch_size)

@@ -28,11 +28,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
-from tagmill.dataset.torch_data import ShardDataset
+from tagmill.dataset.torch_data import ShardDataset, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import DatasetError, InputError
 from tagmill.progress import SILENT, Progress
@@ -333,7 +332,7 @@ def _training_features(
     workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
     data = ShardDataset(dataset, "train", eval_transform(preprocess), manifest=manifest, shuffle=False, seed=config.seed,
                         across_ranks=False)
-    loader = DataLoader(data, batch_size=config.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = shard_loader(data, batch_size=config.batch_size, workers=workers, pin_memory=device.type == "cuda")
     return extract_features(model, loader, device=device, precision="fp32", channels_last=False, progress=progress,
                             description="caching features for the lr sweep", total=manifest.split("train").count)
 

@@ -52,9 +52,11 @@ def test_export_predict_files_and_formats(trained, tmp_path):
     model, meta = load_bundle(str(bundle))
     assert meta.classes == ("blue", "green", "red") and meta.architecture == "test_efficientnet"
     assert meta.preprocess.input_size == 48 and meta.metrics["split"] == "val"
-    # the default pooling (avg+max for CNNs) is rebuilt from model.json alone
-    assert meta.model_kwargs == {"global_pool": "catavgmax"}
-    assert model.get_classifier().in_features == 2 * model.num_features
+    # the default pooling (avg+max of the final map and the last blocks, for CNNs) is
+    # rebuilt from model.json alone
+    assert meta.model_kwargs == {"global_pool": "catavgmax",
+                                 "tagmill_feature_levels": {"indices": [2, 3, 4, 5], "extra_blocks": True}}
+    assert model.get_classifier().in_features == model.num_features > 2 * model.conv_head.out_channels
 
     photos = tmp_path / "photos"
     make_colour_classes(photos, 2)

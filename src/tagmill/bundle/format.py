@@ -29,6 +29,7 @@ import tagmill
 from tagmill import storage
 from tagmill.dataset.transforms import Preprocess
 from tagmill.errors import BundleError, InputError
+from tagmill.models.levels import build
 
 FORMAT = "tagmill.bundle"
 SCHEMA_VERSION = 1
@@ -194,7 +195,7 @@ def build_model(meta: BundleMeta) -> torch.nn.Module:
         )
     kwargs = {k: v for k, v in meta.model_kwargs.items() if k not in ("num_classes", "pretrained")}
     try:
-        return timm.create_model(meta.architecture, pretrained=False, num_classes=meta.num_classes, **kwargs)
+        return build(meta.architecture, meta.num_classes, kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise BundleError(f"cannot build {meta.architecture!r} with {kwargs}: {exc}") from exc
 

@@ -1,18 +1,20 @@
 """Backbones for transfer learning: names, offline ImageNet weights, freezing, heads.
 
-A classifier is a plain timm model with ``num_classes`` outputs; tagmill only picks
-the architecture, loads the weights (never from a hub) and decides which layers
-train at which learning rate.
+A classifier is a timm model with ``num_classes`` outputs (with multi-level pooling, the
+same model with a wider head: ``levels.py``); tagmill picks the architecture, loads the
+weights (never from a hub) and decides which layers train at which learning rate.
 """
 
 from tagmill.models.factory import (
     POOLINGS,
     check_image_size,
     create_classifier,
+    default_pooling,
     pooling_kwargs,
     pooling_of,
     supports_avgmax,
 )
+from tagmill.models.levels import build
 from tagmill.models.features import forward_features_pooled, head
 from tagmill.models.freezing import (
     classifier_parameters,
@@ -48,9 +50,11 @@ __all__ = [
     "POOLINGS",
     "PretrainedConfig",
     "TEST_ARCHITECTURES",
+    "build",
     "check_image_size",
     "classifier_parameters",
     "create_classifier",
+    "default_pooling",
     "fit_state_dict",
     "forward_features_pooled",
     "freeze_backbone",

@@ -1,20 +1,22 @@
-"""Build a classifier: a plain timm model with ``num_classes`` outputs, weights loaded by us.
+"""Build a classifier: a timm model with ``num_classes`` outputs, weights loaded by us.
 
-A plain timm model means a bundle rebuilds it with nothing but
-``timm.create_model(model.pretrained_cfg["architecture"], pretrained=False,
-num_classes=N)`` and ``load_state_dict``.
+A bundle rebuilds it with nothing but ``levels.build(architecture, N, model_kwargs)``
+(``timm.create_model`` with ``pretrained=False``, plus multi-level pooling where the
+kwargs ask for it) and ``load_state_dict``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from tagmill.errors import InputError
+from tagmill.models.levels import LEVELS_KEY, build, levels_for
 from tagmill.models.pretrained import load_imagenet_weights, offline_weights_path
 from tagmill.models.registry import resolve_architecture
 from tagmill.models.weights import LoadReport, load_weights
@@ -26,24 +28,40 @@ log = logging.getLogger(__name__)
 #: global max concatenated (fastai's head), twice the features: the max keeps thin
 #: strokes and small objects that an average over the whole map dilutes. On the dev sets
 #: of ``bench/quality.py`` the converged head on avg+max features beat average pooling
-#: on all three (mAP +2.7 on outline drawings, accuracy +2.0 and +0.5).
-POOLINGS: tuple[str, ...] = ("avg", "avgmax")
+#: on all three (mAP +2.7 on outline drawings, accuracy +2.0 and +0.5). "levels": avg+max
+#: of the final map and of the last intermediate outputs, concatenated (``levels.py``).
+POOLINGS: tuple[str, ...] = ("avg", "avgmax", "levels")
 
 
-def pooling_kwargs(architecture: str, pooling: str) -> dict[str, str]:
-    """``timm.create_model`` keyword arguments for ``pooling``; InputError where it cannot apply."""
+def pooling_kwargs(architecture: str, pooling: str) -> dict[str, Any]:
+    """The model keyword arguments (``levels.build``'s) for ``pooling``; InputError where it cannot apply."""
     if pooling not in POOLINGS:
         raise InputError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
     if pooling == "avg":
         return {}
     if not supports_avgmax(architecture):
-        raise InputError(f"{architecture} has no feature map to max-pool (pooling avgmax is for CNN backbones)",
+        raise InputError(f"{architecture} has no feature map to max-pool (pooling {pooling} is for CNN backbones)",
                          hint="use pooling avg")
-    return {"global_pool": "catavgmax"}
+    if pooling == "avgmax":
+        return {"global_pool": "catavgmax"}
+    chosen = levels_for(resolve_architecture(architecture))
+    if chosen is None:
+        raise InputError(f"timm cannot return the intermediate outputs of {architecture} (pooling levels)",
+                         hint="use pooling avgmax")
+    return {"global_pool": "catavgmax", LEVELS_KEY: chosen}
+
+
+def default_pooling(architecture: str) -> str:
+    """The richest pooling ``architecture`` supports: levels, else avgmax, else avg."""
+    if not supports_avgmax(architecture):
+        return "avg"
+    return "levels" if levels_for(resolve_architecture(architecture)) is not None else "avgmax"
 
 
 def pooling_of(model_kwargs: dict[str, object]) -> str:
     """The pooling a bundle's ``model_kwargs`` build (the inverse of ``pooling_kwargs``)."""
+    if LEVELS_KEY in model_kwargs:
+        return "levels"
     return "avgmax" if model_kwargs.get("global_pool") == "catavgmax" else "avg"
 
 
@@ -91,9 +109,8 @@ def create_classifier(
 
     # Only pass drop_rate when asked: a few exotic timm models take no such argument.
     options = {"drop_rate": drop_rate} if drop_rate else {}
-    options.update(pooling_kwargs(architecture, pooling))
-    # pretrained=False always: timm would try a hub download, which cannot work here.
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+    # pretrained=False always (in build): timm would try a hub download, which cannot work here.
+    model = build(name, num_classes, pooling_kwargs(architecture, pooling), **options)
 
     _small_head_init(model)
     report: LoadReport | None = None
@@ -166,4 +183,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["POOLINGS", "check_image_size", "create_classifier", "pooling_kwargs", "pooling_of", "supports_avgmax"]
+__all__ = [
+    "POOLINGS", "check_image_size", "create_classifier", "default_pooling", "pooling_kwargs", "pooling_of",
+    "supports_avgmax",
+]

@@ -11,7 +11,7 @@ from tagmill.errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
 #: as ``models.POOLINGS`` (not imported from there: the config module stays free of timm)
-POOLINGS = ("avg", "avgmax")
+POOLINGS = ("avg", "avgmax", "levels")
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,10 @@ class TrainConfig:
     #: the backbone's full size unless they carry that much detail
     image_size: int | None = None
     resize_method: str = "squish"
-    #: how the feature map becomes the head's input: "avg" or "avgmax" (see
-    #: ``models.POOLINGS``). None: "avgmax" where the backbone has a feature map to
-    #: max-pool (CNNs), else "avg"
+    #: how the feature maps become the head's input: "avg", "avgmax" or "levels" (see
+    #: ``models.POOLINGS``). None: the richest the backbone allows
+    #: (``models.default_pooling``: "levels" for CNNs whose intermediate outputs timm
+    #: returns, "avgmax" for other CNNs, else "avg")
     pooling: str | None = None
     #: the augmented cache views and fine-tuning use it. None: "crop" for the cache; for
     #: fine-tuning, "crop" when the head's cross-validation found augmented views helped,

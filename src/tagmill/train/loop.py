@@ -138,7 +138,7 @@ def choose_open_settings(
     load_start: Callable[[str], StartingPoint] | None = None,
 ) -> TrainConfig:
     """Fill in the input size, cached views and pooling when the user left them open."""
-    from tagmill.models import pretrained_config, supports_avgmax
+    from tagmill.models import default_pooling, pretrained_config
     from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
 
     native = pretrained_config(config.backbone).input_size
@@ -156,8 +156,12 @@ def choose_open_settings(
         if config.init_from is not None and load_start is not None:
             chosen["pooling"] = load_start(config.init_from).pooling  # its head rows are carried over
         else:
-            chosen["pooling"] = "avgmax" if supports_avgmax(config.backbone) else "avg"
-            how = "average and max side by side (fastai's head)" if chosen["pooling"] == "avgmax" else "the backbone's own"
+            chosen["pooling"] = default_pooling(config.backbone)
+            how = {
+                "levels": "average and max of the final feature map and of the last blocks' outputs",
+                "avgmax": "average and max side by side (fastai's head)",
+                "avg": "the backbone's own",
+            }[chosen["pooling"]]
             log(f"pooling: {how} (--pooling overrides)")
     return dataclasses.replace(config, **chosen) if chosen else config
 

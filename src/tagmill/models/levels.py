@@ -75,9 +75,11 @@ def choose_levels(model: nn.Module) -> dict[str, Any]:
     """The intermediate outputs of (timm) ``model`` to pool: see ``BLOCK_LEVELS``."""
     extra_blocks = "extra_blocks" in inspect.signature(model.forward_intermediates).parameters
     x = torch.zeros(1, 3, 64, 64)
+    was_training = model.training
+    model.eval()  # batch norm on one image would refuse
     with torch.no_grad():
-        model.eval()
         final, maps = model.forward_intermediates(x, **({"extra_blocks": True} if extra_blocks else {}))
+    model.train(was_training)
     wanted = BLOCK_LEVELS if extra_blocks else STAGE_LEVELS
     indices = [i for i, m in enumerate(maps) if m.shape[1:] != final.shape[1:]][-wanted:]
     return {"indices": indices, "extra_blocks": extra_blocks}
@@ -89,9 +91,11 @@ def make_multilevel(model: nn.Module, levels: dict[str, Any], num_classes: int) 
         raise TypeError(f"{type(model).__name__} has no linear classifier to widen")
     model.__class__ = _subclass(type(model))
     model.tagmill_levels = {"indices": list(levels["indices"]), "extra_blocks": bool(levels.get("extra_blocks"))}
-    model.eval()
+    was_training = model.training
+    model.eval()  # batch norm on one image would refuse
     with torch.no_grad():  # the width of the concatenated features, on a small input
         width = model.forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
+    model.train(was_training)
     _replace_classifier(model, nn.Linear(width, num_classes))
     model.num_features = width  # what timm code and tagmill read as the head's input width
     return model

@@ -396,7 +396,9 @@ def test_open_connections_per_worker_are_capped(bundle: str) -> None:
     with ServerProcess(bundle, "--max-connections", "4") as server:
         idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
         with httpx.Client(base_url=server.url) as client:
-            assert client.get("/ping").status_code == 503  # a fifth connection: refused, not queued forever
+            refused = client.get("/ping")  # a fifth connection: refused, not queued forever
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert error_of(refused)["type"] == "TooManyConnectionsError"  # tagmill's JSON error format
             for sock in idle:
                 sock.close()
             deadline = time.monotonic() + 10

@@ -48,6 +48,10 @@ class QueueFullError(UnavailableError):
     """``queue_size`` requests already wait for the model."""
 
 
+class TooManyConnectionsError(UnavailableError):
+    """A worker already holds ``max_connections`` open connections."""
+
+
 class NotReadyError(UnavailableError):
     """The model is still loading, failed to load, or the server is shutting down."""
 
@@ -57,6 +61,7 @@ __all__ = [
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "TooManyConnectionsError",
     "UnauthorizedError",
     "UnavailableError",
     "UnsupportedMediaTypeError",

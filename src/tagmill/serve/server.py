@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,12 +37,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tagmill.bundle.format import verify_bundle
 from tagmill.errors import TagmillError
 from tagmill.serve.app import create_app
 from tagmill.serve.config import ServeConfig
+from tagmill.serve.errors import TooManyConnectionsError
 from tagmill.serve.metrics import MULTIPROC_ENV
 from tagmill.serve.service import check_onnx
 from tagmill.serve.workers import bind, reuseport_supported, run_workers
@@ -101,6 +104,25 @@ class NoDelayHTTPProtocol(HttpToolsProtocol):  # type: ignore[misc, valid-type]
         busy = (self.cycle is not None and not self.cycle.response_complete) or self.pipeline
         if not busy and not self.transport.is_closing():  # a request being answered has its headers
             self.transport.close()
+
+
+async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    """The answer past ``--max-connections``: tagmill's JSON error, not uvicorn's text."""
+    error = TooManyConnectionsError(
+        "the server is busy: this worker has as many open connections as --max-connections allows",
+        hint="retry after a second, or close idle keep-alive connections",
+    )
+    body = json.dumps({"error": {"type": type(error).__name__, "message": error.message, "hint": error.hint}}).encode()
+    await send({"type": "http.response.start", "status": error.http_status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(error.retry_after_s).encode()), (b"connection", b"close"),
+    ]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# uvicorn answers requests past limit_concurrency with this module-level ASGI app (it
+# offers no option for it); tagmill's clients parse one error format
+httptools_impl.service_unavailable = _too_many_connections
 
 
 def app_from_env() -> FastAPI:

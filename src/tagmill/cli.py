@@ -191,7 +191,9 @@ def inspect(
     no_sheet: Annotated[bool, typer.Option("--no-sheet", help="Only print statistics.")] = False,
 ) -> None:
     """Print classes, counts, imbalance and tag co-occurrence; write a contact sheet PNG."""
-    from tagmill.dataset.inspect import contact_sheet, parse_grid, render_summary, summarize
+    from tagmill.dataset.contact_sheet import contact_sheet, parse_grid
+    from tagmill.dataset.summary import summarize
+    from tagmill.dataset.summary_console import render_summary
 
     columns_rows = parse_grid(grid)
     render_summary(summarize(dataset), out)

@@ -32,7 +32,7 @@ def run_demo(workdir: Path, out: Console, err: Console, *, serve_port: int | Non
     from tagmill.bundle.batch_predict import Settings, predict_all
     from tagmill.bundle.from_run import export_run
     from tagmill.dataset.importer import ImportOptions, import_dataset
-    from tagmill.dataset.inspect import contact_sheet
+    from tagmill.dataset.contact_sheet import contact_sheet
     from tagmill.formats import SourceOptions
     from tagmill.progress import RichProgress
     from tagmill.summaries import import_summary, prediction_table

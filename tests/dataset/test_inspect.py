@@ -10,16 +10,9 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from tagmill.dataset.inspect import (
-    caption_height,
-    contact_sheet,
-    cooccurrence,
-    fit_text,
-    parse_grid,
-    render_summary,
-    reservoir,
-    summarize,
-)
+from tagmill.dataset.contact_sheet import caption_height, contact_sheet, fit_text, parse_grid, reservoir
+from tagmill.dataset.summary import cooccurrence, summarize
+from tagmill.dataset.summary_console import render_summary
 from tagmill.dataset.manifest import Manifest, SplitInfo, write_manifest
 from tagmill.dataset.shards import Sample, ShardWriter
 from tests import images
@@ -251,7 +244,7 @@ def test_fit_text_truncates_with_ellipsis() -> None:
 
 
 def test_caption_text(multi: str) -> None:
-    from tagmill.dataset.inspect import caption
+    from tagmill.dataset.contact_sheet import caption
 
     assert caption([], "multi") == "(no tags)"
     assert caption(["a", "b"], "multi") == "a, b"

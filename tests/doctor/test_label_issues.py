@@ -1,0 +1,66 @@
+"""Label issues from out-of-fold probabilities: planted mistakes come out on top."""
+
+import pytest
+import torch
+
+from tagmill.doctor import multi_label_issues, single_label_issues
+from tagmill.errors import InputError
+from tagmill.objective import objective
+from tagmill.train.head_fit import fit_head
+
+
+def clusters(n_per_class: int, classes: int, dim: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[labels] + torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_flipped_labels_are_the_top_suspects_with_the_true_class_suggested():
+    features, truth = clusters(60, 4)
+    g = torch.Generator().manual_seed(1)
+    flipped = torch.randperm(len(truth), generator=g)[:12]  # 5%
+    given = truth.clone()
+    given[flipped] = (truth[flipped] + 1 + torch.randint(0, 3, (12,), generator=g)) % 4
+    fit = fit_head([features], given, objective("single"))
+    assert fit.oof_probs is not None and fit.oof_probs.shape == (240, 4)
+
+    issues = single_label_issues(fit.oof_probs, given)
+    assert sorted(i.index for i in issues) == list(range(240))  # every image ranked once
+    top = issues[: len(flipped)]
+    found = {i.index for i in top} & set(flipped.tolist())
+    assert len(found) >= 11  # precision at k = number planted
+    for issue in top:
+        if issue.index in found:
+            assert issue.flagged and issue.suggested == int(truth[issue.index]) and issue.given != issue.suggested
+    assert sum(i.flagged for i in issues) <= 2 * len(flipped)  # clean images are rarely flagged
+
+
+def test_missing_and_wrong_tags_are_found_per_image_and_tag():
+    features, groups = clusters(50, 3, seed=2)
+    targets = torch.nn.functional.one_hot(groups, 3).float()  # tag k on group k's images
+    g = torch.Generator().manual_seed(3)
+    dropped = torch.randperm(150, generator=g)[:6]
+    added = torch.randperm(150, generator=g)[:6]
+    given = targets.clone()
+    given[dropped, groups[dropped]] = 0.0  # a tag left off
+    wrong_tag = (groups[added] + 1) % 3
+    given[added, wrong_tag] = 1.0  # a tag that does not belong
+    fit = fit_head([features], given, objective("multi"))
+    assert fit.oof_probs is not None
+
+    issues = multi_label_issues(fit.oof_probs, given)
+    found = {(i.index, i.given, i.kind) for i in issues}
+    planted_missing = {(int(i), int(groups[i]), "missing_tag") for i in dropped}
+    planted_wrong = {(int(i), int(t), "wrong_tag") for i, t in zip(added, wrong_tag, strict=True)}
+    assert len(planted_missing & found) >= 5 and len(planted_wrong & found) >= 5
+    assert len(issues) <= 3 * 12  # flagged pairs stay few: 450 (image, tag) pairs in all
+
+
+def test_bad_shapes_are_input_errors():
+    with pytest.raises(InputError, match="probabilities"):
+        single_label_issues(torch.rand(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(InputError, match="differ in shape"):
+        multi_label_issues(torch.rand(3, 2), torch.zeros(3, 3))
+    with pytest.raises(InputError, match="finite"):
+        single_label_issues(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))

@@ -8,6 +8,7 @@ set (epoch e trains on view e % views) plus one plain pass over validation.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,11 @@ from safetensors.torch import save as save_tensors
 from torch.utils.data import DataLoader
 
 from tagmill import storage
+from tagmill.dataset.manifest import Manifest
+from tagmill.dataset.torch_data import ShardDataset, shard_loader
+from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.progress import SILENT, Progress
+from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, run_chunked
 
 
@@ -60,6 +65,31 @@ def extract_features(
     order = sorted(range(len(keys)), key=keys.__getitem__)
     features, all_targets = torch.cat(chunks)[order], torch.cat(targets)[order]
     return FeatureSet(features, all_targets, [keys[i] for i in order])
+
+
+def plain_features(
+    dataset: str,
+    manifest: Manifest,
+    split: str,
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    config: TrainConfig,
+    device: torch.device,
+    progress: Progress = SILENT,
+    *,
+    description: str = "computing features",
+) -> FeatureSet:
+    """Pooled backbone features (N, D) of every image of ``split``, unaugmented, by key.
+
+    The one place plain features are acquired outside a training run (``lr-find``,
+    ``doctor``): it is to become a lookup in a shared feature cache, so that commands
+    run the backbone once between them."""
+    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, shuffle=False, seed=config.seed,
+                        across_ranks=False)
+    loader = shard_loader(data, batch_size=config.batch_size, workers=workers, pin_memory=device.type == "cuda")
+    return extract_features(model, loader, device=device, precision="fp32", channels_last=False, progress=progress,
+                            description=description, total=manifest.split(split).count)
 
 
 def save_features(location: str, views: list[FeatureSet], val: FeatureSet | None) -> None:

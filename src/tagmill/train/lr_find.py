@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -30,13 +29,11 @@ import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
-from tagmill.dataset.torch_data import ShardDataset, shard_loader
-from tagmill.dataset.transforms import Preprocess, eval_transform
+from tagmill.dataset.manifest import load_manifest, verify_shards
 from tagmill.errors import DatasetError, InputError
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
-from tagmill.train.features import FeatureSet, extract_features
+from tagmill.train.features import plain_features
 
 PLOT, RESULT = "lr_find.png", "lr_find.json"
 
@@ -303,7 +300,8 @@ def find_lr(
     model = create_classifier(config.backbone, len(manifest.classes), pretrained=config.pretrained, weights=config.weights,
                               pooling=config.model_pooling)
     model.to(device)
-    train = _training_features(dataset, manifest, model, preprocess, config, device, progress)
+    train = plain_features(dataset, manifest, "train", model, preprocess, config, device, progress,
+                           description="caching features for the lr sweep")
     sweep = sweep_head(
         train.features, train.targets, task=manifest.task, head=head(model), batch_size=config.batch_size,
         seed=config.seed, start=start, end=end, num_steps=num_steps, fallback_lr=fallback, device=device,
@@ -313,28 +311,6 @@ def find_lr(
     storage.write_bytes(storage.join(out_dir, RESULT), (json.dumps(sweep.as_dict(), indent=2) + "\n").encode())
     log(sweep.message)
     return sweep
-
-
-def _training_features(
-    dataset: str,
-    manifest: Manifest,
-    model: torch.nn.Module,
-    preprocess: Preprocess,
-    config: TrainConfig,
-    device: torch.device,
-    progress: Progress,
-) -> FeatureSet:
-    """Pooled backbone features (N, D) of every training image, unaugmented.
-
-    The one place features are acquired: it is to become a lookup in the run's shared
-    feature cache, so that ``lr-find`` and ``train`` run the backbone once between them.
-    """
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
-    data = ShardDataset(dataset, "train", eval_transform(preprocess), manifest=manifest, shuffle=False, seed=config.seed,
-                        across_ranks=False)
-    loader = shard_loader(data, batch_size=config.batch_size, workers=workers, pin_memory=device.type == "cuda")
-    return extract_features(model, loader, device=device, precision="fp32", channels_last=False, progress=progress,
-                            description="caching features for the lr sweep", total=manifest.split("train").count)
 
 
 def _fallback_lr(config: TrainConfig) -> float:

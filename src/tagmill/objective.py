@@ -15,17 +15,17 @@ fraction of tagged images.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from tagmill.errors import InputError
+from tagmill.formats.base import TaskName
 
 if TYPE_CHECKING:
     from tagmill.evaluate.metrics import EvaluationResult
 
-TaskName = Literal["single", "multi"]
 TASKS: tuple[str, ...] = ("single", "multi")
 
 

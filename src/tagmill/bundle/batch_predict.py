@@ -39,11 +39,11 @@ class Row:
 
 
 @dataclass(frozen=True)
-class Task:
+class WorkItem:
     kind: Literal["files", "shard"]
     items: tuple[str, ...]  #: file locations, or (shard location,)
     dataset: str = ""
-    size: int = 0  #: inputs in this task (for progress)
+    size: int = 0  #: inputs in this item (for progress)
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class Settings:
     batch_size: int
 
 
-def plan(paths: list[str], split: str | None) -> list[Task]:
+def plan(paths: list[str], split: str | None) -> list[WorkItem]:
     """The ordered tasks for ``paths`` (files, folders searched for images, datasets)."""
-    tasks: list[Task] = []
+    tasks: list[WorkItem] = []
     files: list[str] = []
     for path in paths:
         if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
@@ -73,22 +73,22 @@ def plan(paths: list[str], split: str | None) -> list[Task]:
     return tasks + _flush(files)
 
 
-def _flush(files: list[str]) -> list[Task]:
-    return [Task("files", tuple(files[i : i + FILES_PER_TASK]), size=len(files[i : i + FILES_PER_TASK]))
+def _flush(files: list[str]) -> list[WorkItem]:
+    return [WorkItem("files", tuple(files[i : i + FILES_PER_TASK]), size=len(files[i : i + FILES_PER_TASK]))
             for i in range(0, len(files), FILES_PER_TASK)]
 
 
-def _dataset_tasks(dataset: str, split: str | None) -> list[Task]:
+def _dataset_tasks(dataset: str, split: str | None) -> list[WorkItem]:
     manifest = load_manifest(dataset)
     tasks = []
     for name, info in manifest.splits.items():
         if split in (None, name):
             for shard, location in zip(info.shards, shard_locations(dataset, manifest, name)):
-                tasks.append(Task("shard", (location,), dataset=dataset, size=shard.count))
+                tasks.append(WorkItem("shard", (location,), dataset=dataset, size=shard.count))
     return tasks
 
 
-def _inputs(task: Task) -> Iterator[tuple[str, bytes | None, str | None]]:
+def _inputs(task: WorkItem) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(name, bytes or None, error) for every input of a task, in order."""
     if task.kind == "shard":
         for sample in iter_shard(task.items[0]):
@@ -112,7 +112,7 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def run_task(predictor: Predictor, task: Task, settings: Settings) -> list[Row]:
+def run_task(predictor: Predictor, task: WorkItem, settings: Settings) -> list[Row]:
     rows: list[Row] = []
     for batch in _batches(_inputs(task), settings.batch_size):
         readable = [data for _, data, _ in batch if data is not None]
@@ -134,7 +134,7 @@ def _init_worker(settings: Settings) -> None:
     _worker = (Predictor.from_bundle(settings.bundle, backend=settings.backend, intra_op_threads=1), settings)
 
 
-def _run_in_worker(task: Task) -> list[Row]:
+def _run_in_worker(task: WorkItem) -> list[Row]:
     assert _worker is not None, "pool initializer did not run"
     return run_task(_worker[0], task, _worker[1])
 

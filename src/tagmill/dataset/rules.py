@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Union
 
 from tagmill.errors import InputError, LabelRuleError
-from tagmill.formats.base import SourceRecord, Task
+from tagmill.formats.base import SourceRecord, TaskName
 
 _BARE_EXTRA = frozenset("_-./+")
 _KEYWORDS = {"AND": "and", "OR": "or", "NOT": "not"}
@@ -350,7 +350,7 @@ def derive_labels(
     rules: list[Rule],
     known_tags: set[str],
     otherwise: str = "other",
-) -> tuple[list[SourceRecord], Task, list[str]]:
+) -> tuple[list[SourceRecord], TaskName, list[str]]:
     """Relabel ``records`` by ``rules``; returns ``(records, task, classes)``.
 
     * One rule → single-label binary task with classes ``[otherwise, rule.name]``:

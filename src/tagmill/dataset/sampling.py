@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 from tagmill.dataset.rules import suggest
 from tagmill.errors import InputError
-from tagmill.formats.base import SourceRecord, Task
+from tagmill.formats.base import SourceRecord, TaskName
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def _check_names(option: str, names: Iterable[str], records: list[SourceRecord],
     return wanted
 
 
-def _remove_labels(step: str, records: list[SourceRecord], task: Task,
+def _remove_labels(step: str, records: list[SourceRecord], task: TaskName,
                    remove: set[str]) -> tuple[list[SourceRecord], SamplingStep]:
     """Remove classes: drop their images (single-label) or strip the tags (multi-label)."""
     before = _class_counts(records)
@@ -184,7 +184,7 @@ def _keep_indices(step: str, records: list[SourceRecord], keep: set[int],
 # ----------------------------------------------------------------- public API
 
 
-def keep_classes(records: list[SourceRecord], keep: Iterable[str], task: Task, *,
+def keep_classes(records: list[SourceRecord], keep: Iterable[str], task: TaskName, *,
                  classes: Sequence[str] | None = None) -> tuple[list[SourceRecord], SamplingStep]:
     """Keep only the classes named (``--classes``).
 
@@ -200,7 +200,7 @@ def keep_classes(records: list[SourceRecord], keep: Iterable[str], task: Task, *
     return _remove_labels("keep-classes", records, task, present - wanted)
 
 
-def drop_classes(records: list[SourceRecord], drop: Iterable[str], task: Task, *,
+def drop_classes(records: list[SourceRecord], drop: Iterable[str], task: TaskName, *,
                  classes: Sequence[str] | None = None) -> tuple[list[SourceRecord], SamplingStep]:
     """Remove the classes named (``--drop-classes``): single-label drops their images,
     multi-label strips the tags and keeps the images."""
@@ -219,7 +219,7 @@ def drop_untagged(records: list[SourceRecord]) -> tuple[list[SourceRecord], Samp
     return _keep_indices("skip-untagged", records, keep)
 
 
-def min_per_class(records: list[SourceRecord], n: int, task: Task,
+def min_per_class(records: list[SourceRecord], n: int, task: TaskName,
                   ) -> tuple[list[SourceRecord], SamplingStep]:
     """Remove classes with fewer than ``n`` images: too few to learn or to validate.
 
@@ -232,7 +232,7 @@ def min_per_class(records: list[SourceRecord], n: int, task: Task,
     return _remove_labels(f"min-per-class {n}", records, task, rare)
 
 
-def max_per_class(records: list[SourceRecord], n: int, task: Task, seed: int = 0,
+def max_per_class(records: list[SourceRecord], n: int, task: TaskName, seed: int = 0,
                   ) -> tuple[list[SourceRecord], SamplingStep]:
     """Cap every class at about ``n`` images (``--max-per-class``), chosen at random.
 
@@ -250,7 +250,7 @@ def max_per_class(records: list[SourceRecord], n: int, task: Task, seed: int = 0
     return _cap(f"max-per-class {n}", records, n, task, seed)
 
 
-def balance(records: list[SourceRecord], task: Task, seed: int = 0,
+def balance(records: list[SourceRecord], task: TaskName, seed: int = 0,
             ) -> tuple[list[SourceRecord], SamplingStep]:
     """Undersample every class to the size of the rarest one (``--balance``).
 
@@ -266,7 +266,7 @@ def balance(records: list[SourceRecord], task: Task, seed: int = 0,
     return _cap("balance", records, min(counts.values()), task, seed)
 
 
-def _cap(step: str, records: list[SourceRecord], n: int, task: Task, seed: int,
+def _cap(step: str, records: list[SourceRecord], n: int, task: TaskName, seed: int,
          ) -> tuple[list[SourceRecord], SamplingStep]:
     if task == "single":
         keep = _cap_single(records, n, seed)

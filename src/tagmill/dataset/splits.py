@@ -30,14 +30,14 @@ from collections import Counter
 from typing import Sequence
 
 from tagmill.errors import InputError
-from tagmill.formats.base import SourceRecord, Task
+from tagmill.formats.base import SourceRecord, TaskName
 
 SPLITS = ("train", "val", "test")
 
 
 def assign_splits(
     records: list[SourceRecord],
-    task: Task,
+    task: TaskName,
     classes: Sequence[str],
     val_fraction: float,
     test_fraction: float = 0.0,

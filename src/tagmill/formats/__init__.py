@@ -19,7 +19,7 @@ from tagmill.formats.base import (
     SourceOptions,
     SourceRecord,
     Skip,
-    Task,
+    TaskName,
 )
 
 #: format name -> "module:ReaderClass"; each class is built as ``Reader(location, options)``
@@ -72,7 +72,7 @@ __all__ = [
     "SourceOptions",
     "SourceRecord",
     "Skip",
-    "Task",
+    "TaskName",
     "detect_format",
     "open_reader",
 ]

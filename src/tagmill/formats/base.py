@@ -13,7 +13,8 @@ from typing import Literal, Protocol
 
 from tagmill import storage
 
-Task = Literal["single", "multi"]
+#: single-label or multi-label: the one definition (``objective.py`` says what each means)
+TaskName = Literal["single", "multi"]
 
 #: File extensions treated as images when listing folders.
 IMAGE_EXTENSIONS = frozenset(
@@ -83,7 +84,7 @@ class ReadResult:
     records: list[SourceRecord]
     skipped: list[Skip] = field(default_factory=list)
     #: the task the source implies, or None when it cannot tell (the importer decides)
-    task: Task | None = None
+    task: TaskName | None = None
     #: class names in the order the source defines them (folder names, one-hot columns,
     #: class index order); None means "sort the labels found"
     classes: list[str] | None = None
@@ -116,7 +117,7 @@ class SourceOptions:
     #: .lst/.rec with several label columns: "index" (class ids) or "onehot" (0/1 per class)
     label_format: Literal["auto", "index", "onehot"] = "auto"
     #: force the task instead of inferring it
-    task: Task | None = None
+    task: TaskName | None = None
 
 
 class Reader(Protocol):

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from tagmill.errors import SourceError
-from tagmill.formats.base import ReadResult, SourceOptions, Task
+from tagmill.formats.base import ReadResult, SourceOptions, TaskName
 from tagmill.formats.csv_table import (
     LABEL_NAMES,
     CsvTable,
@@ -70,7 +70,7 @@ def make_splitter(separator: str | None) -> Splitter:
     return split
 
 
-def detect_separator(cells: Sequence[str], task: Task | None) -> str | None:
+def detect_separator(cells: Sequence[str], task: TaskName | None) -> str | None:
     """The tag separator the label cells use, or None when each cell is one label."""
     if task == "single":
         # The user said one label per row: "Washington, D.C." is then one class.
@@ -109,7 +109,7 @@ def label_column(table: CsvTable, options: SourceOptions, id_index: int) -> int:
     return next(i for i in range(len(table.columns)) if i != id_index)
 
 
-def check_labels(tags: tuple[str, ...], task: Task) -> tuple[str, ...]:
+def check_labels(tags: tuple[str, ...], task: TaskName) -> tuple[str, ...]:
     if task == "multi":
         return tags  # an empty cell is a valid example with no tag set
     if not tags:
@@ -139,7 +139,7 @@ class CsvReader:
         separator = tag_separator(options, cells)
         split = make_splitter(separator)
         tag_lists = [split(c) for c in cells]
-        task: Task = options.task or ("multi" if any(len(t) > 1 for t in tag_lists) else "single")
+        task: TaskName = options.task or ("multi" if any(len(t) > 1 for t in tag_lists) else "single")
 
         locator = ImageLocator(image_folder(self.location, options), options.suffix)
         labelled = ((row, tags, "") for row, tags in zip(table.rows, tag_lists))

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tagmill.formats.base import Skip, SourceOptions, Task
+from tagmill.formats.base import Skip, SourceOptions, TaskName
 
 #: with "auto", this many identical-width 0/1 columns or more are read as one-hot; two
 #: 0/1 columns are more likely two class indices ("0 1": classes 0 and 1)
@@ -38,7 +38,7 @@ class Labelling:
     #: class names per row, in input order; None where the row was refused
     labels: list[tuple[str, ...] | None]
     skipped: list[Skip] = field(default_factory=list)
-    task: Task = "single"
+    task: TaskName = "single"
     classes: list[str] = field(default_factory=list)
     #: a few words for ReadResult.description: "one-hot, 5 classes from folder names"
     summary: str = ""
@@ -66,7 +66,7 @@ def label_rows(rows: Sequence[RawLabels], options: SourceOptions) -> Labelling:
     """Give every row its class names, refusing rows that contradict the options."""
     fmt = _label_format(rows, options.label_format)
     multi = fmt == "onehot" or any(len(r.values) > 1 for r in rows)
-    task: Task = options.task or ("multi" if multi else "single")
+    task: TaskName = options.task or ("multi" if multi else "single")
     indices: list[tuple[int, ...] | None] = []
     skipped: list[Skip] = []
     for row in rows:
@@ -92,7 +92,7 @@ def _label_format(rows: Sequence[RawLabels], requested: str) -> str:
 
 
 def _row_indices(
-    row: RawLabels, fmt: str, task: Task, class_names: tuple[str, ...] | None
+    row: RawLabels, fmt: str, task: TaskName, class_names: tuple[str, ...] | None
 ) -> tuple[tuple[int, ...] | None, str]:
     """The class indices of one row, or (None, why it is refused)."""
     if fmt == "onehot":

@@ -18,7 +18,7 @@ import operator
 from collections.abc import Sequence
 
 from tagmill.errors import SourceError, TagmillError
-from tagmill.formats.base import ReadResult, SourceOptions, Task
+from tagmill.formats.base import ReadResult, SourceOptions, TaskName
 from tagmill.formats.csv_table import (
     LABEL_NAMES,
     CsvTable,
@@ -115,7 +115,7 @@ def class_columns(table: CsvTable, options: SourceOptions, reserved: Sequence[in
     return found
 
 
-def check_positives(labels: tuple[str, ...], task: Task) -> tuple[str, ...]:
+def check_positives(labels: tuple[str, ...], task: TaskName) -> tuple[str, ...]:
     if task == "multi":
         return labels  # all zeros: a valid example with no class set
     if not labels:
@@ -141,7 +141,7 @@ class OneHotCsvReader:
         names = [table.columns[i] for i in indexes]
 
         label_lists, problems = _positives(table.rows, indexes, names)
-        task: Task = options.task or ("multi" if any(len(p) != 1 for p in label_lists) else "single")
+        task: TaskName = options.task or ("multi" if any(len(p) != 1 for p in label_lists) else "single")
 
         locator = ImageLocator(image_folder(self.location, options), options.suffix)
         labelled = zip(table.rows, label_lists, problems)

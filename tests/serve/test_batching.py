@@ -59,7 +59,10 @@ def batch_stats(url: str) -> tuple[float, float]:
 @pytest.mark.parametrize(("max_batch", "passes"), [(16, 2), (1, 9)])
 def test_concurrent_requests_share_forward_passes(bundle: str, reference: Predictor, max_batch: int, passes: int) -> None:
     predictor = GatedPredictor.from_bundle(bundle, batch_size=max_batch)
-    app = create_app(ServeConfig(bundle=bundle, max_batch=max_batch, max_wait_ms=5), predictor=predictor)
+    # the queue-depth metric counts requests still decoding too; a generous max_wait lets
+    # the model thread wait for those (it stops waiting as soon as none is decoding), so
+    # a loaded machine's slow decoding cannot split the batch (5 ms did, under load)
+    app = create_app(ServeConfig(bundle=bundle, max_batch=max_batch, max_wait_ms=2000), predictor=predictor)
     payloads = [images.jpeg_bytes(50 + 3 * i, 40 + 2 * i, seed=20 + i) for i in range(9)]
 
     with ThreadedServer(app) as server, ThreadPoolExecutor(len(payloads)) as pool:

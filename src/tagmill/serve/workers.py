@@ -8,10 +8,10 @@ for as long as those connections live (a load balancer's pool lives for hours).
 
 Here every worker binds its own socket with SO_REUSEPORT and Linux hashes each new
 connection to one of them, so connections spread evenly. A worker starts listening
-only when its model is loaded, so no connection lands on one that would answer 503. The parent binds the port
-first (failing clearly if it is taken, and resolving port 0), keeps that bound but
-never-listening socket as a placeholder, starts the workers, restarts one that dies,
-and stops them all on SIGINT / SIGTERM.
+only when its model is loaded, so no connection lands on one that would answer 503.
+The parent binds the port first (failing clearly if it is taken, and resolving port
+0), keeps that bound but never-listening socket as a placeholder, starts the workers,
+restarts one that dies, and stops them all on SIGINT / SIGTERM.
 """
 
 from __future__ import annotations

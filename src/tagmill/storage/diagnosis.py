@@ -13,7 +13,6 @@ import errno
 import urllib.parse
 from collections.abc import Iterator
 
-
 from tagmill.errors import StorageError
 
 #: URL schemes of S3 locations (as ``storage.is_s3`` knows them)

@@ -10,9 +10,12 @@ by exactly one reader.
 
 from __future__ import annotations
 
+import functools
 import io
+import multiprocessing
 import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,22 +169,25 @@ SETTLE_TIMEOUT_S = 0.5
 
 
 class ShardLoader(DataLoader):
-    """A DataLoader that lets the threads of earlier loaders finish before it forks.
+    """A DataLoader whose worker processes start without inheriting a held lock.
 
-    Each loader's worker processes are forked from the training process, which has
-    threads. When a loader shuts down, the threads feeding its queues exit a moment
-    later, and an exiting thread holds the interpreter's thread-state lock briefly.
-    Under CPython 3.11 a fork at that instant copies the lock held, and the child hangs
-    for ever in ``PyOS_AfterFork_Child``: seen in a 2-rank torchrun job, when the
-    validation loader forked right after the training loader finished, leaving both
-    ranks waiting. Joining those threads first closes the window. (Starting workers
-    from a fork server instead would avoid forking a threaded process at all, but it
-    re-imports a user's ``__main__``, which breaks scripts without a main guard, and
-    torch's workers then watch the fork server instead of the trainer.)
+    Under CPython 3.11 a forked child re-initialises the interpreter's thread-state lock
+    only after it has used it: if another thread held that lock at the instant of the
+    fork (a thread starting or ending, or a C++ thread entering Python), the child hangs
+    for ever in ``PyOS_AfterFork_Child``. Seen twice in 2-rank torchrun jobs, when the
+    validation loader forked right after a training epoch, leaving both ranks waiting.
+
+    - In a distributed job, the communication library's threads call into Python at any
+      moment, so workers start from a fork server: a single-threaded process started
+      once, with this module (and torch) imported, so workers still start quickly.
+    - In a single process, forking stays (no fork server to start, and user scripts
+      without a main guard keep working); the only threads are the queue feeders of
+      earlier loaders, which exit a moment after their loader shuts down, so a new
+      loader joins them before it forks.
     """
 
     def _get_iterator(self):  # type: ignore[no-untyped-def]
-        if self.num_workers > 0:
+        if self.num_workers > 0 and self.multiprocessing_context is None:
             _join_exiting_queue_threads(SETTLE_TIMEOUT_S)
         return super()._get_iterator()
 
@@ -193,6 +199,29 @@ def _join_exiting_queue_threads(timeout: float) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def _follow_trainer(trainer_pid: int, worker_id: int) -> None:
+    """worker_init_fn for fork-server workers: end this worker when the trainer ends.
+
+    torch's workers watch their parent process, which is the fork server here; a rank
+    killed with SIGKILL would leave its workers (and through them the fork server and
+    the job's stderr) alive for ever. A thread waits on the trainer's pidfd instead."""
+    try:
+        pidfd = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:
+        os._exit(1)  # already gone
+
+    def wait_then_exit() -> None:
+        select.select([pidfd], [], [])  # readable once the trainer has exited
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="tagmill-follow-trainer", daemon=True).start()
+
+
 def shard_loader(data: ShardDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """The DataLoader every reader of shards uses (see :class:`ShardLoader`)."""
-    return ShardLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
+    options: dict = {}
+    if workers > 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # no effect once the server runs
+        options = {"multiprocessing_context": context, "worker_init_fn": functools.partial(_follow_trainer, os.getpid())}
+    return ShardLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **options)

@@ -74,18 +74,19 @@ def basename(location: str) -> str:
 def exists(location: str) -> bool:
     """Whether ``location`` exists. On S3 a missing bucket is an error, not ``False``:
     nothing can exist there, and "no dataset.json" would hide the real mistake."""
-    fs, path = filesystem(location)
-    with storage_errors(location):
-        found = fs.exists(path)
-        if not found and is_s3(location):
-            _require_bucket(fs, location, path)
-        return found
+    return _ask(location, "exists")
 
 
 def isdir(location: str) -> bool:
+    """Whether ``location`` is a directory (a prefix on S3); a missing bucket is an error."""
+    return _ask(location, "isdir")
+
+
+def _ask(location: str, question: str) -> bool:
+    """``fs.exists`` or ``fs.isdir``; a False on S3 is checked against a missing bucket."""
     fs, path = filesystem(location)
     with storage_errors(location):
-        found = fs.isdir(path)
+        found = getattr(fs, question)(path)
         if not found and is_s3(location):
             _require_bucket(fs, location, path)
         return found

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -42,7 +41,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tagmill.bundle.format import verify_bundle
 from tagmill.errors import TagmillError
-from tagmill.serve.app import create_app
+from tagmill.serve.app import create_app, error_response
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import TooManyConnectionsError
 from tagmill.serve.metrics import MULTIPROC_ENV
@@ -112,12 +111,9 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
         "the server is busy: this worker has as many open connections as --max-connections allows",
         hint="retry after a second, or close idle keep-alive connections",
     )
-    body = json.dumps({"error": {"type": type(error).__name__, "message": error.message, "hint": error.hint}}).encode()
-    await send({"type": "http.response.start", "status": error.http_status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(error.retry_after_s).encode()), (b"connection", b"close"),
-    ]})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    response = error_response(error.http_status, type(error).__name__, error.message, error.hint,
+                              headers={"Retry-After": str(error.retry_after_s), "Connection": "close"})
+    await response(scope, receive, send)
 
 
 # uvicorn answers requests past limit_concurrency with this module-level ASGI app (it

@@ -38,6 +38,10 @@ class TagmillError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # pickled across process pools (doctor's image scan): keep the hint, not just args
+        return _rebuild, (type(self), self.message, self.hint)
+
 
 class InputError(TagmillError):
     """Options or values given by the user are invalid."""
@@ -70,6 +74,10 @@ class UnreadableImageError(InputError):
 #: how torch's DataLoader re-raises a worker's exception: the same class, built from one
 #: string that wraps the worker's whole traceback
 _WORKER_PREFIX, _WORKER_TRACEBACK = "Caught ", "\nOriginal Traceback (most recent call last):"
+
+
+def _rebuild(cls: type[TagmillError], message: str, hint: str | None) -> TagmillError:
+    return cls(message, hint=hint)
 
 
 def _unwrap_worker_text(text: str) -> tuple[str, str | None]:

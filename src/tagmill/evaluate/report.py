@@ -9,16 +9,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import posixpath
 from typing import Any
-from urllib.parse import quote
 
 import torch
 from torch import Tensor
 
 from tagmill import storage
 from tagmill.errors import InputError
+from tagmill.evaluate.markdown import image, labels, table, text
 from tagmill.evaluate.metrics import EvaluationResult
 
 REPORT_NAME = "report.md"
@@ -62,7 +60,7 @@ def write_report(
     main table uses per-tag ones ({"threshold", "headline"}).
     """
     sections = [
-        f"# {_text(title)}",
+        f"# {text(title)}",
         _overview(result),
         _sources_section(sources or {}),
         _headline_section(result, fixed),
@@ -94,13 +92,13 @@ def write_thumbnail(image_bytes: bytes, out: str, size: int = 128) -> None:
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InputError(f"thumbnail size must be a positive integer, got {size!r}")
-    image = to_rgb(decode(image_bytes, shrink_to=size))  # decode keeps Pillow's bomb guard
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    picture = to_rgb(decode(image_bytes, shrink_to=size))  # decode keeps Pillow's bomb guard
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     if out.lower().endswith(".png"):
-        image.save(buffer, format="PNG")
+        picture.save(buffer, format="PNG")
     else:
-        image.save(buffer, format="JPEG", quality=85)
+        picture.save(buffer, format="JPEG", quality=85)
     storage.write_bytes(out, buffer.getvalue())
 
 
@@ -126,9 +124,9 @@ def _overview(result: EvaluationResult) -> str:
 def _sources_section(sources: dict[str, str]) -> str:
     if not sources:
         return ""
-    labels = {"metrics": "Metrics", "model": "Model", "thresholds": "Thresholds"}
+    names = {"metrics": "Metrics", "model": "Model", "thresholds": "Thresholds"}
     lines = ["## Where the numbers come from", ""]
-    lines += [f"- **{labels.get(key, key.capitalize())}**: {_text(text)}." for key, text in sources.items()]
+    lines += [f"- **{names.get(key, key.capitalize())}**: {text(said)}." for key, said in sources.items()]
     return "\n".join(lines)
 
 
@@ -139,18 +137,18 @@ def _headline_section(result: EvaluationResult, fixed: dict[str, Any] | None = N
         header.append(f"at threshold {fixed['threshold']:g}")
     rows = []
     for name, value in values.items():
-        row = [_text(_METRIC_LABELS.get(name, name)), _fmt(value)]
+        row = [text(_METRIC_LABELS.get(name, name)), _fmt(value)]
         if fixed:
             row.append(_fmt(fixed["headline"].get(name)))
         rows.append(row)
-    lines = ["## Metrics", "", _table(header, rows)]
+    lines = ["## Metrics", "", table(header, rows)]
     for metric, names in result.excluded.items():
         if names:
             lines.append("")
             reason = _UNDEFINED_BECAUSE.get(metric, "it is undefined for them")
             lines.append(
                 f"{metric} averages over {len(result.per_class) - len(names)} classes; it leaves out "
-                f"{len(names)} ({reason}): {_text(_preview(names))}."
+                f"{len(names)} ({reason}): {text(_preview(names))}."
             )
     return "\n".join(lines)
 
@@ -161,7 +159,7 @@ def _plots_section(run_dir: str, plots: dict[str, str]) -> str:
     lines = ["## Plots"]
     for name, path in plots.items():
         heading = _PLOT_TITLES.get(name, name.replace("_", " ").capitalize())
-        lines += ["", f"### {_text(heading)}", "", _image(run_dir, path, heading)]
+        lines += ["", f"### {text(heading)}", "", image(run_dir, path, heading)]
     return "\n".join(lines)
 
 
@@ -183,12 +181,12 @@ def _per_class_section(result: EvaluationResult) -> str:
         lines += [f"The {TABLE_MAX_CLASSES} classes with the lowest F1, of {len(rows)}; metrics.json has them all.", ""]
     table_rows = []
     for row in shown:
-        cells = [_text(str(row.get("class", ""))), *(_fmt(row.get(k)) for k in ("precision", "recall", "f1"))]
+        cells = [text(str(row.get("class", ""))), *(_fmt(row.get(k)) for k in ("precision", "recall", "f1"))]
         cells.append(str(row.get("support", "")))
         cells += [_fmt(row.get("ap")), _fmt(row.get("roc_auc"))] if multi else []
         cells += [_fmt(row.get("threshold"), 2)] if per_tag_threshold else []
         table_rows.append(cells)
-    lines.append(_table(header, table_rows))
+    lines.append(table(header, table_rows))
     return "\n".join(lines)
 
 
@@ -197,10 +195,10 @@ def _top_losses_section(run_dir: str, rows: list[dict[str, Any]]) -> str:
         return ""
     table_rows = [
         [
-            _image(run_dir, str(row["thumbnail"]), str(row.get("id", ""))) if row.get("thumbnail") else "",
-            _text(str(row.get("id", ""))),
-            _labels(row.get("true")),
-            _labels(row.get("predicted")),
+            image(run_dir, str(row["thumbnail"]), str(row.get("id", ""))) if row.get("thumbnail") else "",
+            text(str(row.get("id", ""))),
+            labels(row.get("true")),
+            labels(row.get("predicted")),
             _fmt(row.get("loss")),
         ]
         for row in rows
@@ -211,58 +209,17 @@ def _top_losses_section(run_dir: str, rows: list[dict[str, Any]]) -> str:
             "",
             "The validation images with the highest loss: mislabelled data shows up here first.",
             "",
-            _table(["image", "id", "true", "predicted", "loss"], table_rows),
+            table(["image", "id", "true", "predicted", "loss"], table_rows),
         ]
     )
 
 
 def _config_section(config: dict[str, Any]) -> str:
-    text = json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-    return "\n".join(["## Training config", "", "```json", text.replace("```", "`\u200b``"), "```"])
+    dumped = json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    return "\n".join(["## Training config", "", "```json", dumped.replace("```", "`\u200b``"), "```"])
 
 
-# --- markdown helpers ------------------------------------------------------------------
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
-def _text(value: str) -> str:
-    """Text safe inside a table cell or heading: no pipes, newlines or raw HTML."""
-    return (
-        value.replace("\\", "\\\\")
-        .replace("|", "\\|")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-        .replace("\r", " ")
-        .replace("\n", " ")
-    )
-
-
-def _labels(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return _text(", ".join(str(v) for v in value)) or "(none)"
-    return _text(str(value))
-
-
-def _image(run_dir: str, path: str, alt: str) -> str:
-    return f"![{_text(alt)}]({_link(run_dir, path)})"
-
-
-def _link(run_dir: str, path: str) -> str:
-    """``path`` relative to ``run_dir`` where it lies inside it, URL-quoted for markdown."""
-    if storage.is_local(path) and os.path.isabs(path) and storage.is_local(run_dir):
-        relative = os.path.relpath(path, run_dir)
-        if not relative.startswith(".."):
-            path = relative.replace(os.sep, "/")
-    elif path.startswith(run_dir.rstrip("/") + "/"):
-        path = posixpath.relpath(path, run_dir)
-    return quote(path, safe="/:.-_~")
+# --- formatting ---------------------------------------------------------------------
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -278,5 +235,5 @@ def _sortable(value: Any) -> float:
 
 
 def _preview(names: list[str], shown: int = 10) -> str:
-    text = ", ".join(names[:shown])
-    return text + (f", … (+{len(names) - shown})" if len(names) > shown else "")
+    shown_names = ", ".join(names[:shown])
+    return shown_names + (f", … (+{len(names) - shown})" if len(names) > shown else "")

@@ -133,3 +133,94 @@ def test_a_full_disk_is_a_storage_error_and_leaves_no_partial_shard(tmp_path):
         assert not list((small / "ds").iterdir())  # no partial shard, and no finished ones without a dataset.json
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def run_wide(*args: str):
+    """``run``, on a console wide enough that no summary line wraps (they hold tmp paths)."""
+    return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "1000"})
+
+
+def _shard_meta(out: Path) -> dict[str, dict]:
+    """Every imported image's shard meta, by id, with the split it was written to."""
+    manifest = load_manifest(str(out))
+    return {
+        s.meta["id"]: {**s.meta, "split": split}
+        for split, info in manifest.splits.items()
+        for shard in info.shards
+        for s in iter_shard(str(out / shard.name))
+    }
+
+
+def test_drop_ids_and_relabel_from_doctor_files_edit_the_reimport(tmp_path):
+    src = make_class_folders(tmp_path / "src", {"cat": 6, "dog": 6})
+    duplicates = tmp_path / "duplicates.csv"  # the doctor's pairs: the second of each is dropped
+    duplicates.write_text(
+        "id_a,split_a,id_b,split_b,kind,similarity\n"
+        "cat/000.jpg,train,cat/001.jpg,train,duplicate,0.999\n"
+        "dog/000.jpg,train,dog/005.jpg,val,duplicate,0.998\n"
+        "dog/000.jpg,train,gone/404.jpg,train,duplicate,0.990\n"
+    )
+    relabel = tmp_path / "fix.csv"
+    relabel.write_text("id,labels\ndog/002.jpg,cat\ndog/005.jpg,cat\ncat/003.jpg,cat\n")
+    out = tmp_path / "ds"
+    result = run_wide("import", str(src), "--out", str(out), "--workers", "1", "--val-fraction", "0.25",
+                      "--drop-ids", str(duplicates), "--relabel", str(relabel))
+    assert result.exit_code == 0, result.output
+    assert f"  dropped 2 images listed in {duplicates} (1 listed ids not in the source)\n" in result.output
+    assert f"  relabelled 1 image from {relabel} (1 already so labelled; 1 dropped instead" in result.output
+
+    meta = _shard_meta(out)
+    assert len(meta) == 10 and not {"cat/001.jpg", "dog/005.jpg"} & set(meta)
+    assert meta["dog/002.jpg"]["labels"] == ["cat"]
+    assert meta["dog/001.jpg"]["labels"] == ["dog"] and meta["cat/003.jpg"]["labels"] == ["cat"]
+
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["classes"] == ["cat", "dog"]
+    counts = {c: sum(s["class_counts"][c] for s in manifest["splits"].values()) for c in manifest["classes"]}
+    assert counts == {"cat": 6, "dog": 4}  # 6 - 1 dropped + 1 relabelled; 6 - 1 dropped - 1 relabelled
+    report = manifest["report"]
+    assert report["edits"] == {
+        "drop_ids": {"file": str(duplicates), "listed": 3, "dropped": 2, "unknown": 1},
+        "relabel": {"file": str(relabel), "listed": 3, "relabelled": 1, "unchanged": 1, "unknown": 0, "dropped_instead": 1},
+    }
+    assert report["imported"] == report["selected"] == 10
+    assert [s for s in report["skipped"] if s["reason"] == "unknown-id"] == [
+        {"source": str(duplicates), "reason": "unknown-id", "detail": "1 ids not in the source, e.g. gone/404.jpg"}
+    ]
+    assert manifest["source"]["drop_ids"] == str(duplicates) and manifest["source"]["relabel"] == str(relabel)
+
+
+def test_relabel_reaches_val_prefixed_ids_of_a_multi_label_import(tmp_path):
+    from tests.formats.csv_files import add_images
+
+    add_images(tmp_path / "img", *(f"{n}.jpg" for n in ("t1", "t2", "t3", "t4", "v1", "v2")))
+    (tmp_path / "train.csv").write_text('id,tags\nt1,"sky, sea"\nt2,sea\nt3,sky\nt4,"sea, sky"\n')
+    (tmp_path / "val.csv").write_text('id,tags\nv1,"sky, sea"\nv2,sea\n')
+    # the doctor names validation images as the dataset does: val/<id>; a multi-label cell splits like the source's
+    (tmp_path / "fix.csv").write_text('id,labels\nval/v1,\nt2,"sea | moon"\nv2,sky\n')
+    (tmp_path / "outliers.csv").write_text("id,split,score\nt3,train,0.97\n")
+    out = tmp_path / "ds"
+    result = run("import", str(tmp_path / "train.csv"), "--images", str(tmp_path / "img"), "--out", str(out),
+                 "--val-from", str(tmp_path / "val.csv"), "--workers", "1",
+                 "--relabel", str(tmp_path / "fix.csv"), "--drop-ids", str(tmp_path / "outliers.csv"))
+    assert result.exit_code == 0, result.output
+    meta = _shard_meta(out)
+    assert set(meta) == {"t1", "t2", "t4", "val/v1", "val/v2"}
+    assert meta["val/v1"]["labels"] == [] and meta["val/v1"]["split"] == "val"
+    assert meta["t2"]["labels"] == ["sea", "moon"]
+    manifest = load_manifest(str(out))
+    assert manifest.task == "multi" and manifest.classes == ["moon", "sea", "sky"]
+    assert manifest.split("val").untagged == 1
+    assert manifest.report["edits"]["relabel"] == {
+        "file": str(tmp_path / "fix.csv"), "listed": 3, "relabelled": 2, "unchanged": 0, "unknown": 1, "dropped_instead": 0,
+    }
+    assert manifest.report["edits"]["drop_ids"]["dropped"] == 1
+
+
+def test_a_drop_file_of_other_ids_fails_before_anything_is_written(tmp_path):
+    src = make_class_folders(tmp_path / "src", {"cat": 3, "dog": 3})
+    (tmp_path / "drop.txt").write_text("# ids from another dataset\n000.jpg\n001.jpg\n")
+    result = run_wide("import", str(src), "--out", str(tmp_path / "ds"), "--drop-ids", str(tmp_path / "drop.txt"))
+    assert result.exit_code == InputError.exit_code
+    assert "lists 2 id(s), none of them in the source" in result.output and "cat/000.jpg" in result.output
+    assert not list((tmp_path / "ds").glob("*"))

@@ -108,6 +108,8 @@ def import_command(
     val_list: Annotated[Optional[str], typer.Option(help="Text file of ids (one per line) forming the validation set.")] = None,
     derive: Annotated[Optional[list[str]], typer.Option(help="Label rule, e.g. 'thriller = Thriller & Crime & ~Romance'; repeatable.")] = None,
     otherwise: Annotated[str, typer.Option(help="With one --derive rule: the name of the negative class.")] = "other",
+    drop_ids: Annotated[Optional[str], typer.Option(help="Ids to leave out: one per line, or a CSV with an id column (tagmill doctor's).")] = None,
+    relabel: Annotated[Optional[str], typer.Option(help="CSV of id,labels: new labels for those ids (after --derive).")] = None,
     keep: Annotated[Optional[list[str]], typer.Option(help="Keep only these classes/tags (repeatable or comma list).")] = None,
     drop: Annotated[Optional[list[str]], typer.Option(help="Drop these classes/tags (repeatable or comma list).")] = None,
     skip_untagged: Annotated[bool, typer.Option(help="Multi-label: drop images that have no tag.")] = False,
@@ -126,6 +128,7 @@ def import_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
 ) -> None:
     """Import labelled images into a packed dataset (dataset.json + tar shards)."""
+    from tagmill.dataset.edits import describe_edits
     from tagmill.dataset.importer import ImportOptions, import_dataset
     from tagmill.formats import SourceOptions
     from tagmill.progress import RichProgress
@@ -155,6 +158,8 @@ def import_command(
         val_list=val_list,
         derive=tuple(derive or ()),
         otherwise=otherwise,
+        drop_ids=drop_ids,
+        relabel=relabel,
         keep=_split_list(keep),
         drop=_split_list(drop),
         skip_untagged=skip_untagged,
@@ -171,6 +176,8 @@ def import_command(
     )
     result = import_dataset(source, out_dir, options, progress=RichProgress(err))
     print_import_summary(result)
+    for line in describe_edits(result.report.get("edits", {})):
+        out.print(f"  {line}", highlight=False, markup=False)  # file names may hold [brackets]
 
 
 def print_import_summary(result: Any) -> None:

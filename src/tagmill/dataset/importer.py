@@ -1,12 +1,13 @@
 """``tagmill import``: from what the user has to a packed, checked dataset.
 
-    read source(s) ─► derive labels ─► keep/drop/sample ─► decode + resize (parallel)
-        ─► check classes ─► split ─► write shards ─► write dataset.json (last)
+    read source(s) ─► derive labels ─► --drop-ids/--relabel ─► keep/drop/sample
+        ─► decode + resize (parallel) ─► check classes ─► split ─► write shards
+        ─► write dataset.json (last)
 
-Label rules and sampling only look at metadata, so they run before any image is
-decoded (a balanced 2k-poster dataset out of 39k posters decodes 2k images). Splits
-run after decoding, on the images that survived, so no split loses a class to a
-corrupt file.
+Label rules, edits (``edits.py`` says why they sit between rules and sampling) and
+sampling only look at metadata, so they run before any image is decoded (a balanced
+2k-poster dataset out of 39k posters decodes 2k images). Splits run after decoding,
+on the images that survived, so no split loses a class to a corrupt file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tagmill import __version__, storage
+from tagmill.dataset import edits as dataset_edits
 from tagmill.dataset import rules as label_rules
 from tagmill.dataset import sampling
 from tagmill.dataset.manifest import (
@@ -53,6 +55,10 @@ class ImportOptions:
     val_list: str | None = None
     derive: tuple[str, ...] = ()
     otherwise: str = "other"
+    #: ids to leave out: a text file (one a line) or a CSV with an id / id_b column (tagmill doctor's)
+    drop_ids: str | None = None
+    #: a CSV of id,labels whose labels replace the records' (after --derive, before sampling)
+    relabel: str | None = None
     keep: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     skip_untagged: bool = False
@@ -97,6 +103,7 @@ def import_dataset(
         parsed = [label_rules.parse_rule(text) for text in options.derive]
         known = {t for r in records for t in r.labels} | set(classes)
         records, task, classes = label_rules.derive_labels(records, parsed, known, options.otherwise)
+    records, classes, edits = _apply_edits(records, classes, task, options, read)
     records, steps = _sample(records, task, options)
 
     with stage_images(
@@ -128,7 +135,7 @@ def import_dataset(
                 _remove_shards(out, keep=set())
             raise
 
-    report = _report(read, records, staging.images, skipped, steps, task, options)
+    report = _report(read, records, staging.images, skipped, steps, edits, task, options)
     manifest = Manifest(
         task=task,
         classes=classes,
@@ -138,6 +145,8 @@ def import_dataset(
             "location": source,
             "format": read.description,
             "val_source": options.val_source,
+            "drop_ids": options.drop_ids,
+            "relabel": options.relabel,
             "split": {"val_fraction": val_fraction, "test_fraction": options.test_fraction, "seed": options.seed},
         },
         report=report,
@@ -200,6 +209,26 @@ def _apply_val_list(records: list[SourceRecord], val_list: str | None, read: Rea
             Skip(val_list, "unknown-id", f"{len(unknown)} ids not in the source, e.g. {', '.join(unknown[:5])}")
         )
     return [replace(r, split="val") if r.id in wanted else r for r in records]
+
+
+def _apply_edits(
+    records: list[SourceRecord], classes: list[str], task: str, options: ImportOptions, read: ReadResult
+) -> tuple[list[SourceRecord], list[str], dict[str, Any]]:
+    """--drop-ids and --relabel, on the final ids and labels (``edits.py`` says why here)."""
+    if options.drop_ids is None and options.relabel is None:
+        return records, classes, {}
+    edited = dataset_edits.apply_edits(
+        records,
+        classes,
+        drop_ids=None if options.drop_ids is None else dataset_edits.read_drop_ids(options.drop_ids),
+        drop_file=options.drop_ids or "",
+        relabel=None if options.relabel is None else dataset_edits.read_relabel(options.relabel, task),  # type: ignore[arg-type]
+        relabel_file=options.relabel or "",
+        # label rules order their classes (the negative one first): new ones go last
+        sort_classes=False if options.derive else None,
+    )
+    read.skipped.extend(edited.skipped)  # unknown ids, reported like --val-list's
+    return edited.records, edited.classes, edited.report
 
 
 def _sample(records: list[SourceRecord], task: str, options: ImportOptions) -> tuple[list[SourceRecord], list[dict[str, Any]]]:
@@ -285,6 +314,7 @@ def _report(
     imported: list[StagedImage],
     skipped: list[Skip],
     steps: list[dict[str, Any]],
+    edits: dict[str, Any],
     task: str,
     options: ImportOptions,
 ) -> dict[str, Any]:
@@ -298,6 +328,7 @@ def _report(
         "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "skipped": [s.as_dict() for s in skipped],
         "derived": list(options.derive),
+        "edits": edits,
         "sampling": steps,
         "untagged": sum(1 for i in imported if not i.record.labels) if task == "multi" else 0,
     }

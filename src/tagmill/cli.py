@@ -373,6 +373,45 @@ def lr_find_command(
 
 @app.command()
 @reports_errors
+def doctor(
+    dataset: Annotated[str, typer.Argument(help="A packed dataset (from `tagmill import`); path or URL.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write report.md/.html, the CSVs and doctor.json.")],
+    model: Annotated[Optional[str], typer.Option(help="A training run or bundle whose backbone gives the features (a run's feature cache is reused when it matches); default: the pretrained backbone training would start from.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Without --model: efficientnet_lite0 (default), lite1, lite2, or any timm architecture.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Without --model: input size in pixels (default: as training would choose).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch for the features.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the k-fold split that judges the labels.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding images.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+) -> None:
+    """Find mislabelled images, duplicates, train/val leakage, outliers and scarce classes."""
+    from tagmill.doctor.diagnose import diagnose
+    from tagmill.doctor.report import write_report
+    from tagmill.progress import RichProgress
+    from tagmill.train.config import TrainConfig
+
+    given = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "seed": seed,
+             "workers": workers, "device": device}
+    config = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
+    found = diagnose(dataset, model=model, config=config, workers=workers, progress=RichProgress(err),
+                     log=lambda line: err.print(line, highlight=False))
+    report = write_report(found, out_dir)
+    counts = found.counts()
+    out.print(f"label issues: [bold]{counts['label_issues']}[/] images", highlight=False)
+    dupes = counts["duplicate_pairs"]
+    out.print(f"duplicates: [bold]{dupes['exact']}[/] exact, [bold]{dupes['near']}[/] near pairs; "
+              f"[bold]{counts['leaked_pairs']}[/] across splits", highlight=False)
+    leak = found.leakage
+    if counts["leaked_pairs"] and leak.get("without_leaked") is not None:
+        out.print(f"[yellow]leakage: validation {leak['metric']} {leak['with_leaked']:.4f} with the leaked images, "
+                  f"{leak['without_leaked']:.4f} without[/]", highlight=False)
+    out.print(f"outliers: [bold]{sum(counts['outliers'].values())}[/]; scarce classes: [bold]{counts['scarce_labels']}[/]",
+              highlight=False)
+    out.print(f"report: [bold]{report}[/]", highlight=False)
+
+
+@app.command()
+@reports_errors
 def export(
     run: Annotated[str, typer.Argument(help="A training run directory.")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write.")],

@@ -32,14 +32,19 @@ def _from_bundle(location: str) -> tuple[torch.nn.Module, dict, Preprocess, list
     return model, info, meta.preprocess, list(meta.thresholds) if meta.thresholds else None
 
 
+def load_model(model_location: str) -> tuple[torch.nn.Module, dict, Preprocess, list[float] | None]:
+    """A run's best model or a bundle's: (model, {"classes", "task", "config", "title"},
+    preprocessing, per-tag thresholds or None)."""
+    if storage.exists(storage.join(model_location, MODEL_JSON)):
+        return _from_bundle(model_location)
+    if is_run(model_location):
+        return _from_run(model_location)
+    raise InputError(f"{model_location} is neither a training run nor a model bundle")
+
+
 def evaluate_model(model_location: str, dataset: str, split: str, out_dir: str, *, tune: bool = False,
                    progress: Progress = SILENT):
-    if storage.exists(storage.join(model_location, MODEL_JSON)):
-        model, info, preprocess, thresholds = _from_bundle(model_location)
-    elif is_run(model_location):
-        model, info, preprocess, thresholds = _from_run(model_location)
-    else:
-        raise InputError(f"{model_location} is neither a training run nor a model bundle")
+    model, info, preprocess, thresholds = load_model(model_location)
     manifest = load_manifest(dataset)
     verify_shards(dataset, manifest)
     if list(manifest.classes) != list(info["classes"]) or manifest.task != info["task"]:

@@ -95,8 +95,10 @@ def parse_relabel(text: str, name: str, task: TaskName) -> dict[str, tuple[str, 
     """``{id: labels}`` from a CSV with ``id`` and ``labels`` columns.
 
     Single-label: each cell must be exactly one class name. Multi-label: cells are
-    split into tags like a tags CSV source (the separator detected over all the
-    cells), and an empty cell is an image with no tag.
+    split on the first of the tag separators a tags CSV source may use (``,`` ``|``
+    ``;``) that any cell holds, never on spaces: a suggested tag may be several words
+    ("Science Fiction") and stand alone in every cell; ``tagmill doctor`` writes ``|``.
+    An empty cell is an image with no tag.
     """
     header, rows = _table(text, name)
     id_col, label_col = (_find(header, c) for c in RELABEL_COLUMNS)
@@ -106,7 +108,8 @@ def parse_relabel(text: str, name: str, task: TaskName) -> dict[str, tuple[str, 
         raise InputError(f"{name}: line 1: no {' or '.join(map(repr, missing))} column (found: {found})", hint=_RELABEL_HINT)
     cells = [(line, fields[id_col], fields[label_col])
              for line, fields in _reaching(rows, max(id_col, label_col), header, name, _RELABEL_HINT)]
-    split = make_splitter(detect_separator([cell for _, _, cell in cells], task))
+    # task None: detect a separator character only; "multi" would also split on spaces
+    split = make_splitter(detect_separator([cell for _, _, cell in cells], "single" if task == "single" else None))
     labels: dict[str, tuple[str, ...]] = {}
     first_line: dict[str, int] = {}
     for line, record_id, cell in cells:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tagmill.errors import InputError
 from tagmill.objective import Objective
 
 #: L2 strengths tried (loss = mean data loss + l2/2 · ‖W‖², features at one overall
@@ -145,6 +146,34 @@ def _fit_head(
     return HeadFit(
         weight.cpu(), bias.cpu(), l2, scores, k, used, oof[0] if oof else None, oof[1] if oof else None, message
     )
+
+
+def out_of_fold_probabilities(
+    features: Tensor, targets: Tensor, task: Objective, *, l2: float, folds: int = FOLDS, seed: int = 0,
+    device: torch.device | None = None,
+) -> tuple[Tensor, int]:
+    """(N, C) probabilities for *every* row of ``features`` (N, D), each from a head fitted
+    at ``l2`` on the other folds, and the k used. Unlike the cross-validation inside
+    :func:`fit_head`, which samples at most ``CV_MAX_IMAGES`` to choose L2, this judges
+    all N: ``tagmill doctor`` needs an honest probability for each image it may flag."""
+    device = device or torch.device("cpu")
+    k, why = choose_folds(targets, task, folds)
+    if not k:
+        raise InputError(f"cannot judge labels out of fold: {why}", hint="labels need at least 2 images per class")
+    x = features.to(device, torch.float32)
+    mean, std = _moments(x)
+    x = (x - mean) / std
+    y = targets.to(device)
+    num_classes = task.num_outputs(y)
+    fold_of = _assign_folds(y, task, k, seed, limit=len(y))
+    probs = torch.zeros(len(y), num_classes)
+    threads = 1 if device.type == "cpu" and x.numel() * num_classes < ONE_THREAD_BELOW else torch.get_num_threads()
+    with _threads(threads):
+        for fold in range(k):
+            held = fold_of == fold
+            weight, bias = _fit([x[~held]], y[~held], task, num_classes, l2)
+            probs[held.cpu()] = task.probabilities(x[held] @ weight.T + bias).cpu()
+    return probs, k
 
 
 @contextlib.contextmanager
@@ -258,4 +287,4 @@ def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit:
     return fold_of.to(targets.device)
 
 
-__all__ = ["FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "choose_folds", "fit_head"]
+__all__ = ["FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "choose_folds", "fit_head", "out_of_fold_probabilities"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -180,3 +181,16 @@ def test_bad_datasets_are_clear_errors_with_their_exit_codes(planted, tmp_path):
     write_manifest(str(empty), manifest)
     result = runner.invoke(app, ["doctor", str(empty), "--out", str(tmp_path / "r3")])
     assert result.exit_code == EmptyDatasetError.exit_code and "val split holds no images" in said(result)
+
+
+def test_a_training_report_names_the_suspect_and_the_leak(planted, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(planted["dataset"]), "--out", str(run)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = (run / "report.md").read_text()
+    section = report[report.index("## Data issues"):report.index("## Training config")]
+    suspects = section[section.index("| id |"):]
+    assert suspects.splitlines()[2].startswith("| train/coffee/flipped.jpg | coffee | rocket |")
+    # the exact copy is certain; the recompressed one is left to the doctor (features alone cannot tell)
+    leaks = int(re.search(r"\*\*Leakage\*\*: (\d+) of 20 validation", section).group(1))
+    assert 1 <= leaks <= 2

@@ -49,6 +49,7 @@ def write_report(
     config: dict[str, Any],
     sources: dict[str, str] | None = None,
     fixed: dict[str, Any] | None = None,
+    data_issues: str = "",
 ) -> str:
     """Write ``run_dir/report.md`` and return its location.
 
@@ -57,7 +58,8 @@ def write_report(
     {"thumbnail", "id", "true", "predicted", "loss"}, thumbnails already written.
     ``sources`` says in words where the numbers come from ({"metrics", "model",
     "thresholds"}); ``fixed`` holds the headline at one fixed threshold when the
-    main table uses per-tag ones ({"threshold", "headline"}).
+    main table uses per-tag ones ({"threshold", "headline"}). ``data_issues`` is a
+    ready section (``doctor.in_training``), placed before the configuration.
     """
     sections = [
         f"# {text(title)}",
@@ -67,6 +69,7 @@ def write_report(
         _plots_section(run_dir, plots),
         _per_class_section(result),
         _top_losses_section(run_dir, top_losses),
+        data_issues,
         _config_section(config),
     ]
     location = storage.join(run_dir, REPORT_NAME)

@@ -100,8 +100,10 @@ def write_evaluation(
     thresholds: list[float] | None = None,
     threshold_source: str = "",
     selection: str = "",
+    data_issues: str = "",
 ):
-    """Metrics, plots, thumbnails and report.md in out_dir.
+    """Metrics, plots, thumbnails and report.md in out_dir (``data_issues``: a ready
+    markdown section for it).
 
     Multi-label decisions use ``thresholds`` (per tag, tuned elsewhere: say where in
     ``threshold_source``) or the one ``threshold``. ``tune`` tunes them on this very
@@ -144,7 +146,7 @@ def write_evaluation(
     plots["per_class_f1"] = plot_per_class_f1(result.per_class, storage.join(out_dir, "per_class_f1.png"))
     worst = _write_top_losses(out_dir, dataset, manifest, split, preds, result, tuned, threshold, write_thumbnail, top_losses)
     write_report(out_dir, title=title, result=result, plots=plots, top_losses=worst, config=config,
-                 sources=metrics["sources"], fixed=metrics.get("at_fixed_threshold"))
+                 sources=metrics["sources"], fixed=metrics.get("at_fixed_threshold"), data_issues=data_issues)
     return result, tuned
 
 

@@ -640,7 +640,21 @@ class _Run:
             threshold=self.config.threshold, top_k=self.config.top_k,
             thresholds=thresholds, threshold_source=source,
             selection=self._selection_note(best),
+            data_issues=self._data_issues(best["stage"]),
         )
+
+    def _data_issues(self, best_stage: str) -> str:
+        """report.md's data-issues section, from the out-of-fold probabilities and cached
+        features this run holds (nothing is recomputed for it)."""
+        from tagmill.doctor.in_training import data_issues_section
+
+        cached = self._cache is not None or storage.exists(storage.join(self.run_dir, FEATURES))
+        if not cached:
+            return data_issues_section(self.dataset, self.manifest, [], None, None)
+        views, val = self._feature_cache()
+        oof = read_oof(self.run_dir) if best_stage == "head" else None
+        return data_issues_section(self.dataset, self.manifest, views[0].keys, oof[:2] if oof else None,
+                                   (views[0].features, val.features) if val is not None else None)
 
     def _thresholds(self, best_stage: str) -> tuple[list[float] | None, str]:
         """Multi-label: per-tag thresholds from out-of-fold predictions over train. The

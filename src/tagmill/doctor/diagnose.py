@@ -211,7 +211,8 @@ def diagnose(dataset: str, *, model: str | None = None, config: TrainConfig | No
 
     start = time.perf_counter()
     outliers = image_outliers(facts) + feature_outliers(x, neighbours, y if task.single else None)
-    outliers.sort(key=lambda o: -o.score)
+    # images that are barely images first (certain), then the feature tests by z-score
+    outliers.sort(key=lambda o: (o.reason in ("unlike-any-image", "unlike-its-class"), -o.score))
     seconds["outliers"] = time.perf_counter() - start
     return Diagnosis(dataset, manifest, facts, issues, ranking, duplicates, outliers, scarce_labels(manifest),
                      leakage, source, how, seconds)

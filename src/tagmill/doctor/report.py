@@ -76,6 +76,14 @@ def _ordered_pairs(d: Diagnosis) -> list[dup.DuplicatePair]:
     return sorted(d.duplicates, key=lambda p: (not d.is_leak(p), not d.is_conflict(p), p.kind != "exact", -p.similarity))
 
 
+def _outlier_images(d: Diagnosis) -> list[tuple[int, list[out.Outlier]]]:
+    """Findings grouped by image, in the order of each image's first finding."""
+    by_image: dict[int, list[out.Outlier]] = {}
+    for o in d.outliers:
+        by_image.setdefault(o.row, []).append(o)
+    return list(by_image.items())
+
+
 def _drop_suggestions(d: Diagnosis) -> list[str]:
     """One image of every duplicate pair: the validation copy of a leak (validation must be
     unseen), else the second of the pair; undecodable images too."""
@@ -168,10 +176,12 @@ def _markdown(d: Diagnosis, out_dir: str, issues: list[dict[str, Any]], pairs: l
 
     lines += ["", "## Outliers", ""]
     if d.outliers:
-        lines += [f"{len(d.outliers)} in all in `outliers.csv`.", ""]
-        lines.append(table(["image", "id", "split", "reason", "detail"], [
-            [_picture(out_dir, thumbs, o.row, f[o.row].id), text(f[o.row].id), f[o.row].split, o.reason, text(o.detail)]
-            for o in d.outliers[:SHOWN]]))
+        by_image = _outlier_images(d)
+        lines += [f"{len(by_image)} image(s), {len(d.outliers)} finding(s) in all in `outliers.csv`.", ""]
+        lines.append(table(["image", "id", "split", "why"], [
+            [_picture(out_dir, thumbs, row, f[row].id), text(f[row].id), f[row].split,
+             "; ".join(f"**{o.reason}**: {text(o.detail)}" for o in found)]
+            for row, found in by_image[:SHOWN]]))
     else:
         lines.append("No image stands out.")
 
@@ -195,7 +205,7 @@ def write_report(d: Diagnosis, out_dir: str) -> str:
     issues = _issue_rows(d)
     pairs = _ordered_pairs(d)
 
-    wanted = {r["row"] for r in issues[:SHOWN]} | {o.row for o in d.outliers[:SHOWN]}
+    wanted = {r["row"] for r in issues[:SHOWN]} | {row for row, _ in _outlier_images(d)[:SHOWN]}
     wanted |= {row for p in pairs[:SHOWN] for row in (p.a, p.b)}
     thumbs = _thumbnails(d, out_dir, wanted)
 

@@ -34,3 +34,16 @@ def test_bad_arguments_are_input_errors():
         nearest_neighbours(torch.randn(3, 4), 3)
     with pytest.raises(InputError, match="threshold"):
         similar_pairs(torch.randn(3, 4), 1.5)
+
+
+def test_projected_search_still_pairs_near_copies_and_stays_within_kind():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(40, 1024, generator=g).relu() * 2  # non-negative, like pooled activations
+    rows = centres.repeat_interleave(25, dim=0) + torch.randn(1000, 1024, generator=g).relu()
+    originals = torch.randperm(1000, generator=g)[:20]
+    copies = rows[originals] + 0.1 * torch.randn(20, 1024, generator=g)  # recompressed / resized, say
+    fast = nearest_neighbours(torch.cat([rows, copies]), 5, exact_up_to=100)  # 1,020 > 100: projected to 256 dims
+    assert torch.equal(fast.index[1000:, 0], originals)  # every copy's nearest image is its original
+    assert (fast.index[originals, 0] == torch.arange(1000, 1020)).all()
+    kind = torch.cat([torch.arange(1000) // 25, originals // 25])
+    assert (kind[fast.index] == kind[:, None]).float().mean() >= 0.99  # neighbours are of the image's own kind

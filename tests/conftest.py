@@ -8,6 +8,9 @@ from pathlib import Path
 # Tests run two at a time (pytest -n 2) on two cores: one torch thread each, in this
 # process and in every tagmill subprocess a test starts, avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# rich wraps messages at the terminal width (80 without a terminal): a long temporary
+# path then splits the phrase a test looks for, depending on the path's length
+os.environ["COLUMNS"] = "240"
 
 import pytest
 

@@ -183,14 +183,38 @@ def test_bad_datasets_are_clear_errors_with_their_exit_codes(planted, tmp_path):
     assert result.exit_code == EmptyDatasetError.exit_code and "val split holds no images" in said(result)
 
 
-def test_a_training_report_names_the_suspect_and_the_leak(planted, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run") / "run"
     result = runner.invoke(app, ["train", str(planted["dataset"]), "--out", str(run)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = (run / "report.md").read_text()
+    return run
+
+
+def test_a_training_report_names_the_suspect_and_the_leak(trained):
+    report = (trained / "report.md").read_text()
     section = report[report.index("## Data issues"):report.index("## Training config")]
     suspects = section[section.index("| id |"):]
     assert suspects.splitlines()[2].startswith("| train/coffee/flipped.jpg | coffee | rocket |")
     # the exact copy is certain; the recompressed one is left to the doctor (features alone cannot tell)
     leaks = int(re.search(r"\*\*Leakage\*\*: (\d+) of 20 validation", section).group(1))
     assert 1 <= leaks <= 2
+
+
+def test_doctor_reuses_a_runs_feature_cache_and_reads_bundles(planted, trained, tmp_path):
+    result = runner.invoke(app, ["doctor", str(planted["dataset"]), "--out", str(tmp_path / "r"), "--model", str(trained)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "doctor.json").read_text())
+    assert "the run's feature cache for train, val" in summary["features_from"]
+    first = read_csv(planted["out"] / "label_issues.csv")[0]
+    assert read_csv(tmp_path / "r" / "label_issues.csv")[0] == first  # the same backbone: the same verdict
+
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(app, ["export", str(trained), "--out", str(bundle)], catch_exceptions=False).exit_code == 0
+    result = runner.invoke(app, ["doctor", str(planted["dataset"]), "--out", str(tmp_path / "b"), "--model", str(bundle)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "b" / "doctor.json").read_text())
+    assert str(bundle) in summary["features_from"] and "cache" not in summary["features_from"]
+    assert read_csv(tmp_path / "b" / "label_issues.csv")[0]["id"] == first["id"]

@@ -25,7 +25,7 @@ from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_l
 from tagmill.doctor.neighbours import nearest_neighbours
 from tagmill.doctor.outliers import Outlier, Scarce, feature_outliers, image_outliers, scarce_labels
 from tagmill.doctor.scan import ImageFacts, scan_dataset
-from tagmill.errors import DatasetError, EmptyDatasetError
+from tagmill.errors import DatasetError, EmptyDatasetError, TagmillError
 from tagmill.objective import Objective, objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
@@ -81,6 +81,20 @@ def _check(dataset: str, manifest: Manifest) -> None:
         raise EmptyDatasetError(f"{dataset}: the {which} split holds no images", hint="re-import the data")
 
 
+def _same_shards(other: str, manifest: Manifest) -> bool:
+    """Whether the dataset at ``other`` holds exactly the shards of ``manifest`` (same
+    sha256 per split): a run's cached features are then features of these images."""
+    try:
+        theirs = load_manifest(other)
+    except TagmillError:
+        return False  # moved or deleted since the run: recompute rather than guess
+    return _shard_shas(theirs) == _shard_shas(manifest)
+
+
+def _shard_shas(manifest: Manifest) -> dict[str, list[str]]:
+    return {split: [shard.sha256 for shard in info.shards] for split, info in manifest.splits.items()}
+
+
 def _features(dataset: str, manifest: Manifest, model_location: str | None, config: TrainConfig, progress: Progress,
               log: Callable[[str], None]) -> tuple[dict[str, FeatureSet], str]:
     """Plain (unaugmented) features of every split, and where they came from."""
@@ -97,10 +111,10 @@ def _features(dataset: str, manifest: Manifest, model_location: str | None, conf
         model, info, preprocess, _ = load_model(model_location)
         source = f"{info['title']} from {model_location}"
         if is_run(model_location) and storage.exists(storage.join(model_location, FEATURES)):
-            _, run_config = read_run(model_location)
+            run_dataset, run_config = read_run(model_location)
             frozen = read_best(model_location)["stage"] in ("head", "frozen")
             plain_first = run_config.convex_head or (run_config.cache_views or 1) > 1
-            if frozen and plain_first:
+            if frozen and plain_first and _same_shards(run_dataset, manifest):
                 views, val = load_features(storage.join(model_location, FEATURES))
                 cached = {"train": views[0], **({"val": val} if val is not None else {})}
                 for split, features in cached.items():

@@ -218,3 +218,37 @@ def test_doctor_reuses_a_runs_feature_cache_and_reads_bundles(planted, trained, 
     summary = json.loads((tmp_path / "b" / "doctor.json").read_text())
     assert str(bundle) in summary["features_from"] and "cache" not in summary["features_from"]
     assert read_csv(tmp_path / "b" / "label_issues.csv")[0]["id"] == first["id"]
+
+
+def test_multi_label_doctor_finds_a_missing_and_a_wrong_tag(tmp_path):
+    """Tags of photo crops: coffee → drink; rocket → space; astronaut → space, person.
+    One astronaut crop lost its "person" tag; one coffee crop gained "space"."""
+    import skimage.data
+
+    tags = {"coffee": ["drink"], "rocket": ["space"], "astronaut": ["space", "person"]}
+    rows = []
+    for c, name in enumerate(PHOTOS):
+        for i, img in enumerate(crops(getattr(skimage.data, name)(), 20, seed=10 + c)):
+            save(img, tmp_path / "img" / f"{name}{i:02d}.jpg")
+            given = list(tags[name])
+            if (name, i) == ("astronaut", 3):
+                given.remove("person")
+            if (name, i) == ("coffee", 7):
+                given.append("space")
+            rows.append(f'{name}{i:02d}.jpg,"{", ".join(given)}"')
+    (tmp_path / "tags.csv").write_text("id,tags\n" + "\n".join(rows) + "\n")
+    dataset = tmp_path / "ds"
+    result = runner.invoke(app, ["import", str(tmp_path / "tags.csv"), "--images", str(tmp_path / "img"),
+                                 "--out", str(dataset), "--multi-label"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["doctor", str(dataset), "--out", str(tmp_path / "r")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    issues = read_csv(tmp_path / "r" / "label_issues.csv")
+    top = {row["id"]: row for row in issues[:2]}
+    assert set(top) == {"astronaut03.jpg", "coffee07.jpg"}
+    assert top["astronaut03.jpg"]["kind"] == "missing_tag" and set(top["astronaut03.jpg"]["suggested"].split("|")) == {"space", "person"}
+    assert top["coffee07.jpg"]["kind"] == "wrong_tag" and top["coffee07.jpg"]["suggested"] == "drink"
+    assert len(issues) <= 6  # one row per image, few beyond the two planted
+    relabel = {r["id"]: r["labels"] for r in read_csv(tmp_path / "r" / "relabel_suggested.csv")}
+    assert relabel["coffee07.jpg"] == "drink"

@@ -11,8 +11,9 @@ a user fixes the data by re-importing with two files:
   of each pair keeps one copy).
 * ``--relabel FILE``: a CSV with ``id`` and ``labels`` columns; the labels replace the
   record's. A single-label cell is one class name; a multi-label cell is split into
-  tags the way :mod:`tagmill.formats.csv_labels` splits tag cells, and an empty one
-  means "no tag".
+  tags on the first of ``,`` ``|`` ``;`` that the file's cells use (as
+  :mod:`tagmill.formats.csv_labels` detects them, but never on spaces: a tag may be
+  several words), and an empty one means "no tag".
 
 Why edits run where they do in the import (after ``--derive`` and ``--val-list``,
 before ``--keep``/``--drop``/``--min-per-class``/``--balance``):

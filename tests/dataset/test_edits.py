@@ -107,6 +107,14 @@ def test_multi_label_cells_split_like_a_tags_csv_and_empty_means_no_tag() -> Non
     assert parse_relabel("id,labels\na,sky|sea\nb,sea\n", "fix.csv", "multi") == {"a": ("sky", "sea"), "b": ("sea",)}
 
 
+def test_multi_label_tags_of_several_words_are_never_split_on_spaces() -> None:
+    # the doctor's relabel_suggested.csv: one tag per cell here, joined by | when several
+    text = "id,labels\na,Science Fiction\nb,Drama\n"
+    assert parse_relabel(text, "fix.csv", "multi") == {"a": ("Science Fiction",), "b": ("Drama",)}
+    text = "id,labels\na,Science Fiction|Drama\nb,Drama\n"
+    assert parse_relabel(text, "fix.csv", "multi") == {"a": ("Science Fiction", "Drama"), "b": ("Drama",)}
+
+
 def test_relabel_without_its_columns_says_what_it_found() -> None:
     with pytest.raises(InputError) as info:
         parse_relabel("id,given,suggested\ncat/1.jpg,cat,dog\n", "label_issues.csv", "single")

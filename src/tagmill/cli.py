@@ -247,6 +247,7 @@ def train_command(
     init_from: Annotated[Optional[str], typer.Option(help="Start from this bundle: same classes keep their head rows (incremental training).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local cache for shards read from URLs (s3://…): later epochs read disk.")] = None,
     cache_gb: Annotated[Optional[float], typer.Option(help="Size bound of --cache-dir in GB.")] = None,
+    track: Annotated[Optional[list[str]], typer.Option(help="tensorboard | mlflow: follow the run there (RUN/tensorboard; MLflow at $MLFLOW_TRACKING_URI, default RUN/mlruns); repeatable.")] = None,
 ) -> None:
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
     if nproc is not None:
@@ -268,11 +269,16 @@ def train_command(
     options = {k: v for k, v in given.items() if v is not None}
     progress = RichProgress(err)
     from tagmill.bundle.as_start import starting_point
+    from tagmill.bundle.from_run import export_run
+    from tagmill.train.tracking import create_trackers
 
+    run_dir = resume or out_dir
+    trackers = create_trackers(_split_list(track), run_dir, export=export_run) if track and run_dir else []
     if resume:
         if dataset or out_dir or options or hyperparameters:
             raise InputError("--resume takes the run directory only: its dataset and options are in the run")
-        result = train(None, resume, resume=True, load_start=starting_point, progress=progress, log=out.print)
+        result = train(None, resume, resume=True, load_start=starting_point, progress=progress, log=out.print,
+                       trackers=trackers)
     else:
         if dataset is None or out_dir is None:
             raise InputError("give a DATASET and --out RUN (or --resume RUN)")
@@ -287,7 +293,8 @@ def train_command(
         if options.get("pretrained") is False and "frozen_epochs" not in options and not options.get("weights"):
             # a random backbone's features are noise: there is nothing to train a head on
             options["frozen_epochs"] = 0
-        result = train(dataset, out_dir, TrainConfig.from_dict(options), load_start=starting_point, progress=progress, log=out.print)
+        result = train(dataset, out_dir, TrainConfig.from_dict(options), load_start=starting_point, progress=progress,
+                       log=out.print, trackers=trackers)
     out.print(f"best {result.metric_name}: {result.best_metric:.4f} — run in [bold]{result.run_dir}[/]", highlight=False)
 
 

@@ -27,7 +27,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,10 @@ from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, resolve_device, run_chunked
 from tagmill.train.features import FeatureSet, extract_features, load_features, save_features
 from tagmill.train.init_from import StartingPoint, transfer_weights
-from tagmill.train.run_format import BEST, CONFIG, FEATURES, LAST, read_oof, read_run, write_history, write_oof, write_run
+from tagmill.train.run_format import (
+    BEST, CONFIG, FEATURES, LAST, read_final_metrics, read_oof, read_run, report_files, write_history, write_oof, write_run,
+)
+from tagmill.train.tracking import Tracker, Tracking
 
 #: a whole-network training step costs about this many forward passes (forward,
 #: backward through every layer, optimizer): 62 img/s caching vs 16 img/s training for
@@ -108,11 +111,13 @@ def train(
     load_start: Callable[[str], StartingPoint] | None = None,
     progress: Progress = SILENT,
     log: Callable[[str], None] = lambda line: None,
+    trackers: Sequence[Tracker] = (),
 ) -> TrainResult:
     """Train on ``dataset`` into ``run_dir``; with ``resume``, continue the run there
     (its dataset and configuration come from the run directory). ``load_start`` reads
     the bundle named by ``config.init_from`` (the caller knows bundles; training does
-    not). Under torchrun every rank calls this; only rank 0 writes."""
+    not). ``trackers`` (``train.tracking``) follow the run from rank 0. Under torchrun
+    every rank calls this; only rank 0 writes."""
     if resume:
         dataset, config = read_run(run_dir)
     elif dataset is None:
@@ -128,7 +133,9 @@ def train(
         if load_start is not None:
             load_start = functools.cache(load_start)  # read once: settings and weights both come from it
         config = choose_open_settings(dataset, manifest, config, log, load_start)
-        return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, load_start, progress, log)
+        tracking = Tracking(trackers if ctx.is_main else (), log)
+        return _train(dataset, run_dir, config, manifest, ctx, resolve_device(device_name), resume, load_start, progress, log,
+                      tracking)
     finally:
         distributed.stop()
 
@@ -166,7 +173,7 @@ def choose_open_settings(
     return dataclasses.replace(config, **chosen) if chosen else config
 
 
-def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, progress, log) -> TrainResult:
+def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, progress, log, tracking) -> TrainResult:
     from tagmill.models import check_image_size, create_classifier
 
     preprocess = preprocess_for(config)
@@ -204,7 +211,8 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, 
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx)
+    tracking.start({"dataset": dataset, **config.as_dict()})
+    run = _Run(dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx, tracking)
     if state.epoch < config.head_epochs and not run.stopped_early():
         run.head_stage()
     if not run.stopped_early():
@@ -213,6 +221,7 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, 
         # the other ranks may exit meanwhile: torchrun waits for all, and no collective
         # remains that could time out while rank 0 evaluates a large validation split
         run.final_report()
+        tracking.finish(read_final_metrics(run_dir, {}), report_files(run_dir))
     return TrainResult(run_dir, state.history, state.best_metric, run.objective.selection_metric)
 
 
@@ -258,10 +267,12 @@ def _keep_batchnorm_statistics(model: torch.nn.Module) -> None:
 class _Run:
     """One training run's moving parts, shared by its two stages."""
 
-    def __init__(self, dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx) -> None:
+    def __init__(self, dataset, run_dir, manifest, config, preprocess, model, device, state, progress, log, ctx,
+                 tracking: Tracking | None = None) -> None:
         self.dataset, self.run_dir, self.manifest, self.config = dataset, run_dir, manifest, config
         self.preprocess, self.model, self.device, self.state = preprocess, model, device, state
         self.progress, self.log, self.ctx = progress, log, ctx
+        self.tracking = tracking or Tracking()
         #: per-rank batch: the configured batch size is the global one
         self.batch_size = max(1, config.batch_size // ctx.world)
         self.cache = ShardCache(config.cache_dir, int(config.cache_gb * 1e9)) if config.cache_dir else None
@@ -370,6 +381,7 @@ class _Run:
             save_checkpoint(storage.join(self.run_dir, BEST), {**checkpoint, "metrics": result.as_dict()})
         save_checkpoint(storage.join(self.run_dir, LAST), checkpoint)
         write_history(self.run_dir, state.history)
+        self.tracking.log_epoch(state.epoch, row)
 
     # ---------------------------------------------------------------- frozen stage
 

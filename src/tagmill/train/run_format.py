@@ -12,6 +12,7 @@ Both go through this module, so the layout is defined once:
     oof.safetensors       out-of-fold probabilities over train from the head's k-fold fit
     metrics.json, thresholds.json, report.md, *.png
                           the final evaluation of best.pt on validation
+    tensorboard/, mlruns/ what ``--track tensorboard|mlflow`` writes (``train.tracking``)
 
 A checkpoint is a dict of plain values and tensors (loaded with ``weights_only=True``);
 :data:`CHECKPOINT_KEYS` lists what every one holds.
@@ -20,6 +21,7 @@ A checkpoint is a dict of plain values and tensors (loaded with ``weights_only=T
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 from safetensors.torch import load as load_tensors
@@ -70,6 +72,19 @@ def read_best(run_dir: str) -> dict[str, Any]:
 def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(row) + "\n" for row in history)
     storage.write_bytes(storage.join(run_dir, METRICS), lines.encode())
+
+
+#: what describes a run to a reader (tracked as artifacts): not checkpoints, caches, or
+#: the trackers' own folders (RUN/tensorboard, RUN/mlruns)
+REPORT_SUFFIXES = (".json", ".jsonl", ".md", ".png", ".jpg")
+TENSORBOARD_DIR, MLFLOW_DIR = "tensorboard", "mlruns"
+TRACKER_DIRS = (TENSORBOARD_DIR + "/", MLFLOW_DIR + "/")
+
+
+def report_files(run_dir: str) -> list[str]:
+    """The run's configuration, metrics, report, plots and thumbnails, relative to it."""
+    return [name for name in storage.list_files(run_dir)
+            if name.endswith(REPORT_SUFFIXES) and not name.startswith(TRACKER_DIRS) and not posixpath.basename(name).startswith(".tmp-")]
 
 
 def read_thresholds(run_dir: str, task: str) -> tuple[float, ...] | None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tagmill import __version__, storage
 from tagmill.errors import InputError, TagmillError
@@ -39,12 +40,42 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except TagmillError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-            if exc.hint:
-                err.print(f"  [dim]hint:[/] {exc.hint}", highlight=False)
+            _report(exc)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report(exc: TagmillError) -> None:
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+    if exc.hint:
+        err.print(f"  [dim]hint:[/] {escape(exc.hint)}", highlight=False)
+
+
+#: a saved run's configuration fields (``config.json``) whose train option has another name
+RUN_CONFIG_OPTIONS = {"resize_method": "resize", "unfrozen_epochs": "epochs"}
+
+
+def _config_file(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """--config FILE, read before every other option (it is eager) into the command's
+    defaults: a flag on the command line still wins over the file."""
+    if value:
+        from tagmill.config_file import command_defaults
+
+        try:
+            defaults = command_defaults(ctx.command, value, ctx, saved_run=RUN_CONFIG_OPTIONS if ctx.command.name == "train" else None)
+        except TagmillError as exc:
+            _report(exc)
+            raise typer.Exit(exc.exit_code) from None
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigFile = Annotated[
+    Optional[str],
+    typer.Option("--config", is_eager=True, callback=_config_file,
+                 help="YAML or JSON file of this command's options (image_size or image-size: 64); flags override it."),
+]
 
 
 def _version(value: bool) -> None:
@@ -126,6 +157,7 @@ def import_command(
     shard_size_mb: Annotated[int, typer.Option(help="Start a new shard after this many MB.")] = 256,
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding images (default: one per core).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
+    config_file: ConfigFile = None,
 ) -> None:
     """Import labelled images into a packed dataset (dataset.json + tar shards)."""
     from tagmill.dataset.edits import describe_edits
@@ -248,6 +280,8 @@ def train_command(
     cache_dir: Annotated[Optional[str], typer.Option(help="Local cache for shards read from URLs (s3://…): later epochs read disk.")] = None,
     cache_gb: Annotated[Optional[float], typer.Option(help="Size bound of --cache-dir in GB.")] = None,
     track: Annotated[Optional[list[str]], typer.Option(help="tensorboard | mlflow: follow the run there (RUN/tensorboard; MLflow at $MLFLOW_TRACKING_URI, default RUN/mlruns); repeatable.")] = None,
+    unfrozen_lr_scale: Annotated[Optional[float], typer.Option(help="Whole-network stage: its peak lr is the head's (--lr or the finder's) times this (default 0.1; 5e-4 when the head had no lr: fitted to convergence without --lr).")] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
     if nproc is not None:
@@ -259,7 +293,7 @@ def train_command(
     given = {
         "backbone": backbone, "pretrained": pretrained, "weights": weights, "image_size": image_size,
         "resize_method": resize, "pooling": pooling, "augmentation": augmentation, "batch_size": batch_size,
-        "frozen_epochs": frozen_epochs, "unfrozen_epochs": epochs, "lr": lr, "lr_mult": lr_mult,
+        "frozen_epochs": frozen_epochs, "unfrozen_epochs": epochs, "lr": lr, "lr_mult": lr_mult, "unfrozen_lr_scale": unfrozen_lr_scale,
         "time_budget": parse_duration(time_budget) if time_budget is not None else None, "folds": folds,
         "weight_decay": weight_decay, "label_smoothing": label_smoothing, "pos_weight": pos_weight,
         "cache_views": cache_views, "precision": precision, "channels_last": channels_last,
@@ -516,6 +550,7 @@ def serve(
     queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
     max_connections: Annotated[int, typer.Option(help="Open connections per worker, idle ones included; beyond, 503.")] = 512,
     header_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to send a request's headers.")] = 10.0,
+    config_file: ConfigFile = None,
 ) -> None:
     """Serve a bundle: SageMaker-compatible endpoint, REST API and a web page."""
     from tagmill.serve.config import ServeConfig

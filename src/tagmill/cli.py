@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tagmill import __version__, storage
+from tagmill.api import parse_duration
 from tagmill.errors import InputError, TagmillError
 
 #: Predictions printed as a table when no output file is given.
@@ -286,8 +287,8 @@ def train_command(
     """Train a classifier: cached-feature head training, then discriminative fine-tuning."""
     if nproc is not None:
         raise typer.Exit(_launch_torchrun(nproc))
+    from tagmill.api import training_config
     from tagmill.progress import RichProgress
-    from tagmill.train.config import TrainConfig
     from tagmill.train.loop import train
 
     given = {
@@ -316,33 +317,9 @@ def train_command(
     else:
         if dataset is None or out_dir is None:
             raise InputError("give a DATASET and --out RUN (or --resume RUN)")
-        if hyperparameters:
-            from tagmill.train.sagemaker import config_from_hyperparameters
-
-            options = {**config_from_hyperparameters(hyperparameters, dataset, log=out.print), **options}
-        if init_from:
-            from tagmill.bundle.as_start import training_settings
-
-            options = {**training_settings(init_from), **options}
-        if options.get("pretrained") is False and "frozen_epochs" not in options and not options.get("weights"):
-            # a random backbone's features are noise: there is nothing to train a head on
-            options["frozen_epochs"] = 0
-        result = train(dataset, out_dir, TrainConfig.from_dict(options), load_start=starting_point, progress=progress,
-                       log=out.print, trackers=trackers)
+        config = training_config(dataset, options, hyperparameters=hyperparameters, log=out.print)
+        result = train(dataset, out_dir, config, load_start=starting_point, progress=progress, log=out.print, trackers=trackers)
     out.print(f"best {result.metric_name}: {result.best_metric:.4f} — run in [bold]{result.run_dir}[/]", highlight=False)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in '90', '90s', '10m', '1.5h'."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise InputError(f"--time-budget {text!r} is not a duration", hint="write e.g. 90s, 10m or 1h") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise InputError(f"--time-budget {text!r} must be a positive duration")
-    return seconds
 
 
 def _launch_torchrun(nproc: int) -> int:

@@ -131,6 +131,31 @@ class Predictor:
         """PIL images in any mode; they are normalised like decoded bytes."""
         return self._predict([lambda img=img: to_rgb(img) for img in images], top_k, threshold)
 
+    def predict(
+        self, images: Any, *, top_k: int | None = None, threshold: Threshold | None = None
+    ) -> Prediction | list[Prediction]:
+        """One image or a list of them, each a PIL image, a numpy array (H, W) or
+        (H, W, 3|4), uint8 or floats in [0, 1], a path or URL, or encoded bytes; one
+        Prediction for one image, a list for a list. Files and bytes are decoded as
+        served images are; an unreadable one gets ``error`` set."""
+        if isinstance(images, (list, tuple)):
+            return self._predict([self._loader(image) for image in images], top_k, threshold)
+        return self._predict([self._loader(images)], top_k, threshold)[0]
+
+    def _loader(self, image: Any) -> Callable[[], Image.Image]:
+        """How to get a PIL image from what a caller passed (files are read only then)."""
+        import os
+
+        if isinstance(image, Image.Image):
+            return lambda: to_rgb(image)
+        if isinstance(image, (bytes, bytearray)):
+            return lambda: self._decode(bytes(image))
+        if isinstance(image, (str, os.PathLike)):
+            return lambda: self._decode(storage.read_bytes(os.fspath(image)))
+        if type(image).__module__ == "numpy" and hasattr(image, "dtype"):
+            return lambda: to_rgb(_from_array(image))
+        raise InputError(f"cannot predict on a {type(image).__name__}: give PIL images, numpy arrays, paths or bytes")
+
     def predict_tensor(
         self, batch: torch.Tensor, *, top_k: int | None = None, threshold: Threshold | None = None
     ) -> list[Prediction]:
@@ -240,6 +265,21 @@ class Predictor:
         if not all(0.0 <= t <= 1.0 for t in values):
             raise InputError(f"thresholds must lie in [0, 1], got {threshold!r}")
         return values
+
+
+def _from_array(array: Any) -> Image.Image:
+    """(H, W) or (H, W, 3|4) pixels, uint8 or floats in [0, 1], as a PIL image."""
+    import numpy as np
+
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise UnreadableImageError(f"an image array is (H, W) or (H, W, 3 or 4), not {tuple(array.shape)}", reason="shape")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise UnreadableImageError(f"image arrays are uint8 or floats in [0, 1], not {array.dtype}", reason="dtype")
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 # --- backends: a preprocessed batch (n, 3, S, S) -> logits (n, C) ----------------

@@ -39,7 +39,7 @@ GENRES = [
 
 
 def test_thriller_posters_rule_and_balance(tmp_path):
-    """Seed 000: multi-genre posters -> 'Thriller AND Crime AND NOT Romance AND NOT Comedy', balanced."""
+    """The thriller job: multi-genre posters -> 'Thriller AND Crime AND NOT Romance AND NOT Comedy', balanced."""
     posters = tmp_path / "posters"
     rows = []
     for i in range(120):
@@ -71,7 +71,7 @@ def test_thriller_posters_rule_and_balance(tmp_path):
 
 
 def test_movie_stills_tags_csv(tmp_path):
-    """Seed 001: `id, shot_image_id, tags` with comma-separated tags; untagged stills kept."""
+    """The movie-stills job: `id, shot_image_id, tags` with comma-separated tags; untagged stills kept."""
     stills = tmp_path / "stills"
     tag_sets = ["statue", "bed, legs, text", "hand, text", "castle, sky", "water, redhead", ""]
     lines = ["id,shot_image_id,tags"]
@@ -115,7 +115,7 @@ def write_lst(path: Path, entries) -> Path:
 
 
 def test_caltech_lst_train_and_val(tmp_path):
-    """Seed 003: train.lst + val.lst (index TAB float label TAB path), class names from folders."""
+    """The Caltech-256 job: train.lst + val.lst (index TAB float label TAB path), class names from folders."""
     root = tmp_path / "256_ObjectCategories"
     entries = make_caltech(root, ["ak47", "american-flag", "backpack"], 8)
     train = write_lst(tmp_path / "caltech-256-train.lst", [e for e in entries if e[0] % 4])
@@ -128,7 +128,7 @@ def test_caltech_lst_train_and_val(tmp_path):
 
 
 def test_recordio_packs_with_class_names(tmp_path):
-    """Seed 000/003: im2rec packs (train .rec/.idx + valid .rec), no MXNet needed."""
+    """The thriller and Caltech-256 jobs: im2rec packs (train .rec/.idx + valid .rec), no MXNet needed."""
     def items(start: int, n: int):
         for key in range(start, start + n):
             yield key, float(key % 2), images.jpeg_bytes(40, 60, seed=key)
@@ -147,7 +147,7 @@ def test_recordio_packs_with_class_names(tmp_path):
 
 
 def test_one_hot_genre_csv_top_level(tmp_path):
-    """Seed 004: `Id, Genre, Action, Adventure, ...` with one 0/1 column per genre."""
+    """The 25-genre posters job: `Id, Genre, Action, Adventure, ...` with one 0/1 column per genre."""
     genres = ["Action", "Adventure", "Animation", "Comedy", "Drama"]
     lines = ["Id,Genre," + ",".join(genres)]
     for i in range(40):

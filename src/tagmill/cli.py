@@ -24,7 +24,7 @@ app = typer.Typer(
     name="tagmill",
     help="Image classification from a folder of labelled images to a live service.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 out = Console()

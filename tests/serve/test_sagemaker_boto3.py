@@ -1,6 +1,6 @@
 """A real SageMaker client against the server as users start it: ``python -m
 tagmill.serve BUNDLE --workers 2`` in a subprocess, boto3's ``sagemaker-runtime``
-pointed at it with ``endpoint_url``, client code unchanged from the seed article.
+pointed at it with ``endpoint_url``, client code unchanged from what SageMaker users write.
 
 Starting two workers costs seconds, so one test starts the server once and runs every
 check against it (separate test functions would be spread over pytest-xdist workers,
@@ -88,7 +88,7 @@ def check_metrics_add_up_over_both_workers(server: ServerProcess) -> None:
 
 def check_keep_alive_responses_are_not_delayed_by_nagle(server: ServerProcess) -> None:
     # uvicorn's multi-worker socket leaves TCP_NODELAY off: each response would wait
-    # ~40 ms for a delayed ACK (uvicorn#3149). The server sets it per connection.
+    # ~40 ms for a delayed ACK. The server sets it per connection.
     with httpx.Client(base_url=server.url) as client:  # one keep-alive connection
         client.get("/livez")
         times = []

@@ -355,7 +355,7 @@ def derive_labels(
 
     * One rule → single-label binary task with classes ``[otherwise, rule.name]``:
       index 1 is the positive class, so a binary model's "probability of class 1"
-      reads as "probability the rule holds" (the seed used ['Other', 'Thriller/Crime']).
+      reads as "probability the rule holds" (users' SageMaker thriller job had ['Other', 'Thriller/Crime']).
     * Several rules → multi-label task whose tags are the rule names (in rule order);
       an image matching none keeps ``labels=()``. ``otherwise`` is not used.
 

@@ -186,7 +186,7 @@ def _keep_indices(step: str, records: list[SourceRecord], keep: set[int],
 
 def keep_classes(records: list[SourceRecord], keep: Iterable[str], task: TaskName, *,
                  classes: Sequence[str] | None = None) -> tuple[list[SourceRecord], SamplingStep]:
-    """Keep only the classes named (``--classes``).
+    """Keep only the classes named (``--keep``).
 
     Single-label: images of other classes are dropped. Multi-label: other tags are
     removed from the images, which stay. Names are checked against ``classes`` and
@@ -202,7 +202,7 @@ def keep_classes(records: list[SourceRecord], keep: Iterable[str], task: TaskNam
 
 def drop_classes(records: list[SourceRecord], drop: Iterable[str], task: TaskName, *,
                  classes: Sequence[str] | None = None) -> tuple[list[SourceRecord], SamplingStep]:
-    """Remove the classes named (``--drop-classes``): single-label drops their images,
+    """Remove the classes named (``--drop``): single-label drops their images,
     multi-label strips the tags and keeps the images."""
     _check_task(task)
     unwanted = _check_names("drop classes", drop, records, classes)

@@ -71,7 +71,7 @@ def _check_fractions(val: float, test: float) -> None:
         raise InputError(
             f"split fractions must satisfy 0 <= val, 0 <= test and val + test < 1; "
             f"got val={val!r}, test={test!r}",
-            hint="e.g. --val 0.1 --test 0.1 keeps 80% of the images for training",
+            hint="e.g. --val-fraction 0.1 --test-fraction 0.1 keeps 80% of the images for training",
         )
 
 

@@ -87,7 +87,7 @@ from torchmetrics.functional.classification import (
 from tagmill.errors import InputError
 from tagmill.objective import TaskName
 
-#: The threshold fastai's seed job (movie stills, 183 tags) used for its metrics.
+#: The threshold users' fastai job on movie stills (183 tags) used for its metrics.
 DEFAULT_MULTI_THRESHOLD = 0.2
 
 # torchmetrics refuses num_labels=1, but one tag is exactly the binary problem of its

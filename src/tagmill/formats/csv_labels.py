@@ -4,14 +4,14 @@
     2,81091,"bed, legs, text"
 
 Single-label files hold one class per row; multi-label files hold several tags in one
-cell, separated by ``--tag-separator`` or, when that is not given, by the first of
-``,`` ``|`` ``;`` that appears in any label cell (whitespace only with ``--task multi``,
+cell, separated by ``--tag-sep`` or, when that is not given, by the first of
+``,`` ``|`` ``;`` that appears in any label cell (whitespace only with ``--multi-label``,
 because a single-label class may well contain a space). A cell written as a Python/JSON
 list (``['Drama', 'Romance']``) is read as its items.
 
-The task is ``--task`` when given, else "multi" when any row holds two or more tags,
-else "single". In a multi-label file an empty cell is a valid all-negative example; in
-a single-label file it is skipped as "empty-label".
+The task is ``--multi-label``/``--single-label`` when given, else "multi" when any row
+holds two or more tags, else "single". In a multi-label file an empty cell is a valid
+all-negative example; in a single-label file it is skipped as "empty-label".
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ waits, and under load batches fill without a fixed delay.
 The model runs in one dedicated thread, which also loads it and sets the torch
 thread count there; other threads only decode. (On a 2-core CPU a model with 2
 threads next to busy Python threads runs at half speed; one thread per worker
-process is the fast setting, see DESIGN.md.)
+process is the fast setting, measured.)
 """
 
 from __future__ import annotations

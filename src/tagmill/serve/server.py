@@ -13,7 +13,7 @@ TCP_NODELAY: asyncio turns Nagle's algorithm off only for sockets whose ``proto`
 IPPROTO_TCP. uvicorn's ``--workers`` binds its socket as ``socket.socket(AF_INET)``
 (proto 0), so accepted connections keep Nagle on: the response body, written after
 the headers, waits for the client's delayed ACK and every keep-alive response takes
-~40 ms (Kludex/uvicorn#3149). :class:`NoDelayHTTPProtocol` sets TCP_NODELAY on every
+~40 ms. :class:`NoDelayHTTPProtocol` sets TCP_NODELAY on every
 accepted connection, whatever created the socket (and ``workers.bind`` creates its
 sockets with IPPROTO_TCP as well).
 """

@@ -70,7 +70,7 @@ class TrainConfig:
     #: local read-through cache for shards read from URLs (s3://...); None: no cache
     cache_dir: str | None = None
     cache_gb: float = 20.0
-    #: multi-label: the threshold for accuracy_thresh / F-beta before tuning (seed 001 used 0.2)
+    #: multi-label: the threshold for accuracy_thresh / F-beta before tuning (0.2, as users' fastai movie-stills job)
     threshold: float = 0.2
     top_k: int = 5
 

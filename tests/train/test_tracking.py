@@ -200,3 +200,25 @@ def test_unknown_trackers_fail_before_any_work(tmp_path, colour_dataset, monkeyp
     with pytest.raises(InputError, match="MLFLOW_TRACKING_URI"):
         create_trackers(["mlflow"], "s3://bucket/runs/a")
     assert len(create_trackers(["tensorboard", "TensorBoard"], str(tmp_path / "x"))) == 1
+
+
+def test_under_torchrun_only_rank_0_tracks(colour_dataset, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tagmill", "train", colour_dataset, "--out", str(run_dir), "--nproc", "2",
+         *TINY, "--track", "tensorboard", "--track", "mlflow"],
+        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning" not in done.stdout + done.stderr
+    (events_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_loss")] == [1, 2]
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlruns' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("tagmill").experiment_id])
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val_loss")] == [1, 2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import time
@@ -236,6 +237,8 @@ class MlflowTracker:
             store = Path(uri.removeprefix("sqlite:///")).parent
             store.mkdir(parents=True, exist_ok=True)
             artifacts = (store / "artifacts").as_uri()
+            # a new store per run: MLflow's "creating database tables" notices say nothing useful
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self._client = client = MlflowClient(tracking_uri=uri)
         experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tagmill"
         experiment = client.get_experiment_by_name(experiment_name)

@@ -14,7 +14,7 @@ For each backend (torch, onnx) it measures:
     HTTP/1.1 keep-alive by an asyncio load generator at concurrency 1, 8 and 32,
     bounded in requests and in time;
 and, for torch, stock ``uvicorn --workers`` serving the same app (one shared socket,
-TCP_NODELAY off: uvicorn#3149) to show what tagmill's own worker startup changes.
+TCP_NODELAY off) to show what tagmill's own worker startup changes.
 
 Prints one table: images/s, p50/p99 latency, errors, mean batch size (from the
 server's /metrics), how the open connections were spread over the worker processes

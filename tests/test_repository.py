@@ -8,8 +8,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: what is checked (bench/ is benchmark scripts and their notes, kept apart)
-TEXTS = ["README.md", "Makefile", "pyproject.toml", "sample_data/*/README.md", "src/**/*.py", "tests/**/*.py"]
+#: what is checked
+TEXTS = ["README.md", "Makefile", "pyproject.toml", "sample_data/*/README.md", "src/**/*.py", "tests/**/*.py", "bench/*.py", "bench/*.md"]
 URL = re.compile(r"https?://([A-Za-z0-9.-]+)")
 #: hosts that are not documents: loopback, placeholders, names reserved for examples
 #: (RFC 2606) and names that only exist on a private network

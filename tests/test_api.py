@@ -127,3 +127,12 @@ def test_options_are_checked_as_on_the_command_line(colour_dataset, tmp_path):
         tagmill.train_model(colour_dataset, tmp_path / "run", resume=True, progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "ds").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_diagnose_dataset_returns_the_findings_and_writes_the_report(colour_dataset, tmp_path):
+    found = tagmill.diagnose_dataset(colour_dataset, tmp_path / "doctor", progress=False)
+    counts = found.counts()
+    assert counts["images"] == len(found.facts) == 60
+    assert {f.split for f in found.facts} == {"train", "val"}
+    summary = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
+    assert summary["counts"] == json.loads(json.dumps(counts))

@@ -10,6 +10,7 @@ In a notebook::
     tagmill.export_bundle("runs/a", "bundles/a")
     model = tagmill.load_bundle("bundles/a")
     model.predict("photo.jpg").labels
+    tagmill.diagnose_dataset("ds", "doctor").counts()
 
 The names below are loaded when first used, so ``import tagmill`` stays fast (no
 torch until a function that needs it runs). ``tagmill.api`` says more.
@@ -29,6 +30,7 @@ except _PackageNotFoundError:  # running from a source tree that was never insta
 #: public name → the module that defines it
 _LAZY = {
     "import_dataset": "tagmill.api",
+    "diagnose_dataset": "tagmill.api",
     "train_model": "tagmill.api",
     "evaluate_model": "tagmill.api",
     "export_bundle": "tagmill.api",
@@ -41,7 +43,7 @@ _LAZY = {
 }
 
 if _typing.TYPE_CHECKING:
-    from tagmill.api import evaluate_model, export_bundle, import_dataset, load_bundle, train_model
+    from tagmill.api import diagnose_dataset, evaluate_model, export_bundle, import_dataset, load_bundle, train_model
     from tagmill.bundle.predictor import Prediction, Predictor
     from tagmill.errors import InputError, TagmillError
     from tagmill.train.config import TrainConfig
@@ -62,6 +64,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__",
+    "diagnose_dataset",
     "evaluate_model",
     "export_bundle",
     "import_dataset",

@@ -6,6 +6,7 @@ command line uses (``import tagmill`` exposes them lazily; see ``tagmill/__init_
     tagmill.evaluate_model(model, dataset, ...)      tagmill evaluate
     tagmill.export_bundle(run, out)                  tagmill export
     tagmill.load_bundle(bundle).predict(images)      tagmill predict
+    tagmill.diagnose_dataset(dataset, out)           tagmill doctor
 
 The verbs carry a noun (``train_model``, not ``train``) because ``tagmill.train`` and
 ``tagmill.evaluate`` are the packages that do the work: a function of the same name
@@ -28,6 +29,7 @@ from tagmill.errors import InputError
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
+    from tagmill.doctor.diagnose import Diagnosis
     from tagmill.bundle.predictor import Predictor
     from tagmill.dataset.importer import ImportResult
     from tagmill.evaluate.metrics import EvaluationResult
@@ -184,4 +186,21 @@ def load_bundle(bundle: PathLike, *, backend: str = "torch", device: str = "cpu"
     return Predictor.from_bundle(os.fspath(bundle), backend, device=device, batch_size=batch_size)
 
 
-__all__ = ["evaluate_model", "export_bundle", "import_dataset", "load_bundle", "parse_duration", "train_model", "training_config"]
+def diagnose_dataset(dataset: PathLike, out: PathLike | None = None, *, model: PathLike | None = None,
+                     progress: bool = True) -> Diagnosis:
+    """Check a packed dataset for label issues, duplicates, leakage, outliers and scarce
+    classes, as ``tagmill doctor`` does; with ``out``, also write its report and CSVs
+    there. The result's ``counts()`` summarises; ``label_issues``, ``duplicates`` and
+    ``outliers`` hold the findings (rows of ``facts``, which carry each image's id)."""
+    from tagmill.doctor.diagnose import diagnose
+    from tagmill.doctor.report import write_report
+
+    bars, log = _progress_and_log(progress)
+    found = diagnose(os.fspath(dataset), model=os.fspath(model) if model is not None else None, progress=bars, log=log)
+    if out is not None:
+        write_report(found, os.fspath(out))
+    return found
+
+
+__all__ = ["diagnose_dataset", "evaluate_model", "export_bundle", "import_dataset", "load_bundle", "parse_duration",
+           "train_model", "training_config"]

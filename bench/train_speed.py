@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tagmill.models import create_classifier, forward_features_pooled, head
 from tagmill.train.device import inference_chunk, run_chunked
 
-#: Peak matmul throughput taken for the 2-core development machine: only used to print speeds as a share of peak.
+#: Peak matmul throughput measured on the 2-core development machine (bench/README.md, train_speed.py).
 PEAK_GFLOPS = {"fp32": 100.0, "bf16": 300.0}
 
 

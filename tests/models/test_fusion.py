@@ -39,3 +39,16 @@ def test_a_convolution_read_twice_is_not_folded():
     model = TwoReaders().eval()
     x = torch.randn(2, 3, 8, 8)
     assert fused_for_inference(model, x, lambda m, t: m(t)) is model
+
+
+def test_the_fused_copy_is_reused_until_a_weight_changes():
+    model = create_classifier("efficientnet_lite0", 3, pretrained=False, pooling="avg").eval()
+    x = torch.randn(2, 3, 64, 64)
+    first = fused_for_inference(model, x, forward_features_pooled)
+    assert fused_for_inference(model, x, forward_features_pooled) is first
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(2.0)  # what an optimizer step or load_state_dict does
+    second = fused_for_inference(model, x, forward_features_pooled)
+    assert second is not first
+    with torch.inference_mode():
+        assert torch.allclose(forward_features_pooled(second, x), forward_features_pooled(model, x), rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ wrongly. timm's ``BatchNormAct2d`` keeps its activation (and dropout) after fold
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 #: largest difference from the unfused model accepted, relative to the largest output
 #: value: float32 rounding of the folded weights stays around 1e-6
 TOLERANCE = 1e-4
+
+#: model → (its weights' versions, its fused copy): a run caches several views with one
+#: frozen backbone, and folding (a copy and two small forward passes) is paid once
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
 class _ActOnly(nn.Module):
@@ -39,7 +44,9 @@ class _ActOnly(nn.Module):
         return self.act(self.drop(x))
 
 
-def _pairs(model: nn.Module, example: Tensor, forward) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def _pairs(model: nn.Module, example: Tensor, forward) -> tuple[list[tuple[str, str]], Tensor]:  # type: ignore[no-untyped-def]
+    """The (convolution, norm) pairs where the norm reads exactly the convolution's
+    output, and the model's output on ``example``."""
     names = {module: name for name, module in model.named_modules()}
     produced: dict[int, nn.Conv2d] = {}
     alive: list[Tensor] = []  # outputs kept referenced, so no id is reused within the pass
@@ -62,11 +69,11 @@ def _pairs(model: nn.Module, example: Tensor, forward) -> list[tuple[str, str]]:
             handles.append(module.register_forward_pre_hook(before_norm))
     try:
         with torch.inference_mode():
-            forward(model, example)
+            output = forward(model, example)
     finally:
         for handle in handles:
             handle.remove()
-    return pairs
+    return pairs, output
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -74,12 +81,30 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    """Changes whenever a weight or buffer is written in place (an optimizer step, a
+    ``load_state_dict``), or replaced."""
+    return tuple(v for t in (*model.parameters(), *model.buffers()) for v in (id(t), t._version))
+
+
 def fused_for_inference(model: nn.Module, example: Tensor, forward) -> nn.Module:  # type: ignore[no-untyped-def]
     """A copy of ``model`` (in eval mode) with its conv→batch-norm pairs folded, checked
     on ``example`` (a small batch) through ``forward(model, x)``; ``model`` itself when
-    nothing folds or the check fails. ``model`` is never modified."""
+    nothing folds or the check fails. ``model`` is never modified. The copy is reused
+    while ``model``'s weights stay as they were."""
+    versions = _versions(model)
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1] or model
+    fused = _fuse(model, example, forward)
+    # None for "the model itself": a value holding its own key would keep it alive for ever
+    _FUSED[model] = (versions, None if fused is model else fused)
+    return fused
+
+
+def _fuse(model: nn.Module, example: Tensor, forward) -> nn.Module:  # type: ignore[no-untyped-def]
     fused = copy.deepcopy(model).eval()
-    pairs = _pairs(fused, example, forward)
+    pairs, want = _pairs(fused, example, forward)  # the copy, still unfused: the original's output
     if not pairs:
         return model
     norms = {norm for _, norm in pairs}
@@ -92,7 +117,7 @@ def fused_for_inference(model: nn.Module, example: Tensor, forward) -> nn.Module
         conv.weight, conv.bias = weight, bias
         _set(fused, norm_name, _ActOnly(norm) if type(norm) is not nn.BatchNorm2d else nn.Identity())
     with torch.inference_mode():
-        want, got = forward(model, example), forward(fused, example)
+        got = forward(fused, example)
     scale = want.abs().max().clamp_min(1e-6)
     if want.shape != got.shape or not bool(((want - got).abs().max() / scale) <= TOLERANCE):
         return model

@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index folder it does not find; keep the noise out.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install browser demo test bench bench-quality clean
+.PHONY: install browser demo test bench bench-quality bench-doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ $(VENV)/.installed-bench: pyproject.toml $(STAMP)
 
 bench-quality: $(VENV)/.installed-bench
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)
+
+# Faults planted in quality.py's sets B and A: found by `tagmill doctor`, and by sorting a
+# trained model's losses (bench/doctor.py says how); ~6 min on 2 cores once the sets are built.
+bench-doctor: $(VENV)/.installed-bench
+	$(BIN)/python bench/doctor.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

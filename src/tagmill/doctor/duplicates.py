@@ -12,8 +12,11 @@ file bytes. *Near* copies need two witnesses, because neither alone separates th
   black) can hash alike without being the same picture.
 
 A pair is a near copy when both agree: hash distance at most ``HASH_BITS`` and feature
-cosine at least ``MIN_COSINE`` (both chosen on the dev sets of ``bench/doctor.py``,
-never on the sets it reports; see ``bench/README.md``).
+cosine at least ``MIN_COSINE``. These values were set before ``bench/doctor.py`` existed;
+its dev sets show they do not separate copies from look-alikes on icons and line art
+(the hash is computed on the grey image, so colour variants hash alike, and small crops
+of line art move it 20+ bits): see ``bench/README.md``. A colour- and position-aware
+check of the candidates is the known next step.
 
 Candidates come from the feature neighbours (``neighbours.nearest_neighbours``,
 chunked, never N×N) and from images whose hashes agree exactly on one of four 16-bit

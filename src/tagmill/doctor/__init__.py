@@ -1,10 +1,16 @@
-"""``tagmill doctor``'s building blocks: what is wrong with a labelled dataset.
+"""``tagmill doctor``: what is wrong with a labelled dataset.
 
-Work in progress (issue 9). Present: label issues ranked from out-of-fold probabilities
-(``label_issues.py``) and nearest neighbours in feature space for duplicates, leakage
-and outliers (``neighbours.py``). They read features and out-of-fold predictions that
-``train/`` already computes (``train.features``, ``train.head_fit``); nothing here
-trains or reads images.
+    scan.py          one pass over the shards: ids, sizes, pixel digests, perceptual hashes
+    neighbours.py    nearest neighbours in feature space, chunked (never N × N)
+    label_issues.py  labels the held-out (k-fold) heads find unlikely
+    duplicates.py    exact and near copies; leakage is a pair across splits
+    outliers.py      isolated images, blank/tiny/extreme ones, scarce classes
+    diagnose.py      the pipeline, from a dataset (and optionally a run or bundle)
+    report.py        report.md/.html, the CSVs and doctor.json
+    in_training.py   the short "data issues" section of a training run's report
+
+The building blocks below read features and out-of-fold probabilities; only
+``scan``, ``diagnose`` and ``report`` read images.
 """
 
 from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_label_issues

@@ -502,7 +502,7 @@ def print_geometry(g: dict[str, Any]) -> None:
                  _percentiles([m["by_cosine"]["cosine"] for m in near], ".3f")])
     rows.append([f"nearest non-copy by hash ({len(near)})", _percentiles([m["by_hash"]["hash_bits"] for m in near], ".0f"),
                  _percentiles([m["by_hash"]["cosine"] for m in near], ".3f")])
-    _table(["", "hash bits", "cosine"], rows)
+    quality.print_rows(["", "hash bits", "cosine"], rows)
     worst = sorted(g["pairs"], key=lambda p: (-p["hash_bits"], p["cosine"]))[:5]
     print("hardest planted pairs (most bits): "
           + ", ".join(f"{p['transform']} {p['hash_bits']}b/{p['cosine']:.3f}" for p in worst))
@@ -516,22 +516,10 @@ def print_geometry(g: dict[str, Any]) -> None:
             e = next(e for e in g["grid"] if e["hash_bits"] == h and e["min_cosine"] == c)
             cells.append(f"{e['planted_found']}/{e['copy_false']}/{e['original_pairs']}")
         table_rows.append(cells)
-    _table(header, table_rows)
+    quality.print_rows(header, table_rows)
 
 
 # --- the report ----------------------------------------------------------------------------------
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: list[Any]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
 
 
 def _pct(x: float | None) -> str:
@@ -582,7 +570,7 @@ def print_table(key: str, entry: dict[str, Any]) -> None:
         ["seconds predicting every image (loss)", "-", f"{loss['predict_seconds']:.1f}" if loss else "-"],
         ["others' load (cores)", f"{d['other_load_cores']:.2f}", f"{loss['other_load_cores']:.2f}" if loss else "-"],
     ]
-    _table(["", "doctor", "loss ranking"], rows)
+    quality.print_rows(["", "doctor", "loss ranking"], rows)
     stages = ", ".join(f"{k} {v:.1f}" for k, v in d["stages"].items())
     print(f"doctor stages (s): {stages}; features: {d['features_from']}")
     print(f"pairs in the clean run: {dup['clean_run_pairs']} (exact {dup['clean_run_kinds']['exact']}, "

@@ -653,6 +653,19 @@ def wait_until_idle(max_minutes: float) -> float:
 # --- the report --------------------------------------------------------------------------
 
 
+def print_rows(header: list[Any], rows: list[list[Any]]) -> None:
+    """A markdown table, columns padded to their widest cell."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: list[Any]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
 def print_table(key: str, entry: dict[str, Any]) -> None:
     """One dataset's table from its JSON entry (spec, summary, results)."""
     spec, s, results = entry["spec"], entry["summary"], entry["results"]
@@ -671,15 +684,7 @@ def print_table(key: str, entry: dict[str, Any]) -> None:
         else:
             rows.append([method, *[f"{100 * r['scores'][m]:.1f}" for m in metrics], f"{r['seconds']:.1f}",
                          f"{r['other_load_cores']:.2f}"])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print_rows(header, rows)
     # The ratios asked of every run: score differences in points, time ratios.
     t, p, f = (results.get(m, {}) for m in METHODS)
     if "scores" in t and "scores" in p:

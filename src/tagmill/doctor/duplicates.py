@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tagmill.doctor.neighbours import Neighbours
+from tagmill.doctor.neighbours import Neighbours, normalised
 from tagmill.doctor.scan import ImageFacts
 
 #: largest perceptual-hash distance (bits of 64) of a near copy; see the module docstring
@@ -107,7 +107,7 @@ def find_duplicates(facts: list[ImageFacts], features: Tensor, neighbours: Neigh
     candidates.update((min(i, j), max(i, j)) for i, j in zip(rows, neighbours.index.flatten().tolist(), strict=True))
     candidates -= exact
     candidates = {(i, j) for i, j in candidates if facts[i].digest and facts[j].digest}
-    unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = normalised(features)
 
     def measured(pairs: list[tuple[int, int]]) -> tuple[list[float], list[int]]:
         if not pairs:

@@ -24,6 +24,7 @@ from tagmill import storage
 from tagmill.dataset.manifest import Manifest
 from tagmill.dataset.shards import iter_shard
 from tagmill.doctor.label_issues import multi_label_issues, single_label_issues
+from tagmill.doctor.neighbours import normalised
 from tagmill.evaluate.markdown import table, text
 
 #: feature cosine above which a validation image counts as a copy of a training image
@@ -52,8 +53,7 @@ def ids_of(dataset: str, manifest: Manifest, keys: list[str]) -> dict[str, str]:
 
 def leaked_val(train: Tensor, val: Tensor, chunk: int = 1024) -> int:
     """Validation rows with a training row at cosine ≥ ``SAME_IMAGE_COSINE``."""
-    unit_train = train.float() / train.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    unit_val = val.float() / val.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit_train, unit_val = normalised(train), normalised(val)
     return sum(int(((unit_val[i : i + chunk] @ unit_train.T).max(dim=1).values >= SAME_IMAGE_COSINE).sum())
                for i in range(0, len(unit_val), chunk))
 

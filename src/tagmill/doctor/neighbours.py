@@ -41,7 +41,8 @@ class Neighbours:
     index: Tensor  #: (N, k) row of each neighbour (never the row itself)
 
 
-def _normalised(features: Tensor) -> Tensor:
+def normalised(features: Tensor) -> Tensor:
+    """Rows scaled to unit length (float32): their dot products are cosines."""
     features = features.to(torch.float32)
     return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -65,7 +66,7 @@ def nearest_neighbours(features: Tensor, k: int = 1, *, chunk: int = DEFAULT_CHU
         raise InputError(f"features must be (N, D), not {tuple(features.shape)}")
     if not 1 <= k < n:
         raise InputError(f"k must be between 1 and N-1 = {n - 1}, not {k}")
-    unit = _normalised(features if n <= exact_up_to else projected(features))
+    unit = normalised(features if n <= exact_up_to else projected(features))
     sims, rows = [], []
     for start in range(0, n, chunk):
         block = unit[start : start + chunk] @ unit.T  # (c, N)
@@ -81,7 +82,7 @@ def similar_pairs(features: Tensor, threshold: float, *, chunk: int = DEFAULT_CH
     """Every pair (i < j) whose cosine similarity is at least ``threshold``, most similar first."""
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"a cosine similarity threshold must be in [-1, 1], not {threshold}")
-    unit = _normalised(features)
+    unit = normalised(features)
     n = unit.shape[0]
     pairs: list[tuple[int, int, float]] = []
     for start in range(0, n, chunk):
@@ -95,4 +96,5 @@ def similar_pairs(features: Tensor, threshold: float, *, chunk: int = DEFAULT_CH
     return pairs
 
 
-__all__ = ["DEFAULT_CHUNK", "EXACT_UP_TO", "PROJECTED_DIMS", "Neighbours", "nearest_neighbours", "projected", "similar_pairs"]
+__all__ = ["DEFAULT_CHUNK", "EXACT_UP_TO", "PROJECTED_DIMS", "Neighbours", "nearest_neighbours", "normalised", "projected",
+           "similar_pairs"]

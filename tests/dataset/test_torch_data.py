@@ -149,3 +149,13 @@ def test_counts_edited_in_dataset_json_are_caught(packed, tmp_path):
     dataset = ShardDataset(edited("shard", shard_count), "train", eval_transform(Preprocess(input_size=32)), shuffle=False)
     with pytest.raises(DatasetError, match=r"holds \d+ samples, dataset.json says \d+"):
         list(DataLoader(dataset, batch_size=4, num_workers=0))
+
+
+def test_small_passes_decode_in_process_and_large_ones_in_workers(monkeypatch):
+    from tagmill.dataset.torch_data import IN_PROCESS_BELOW, MAX_DEFAULT_WORKERS, default_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_workers(IN_PROCESS_BELOW - 1) == 0
+    assert default_workers(IN_PROCESS_BELOW) == MAX_DEFAULT_WORKERS
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_workers(10 * IN_PROCESS_BELOW) == 2

@@ -112,3 +112,22 @@ def test_a_second_cache_view_only_when_it_is_cheap():
     assert choose_cache_views(224, 128).value == 2
     assert choose_cache_views(224, 224).value == 1
     assert choose_cache_views(224, 192).value == 1
+
+
+@pytest.mark.parametrize("kind", ["single", "multi"])
+def test_fitting_in_the_span_of_the_rows_finds_the_same_head(monkeypatch, kind):
+    """Fewer rows than features: the fit runs on the rows' coordinates in a basis of
+    their span; it must reach the optimum of the full problem (gradient ~0 there) and
+    the same head as a fit in all the feature dimensions."""
+    import tagmill.train.head_fit as head_fit
+
+    task = objective(kind)
+    features, labels = blobs(8, 4, dim=200)  # 32 rows, 200 features: projected
+    targets = labels if kind == "single" else torch.nn.functional.one_hot(labels, 4).float()
+    projected = fit_head([features], targets, task, grid=(0.01, 0.1))
+    assert regularised_gradient(projected, features, targets, task) < 1e-3
+    monkeypatch.setattr(head_fit, "PROJECT_BELOW", 0.0)  # never project
+    full = fit_head([features], targets, task, grid=(0.01, 0.1))
+    assert projected.l2 == full.l2
+    assert torch.allclose(projected.weight, full.weight, atol=1e-3 * float(full.weight.abs().max()))
+    assert torch.allclose(projected.oof_probs, full.oof_probs, atol=1e-3)

@@ -8,7 +8,6 @@ set (epoch e trains on view e % views) plus one plain pass over validation.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest
-from tagmill.dataset.torch_data import ShardDataset, shard_loader
+from tagmill.dataset.torch_data import ShardDataset, default_workers, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
@@ -88,7 +87,7 @@ def plain_features(
     The one place plain features are acquired outside a training run (``lr-find``,
     ``doctor``): it is to become a lookup in a shared feature cache, so that commands
     run the backbone once between them."""
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    workers = config.workers if config.workers is not None else default_workers(manifest.split(split).count)
     data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, shuffle=False, seed=config.seed,
                         across_ranks=False)
     loader = shard_loader(data, batch_size=config.batch_size, workers=workers, pin_memory=device.type == "cuda")

@@ -24,6 +24,12 @@ faster (6.6 s instead of 9.5 s for 1,600 images × 1,280 features × 30 tags).
 When the cache holds augmented views besides the plain one, cross-validation also
 decides whether training on them helps (held-out images are always plain views):
 augmentation that changes what an image shows can hurt a linear head.
+
+With fewer rows than features (a few hundred images against ~4,000 pooled features),
+every fit runs in the span of the rows instead: an L2-penalised linear model's weights
+lie in that span (any component outside it changes no logit and only adds to the
+penalty), so fitting on the rows' coordinates in an orthonormal basis of it gives the
+same optimum, exactly, at a fraction of the arithmetic per step.
 """
 
 from __future__ import annotations
@@ -110,7 +116,8 @@ def _fit_head(
     targets = targets.to(device)
     num_classes = task.num_outputs(targets)
     mean, std = _moments(torch.cat(views))
-    scaled = [(v - mean) / std for v in views]
+    basis = _row_basis(torch.cat(views) - mean)  # (D, r) or None
+    scaled = [_project((v - mean) / std, basis) for v in views]
 
     k, why = choose_folds(targets, task, folds)
     scores: dict[float, float] = {}
@@ -144,6 +151,8 @@ def _fit_head(
         message = f"head: {why}; L2 {l2:g} used without cross-validation"
 
     weight, bias = _fit(scaled, targets, task, num_classes, l2)
+    if basis is not None:
+        weight = weight @ basis.T  # back from the rows' coordinates: (C, r) -> (C, D)
     # fold the standardisation into the layer: W·(x-μ)/σ + b = (W/σ)·x + (b - W·μ/σ)
     weight = weight / std  # (C, D)
     bias = bias - weight @ mean  # (C,)
@@ -166,7 +175,7 @@ def out_of_fold_probabilities(
         raise InputError(f"cannot judge labels out of fold: {why}", hint="labels need at least 2 images per class")
     x = features.to(device, torch.float32)
     mean, std = _moments(x)
-    x = (x - mean) / std
+    x = _project((x - mean) / std, _row_basis(x - mean))
     y = targets.to(device)
     num_classes = task.num_outputs(y)
     fold_of = _assign_folds(y, task, k, seed, limit=len(y))
@@ -225,6 +234,27 @@ def _moments(features: Tensor) -> tuple[Tensor, Tensor]:
     # all-constant features would divide by zero; leave them unscaled
     scale = (features - mean).pow(2).mean().sqrt().clamp_min(1e-6)  # ()
     return mean, scale.expand_as(mean)
+
+
+#: project onto the rows' span only when it has at most this share of the feature
+#: dimensions: each L-BFGS step then costs at most half as much, while the QR (about
+#: N/(3C) steps' worth of arithmetic) is paid once against the hundreds of steps that
+#: a cross-validated search takes
+PROJECT_BELOW = 0.5
+
+
+def _row_basis(rows: Tensor) -> Tensor | None:
+    """(D, r) orthonormal basis of the span of ``rows`` (N, D), or None when projecting
+    would not pay (see ``PROJECT_BELOW``)."""
+    n, dim = rows.shape
+    if n > PROJECT_BELOW * dim:
+        return None
+    # reduced QR of the transpose: Q's N columns span every row (and more, if rank-deficient)
+    return torch.linalg.qr(rows.T, mode="reduced").Q
+
+
+def _project(rows: Tensor, basis: Tensor | None) -> Tensor:
+    return rows if basis is None else rows @ basis
 
 
 def _fit(

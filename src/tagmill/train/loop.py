@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
 from tagmill.dataset.shard_cache import ShardCache
-from tagmill.dataset.torch_data import ShardDataset, shard_loader
+from tagmill.dataset.torch_data import ShardDataset, default_workers, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import CheckpointError, DatasetError, InputError
 from tagmill.objective import Objective, objective
@@ -299,7 +298,7 @@ class _Run:
         data = ShardDataset(self.dataset, split, transform, manifest=self.manifest, shuffle=shuffle, seed=self.config.seed,
                             cache=self.cache, across_ranks=across_ranks)
         data.set_epoch(epoch)
-        workers = self.config.workers if self.config.workers is not None else min(4, os.cpu_count() or 1)
+        workers = self.config.workers if self.config.workers is not None else default_workers(self._share(split))
         return shard_loader(data, batch_size=self.batch_size, workers=workers, pin_memory=self.device.type == "cuda")
 
     def _steps(self, split: str) -> int:

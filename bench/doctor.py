@@ -55,10 +55,11 @@ mean BCE over tags), highest first, precision@k at the same k.
 
 ``--dev`` adds what the near-copy rule in ``src/tagmill/doctor/duplicates.py`` is tuned
 from, computed in-process with the doctor's own functions on the planted dataset (the
-same features and perceptual hashes it uses): each planted pair's (hash bits, cosine),
-each copied image's nearest non-copy neighbour (neither its planted partner nor an
-image with identical pixels) by cosine and by hash, their percentiles, and
-``find_duplicates`` over a grid of (HASH_BITS, MIN_COSINE): planted pairs found, other
+same features, hashes and thumbnails it uses): each planted pair's hash bits, cosine
+and aligned thumbnail difference, the same for each copied image's nearest non-copy
+neighbour (neither its planted partner nor an image with identical pixels) by cosine and
+by hash, their percentiles, and ``find_duplicates`` over a grid of (MAX_DIFFERENCE,
+MIN_COSINE): planted pairs found, other
 pairs with a copy, and pairs of two original images (copies in the data, or false alarms).
 
 Timings are wall times of the subprocesses (start-up included) on a 2-core machine;
@@ -402,15 +403,16 @@ def loss_ranking(packed: Path, run: Path) -> tuple[list[str], float]:
 # --- --dev: what the near-copy rule is tuned from ------------------------------------------------
 
 PERCENTILES = (0, 5, 10, 25, 50, 75, 90, 95, 100)
-GRID_BITS = (4, 6, 8, 10, 12, 14, 16, 18, 20, 24)
+GRID_DIFFERENCE = (10, 15, 20, 25, 28, 31, 35, 40, 50)
 GRID_COSINE = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 
 
 def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
-    """Planted pairs and nearest non-copies in the doctor's own (hash bits, cosine) terms."""
+    """Planted pairs and nearest non-copies in the doctor's own terms (feature cosine,
+    aligned thumbnail difference; hash bits for the candidate search)."""
     from tagmill.dataset.manifest import load_manifest
     from tagmill.doctor.diagnose import NEIGHBOURS, _aligned, _features
-    from tagmill.doctor.duplicates import HASH_BITS, MIN_COSINE, find_duplicates
+    from tagmill.doctor.duplicates import HASH_BITS, MAX_DIFFERENCE, MIN_COSINE, measure_pairs, pixel_differences
     from tagmill.doctor.neighbours import nearest_neighbours
     from tagmill.doctor.scan import scan_dataset
     from tagmill.progress import SILENT
@@ -450,8 +452,10 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
             union(r, by_digest.setdefault(f.digest, r))
     group = np.array([find(i) for i in range(n)])
 
-    pairs = [{"transform": t, "hash_bits": int(bits[a, b]), "cosine": float(cosine[a, b])} for a, b, t in planted]
-    nearest = []
+    planted_diff = pixel_differences(facts, [(a, b) for a, b, _ in planted]).tolist()
+    pairs = [{"transform": t, "hash_bits": int(bits[a, b]), "cosine": float(cosine[a, b]), "difference": d}
+             for (a, b, t), d in zip(planted, planted_diff, strict=True)]
+    nearest, looked_at = [], []
     for a, b, _ in planted:
         for r in (a, b):
             other = group != group[r]
@@ -462,22 +466,28 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
             nearest.append({"id": facts[r].id, **{
                 name: {"hash_bits": int(bits[r, o]), "cosine": float(cosine[r, o]), "id": facts[o].id}
                 for name, o in (("by_cosine", by_cos), ("by_hash", by_hash))}})
+            looked_at += [(r, by_cos), (r, by_hash)]
+    for m, d in zip((x for m in nearest for x in (m["by_cosine"], m["by_hash"])),
+                    pixel_differences(facts, looked_at).tolist(), strict=True):
+        m["difference"] = d
 
     # the library's own rule over a grid, with its own candidate search
     neighbours = nearest_neighbours(x, min(NEIGHBOURS, n - 1))
     planted_set = {frozenset((a, b)) for a, b, _ in planted}
     copy_rows = {row[c["copy"]] for c in truth["copies"]}
     grid = []
-    for h in GRID_BITS:
+    # the pixel differences are measured once, for every candidate the loosest cosine passes
+    exact, candidates = measure_pairs(facts, x, neighbours, min_cosine=min(GRID_COSINE))
+    for h in GRID_DIFFERENCE:
         for c in GRID_COSINE:
-            found = find_duplicates(facts, x, neighbours, hash_bits=h, min_cosine=c)
+            found = exact + [p for p in candidates if p.similarity >= c and p.difference <= h]
             keys = [frozenset((p.a, p.b)) for p in found]
             with_copy = [k for k in keys if k & copy_rows and k not in planted_set]
             implied = sum(bool(group[min(k)] == group[max(k)]) for k in with_copy)
-            grid.append({"hash_bits": h, "min_cosine": c, "planted_found": sum(k in planted_set for k in keys),
+            grid.append({"max_difference": h, "min_cosine": c, "planted_found": sum(k in planted_set for k in keys),
                          "copy_false": len(with_copy) - implied, "copy_implied": implied,
                          "original_pairs": sum(not k & copy_rows for k in keys)})
-    return {"features_from": source, "images": n, "current": {"hash_bits": HASH_BITS, "min_cosine": MIN_COSINE},
+    return {"features_from": source, "images": n, "current": {"max_difference": MAX_DIFFERENCE, "min_cosine": MIN_COSINE, "hash_bits": HASH_BITS},
             "pairs": pairs, "nearest_non_copy": nearest, "grid": grid}
 
 
@@ -490,30 +500,32 @@ def _percentiles(values: list[float], fmt: str) -> str:
 
 def print_geometry(g: dict[str, Any]) -> None:
     print(f"\nnear-copy geometry ({g['images']} images; features: {g['features_from']}); "
-          f"now HASH_BITS={g['current']['hash_bits']}, MIN_COSINE={g['current']['min_cosine']}")
+          f"now MAX_DIFFERENCE={g['current']['max_difference']}, MIN_COSINE={g['current']['min_cosine']}, "
+          f"HASH_BITS={g['current'].get('hash_bits')} (the grid below holds it)")
     print(f"percentiles {', '.join(f'p{p}' for p in PERCENTILES)}:")
     rows = []
     for kind in (*TRANSFORMS, "all"):
         mine = [p for p in g["pairs"] if kind in ("all", p["transform"])]
         rows.append([f"planted pairs, {kind} ({len(mine)})", _percentiles([p["hash_bits"] for p in mine], ".0f"),
-                     _percentiles([p["cosine"] for p in mine], ".3f")])
+                     _percentiles([p["cosine"] for p in mine], ".3f"), _percentiles([p["difference"] for p in mine], ".1f")])
     near = g["nearest_non_copy"]
-    rows.append([f"nearest non-copy by cosine ({len(near)})", _percentiles([m["by_cosine"]["hash_bits"] for m in near], ".0f"),
-                 _percentiles([m["by_cosine"]["cosine"] for m in near], ".3f")])
-    rows.append([f"nearest non-copy by hash ({len(near)})", _percentiles([m["by_hash"]["hash_bits"] for m in near], ".0f"),
-                 _percentiles([m["by_hash"]["cosine"] for m in near], ".3f")])
-    quality.print_rows(["", "hash bits", "cosine"], rows)
-    worst = sorted(g["pairs"], key=lambda p: (-p["hash_bits"], p["cosine"]))[:5]
-    print("hardest planted pairs (most bits): "
-          + ", ".join(f"{p['transform']} {p['hash_bits']}b/{p['cosine']:.3f}" for p in worst))
+    for name in ("by_cosine", "by_hash"):
+        rows.append([f"nearest non-copy {name.replace('_', ' ')} ({len(near)})",
+                     _percentiles([m[name]["hash_bits"] for m in near], ".0f"),
+                     _percentiles([m[name]["cosine"] for m in near], ".3f"),
+                     _percentiles([m[name]["difference"] for m in near], ".1f")])
+    quality.print_rows(["", "hash bits", "cosine", "aligned difference"], rows)
+    worst = sorted(g["pairs"], key=lambda p: -p["difference"])[:5]
+    print("hardest planted pairs (largest difference): "
+          + ", ".join(f"{p['transform']} {p['difference']:.1f}/{p['cosine']:.3f}" for p in worst))
     print(f"\nfind_duplicates over a grid: planted pairs found (of {len(g['pairs'])}) / false pairs with a copy / "
           "pairs of two original images (the data's own copies, or false alarms)")
-    header = ["bits \\ cosine", *[f"{c:.2f}" for c in GRID_COSINE]]
+    header = ["difference \\ cosine", *[f"{c:.2f}" for c in GRID_COSINE]]
     table_rows = []
-    for h in GRID_BITS:
+    for h in GRID_DIFFERENCE:
         cells = [str(h)]
         for c in GRID_COSINE:
-            e = next(e for e in g["grid"] if e["hash_bits"] == h and e["min_cosine"] == c)
+            e = next(e for e in g["grid"] if e["max_difference"] == h and e["min_cosine"] == c)
             cells.append(f"{e['planted_found']}/{e['copy_false']}/{e['original_pairs']}")
         table_rows.append(cells)
     quality.print_rows(header, table_rows)

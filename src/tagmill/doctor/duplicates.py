@@ -1,27 +1,23 @@
 """The same picture twice: exact copies and near-copies (resized, recompressed, cropped).
 
 *Exact* copies decode to the same pixels (``scan.ImageFacts.digest``), whatever their
-file bytes. *Near* copies need two witnesses, because neither alone separates them:
+file bytes. *Near* copies are found in two steps:
 
-- pooled backbone features are built to say *what* an image shows, so two different
-  photos of one kind of thing can be as alike as an image and its recompressed copy
-  (on the dev sets, copies scored cosine 0.82–0.97 and distinct nearest neighbours up
-  to 0.99);
-- a perceptual hash says how the picture is laid out; it survives resizing and
-  recompression, but small, simple pictures on a plain background (icons, clothes on
-  black) can hash alike without being the same picture.
+- **candidates**: each image's nearest neighbours by pooled features
+  (``neighbours.nearest_neighbours``, chunked, never N×N) and images whose grey
+  perceptual hashes agree exactly on one of four 16-bit quarters (a pair within 3 bits
+  always does).
+- **three witnesses**, all required: feature cosine at least ``MIN_COSINE`` (the same
+  kind of picture), grey perceptual hash within ``HASH_BITS`` (the same layout), and the
+  colour thumbnails, aligned, differing nowhere by more than ``MAX_DIFFERENCE``
+  (``thumbnails.difference``: the same colours and details). Features alone pass distinct
+  neighbours up to cosine 0.99; features and hash together passed colour variants of one
+  icon (a red and a blue heart hash alike); features and pixels together passed
+  overlapping crops of one smooth photo (a rocket against the sky, shifted by a tenth),
+  which the hash rejects. *Known limit*: the hash also rejects most crops of line art
+  (a 5% crop moved it by up to 25 bits on the bench's outline drawings).
 
-A pair is a near copy when both agree: hash distance at most ``HASH_BITS`` and feature
-cosine at least ``MIN_COSINE``. These values were set before ``bench/doctor.py`` existed;
-its dev sets show they do not separate copies from look-alikes on icons and line art
-(the hash is computed on the grey image, so colour variants hash alike, and small crops
-of line art move it 20+ bits): see ``bench/README.md``. A colour- and position-aware
-check of the candidates is the known next step.
-
-Candidates come from the feature neighbours (``neighbours.nearest_neighbours``,
-chunked, never N×N) and from images whose hashes agree exactly on one of four 16-bit
-quarters (a pair within 3 bits always does); candidates are then checked one by one,
-so the cost grows with N·k, not N².
+The cost grows with N·k candidate pairs, not N².
 """
 
 from __future__ import annotations
@@ -34,13 +30,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tagmill.doctor import thumbnails
 from tagmill.doctor.neighbours import Neighbours, normalised
 from tagmill.doctor.scan import ImageFacts
 
-#: largest perceptual-hash distance (bits of 64) of a near copy; see the module docstring
-HASH_BITS = 12
-#: smallest feature cosine of a near copy; see the module docstring
+#: smallest feature cosine of a near copy: planted copies on the dev sets of
+#: bench/doctor.py scored 0.96 and more
 MIN_COSINE = 0.80
+#: largest perceptual-hash distance (bits of 64) of a near copy: on those dev sets a
+#: resized or recompressed copy stayed within 6 bits three times out of four
+HASH_BITS = 12
+#: largest difference (0–255) of a thumbnail cell between a near copy and its source,
+#: aligned (``thumbnails.difference``): on the colour emoji dev set of bench/doctor.py,
+#: planted copies (JPEG at quality 50, 70–90% resizes, 3–6% crops) scored at most 9.2
+#: and distinct look-alikes at least 17.4; on line art no value separates them (see
+#: ``thumbnails``), and this one keeps the emoji's margin on both sides
+MAX_DIFFERENCE = 15.0
 #: a hash quarter shared by more images than this says "plain background", not "copy":
 #: such buckets add no candidates (their members still get their feature neighbours)
 MAX_BUCKET = 64
@@ -56,6 +61,7 @@ class DuplicatePair:
     kind: str  #: "exact" or "near"
     similarity: float  #: cosine of the two images' features
     hash_bits: int  #: perceptual-hash distance in bits
+    difference: float = 0.0  #: largest aligned thumbnail cell difference (0 for exact copies)
 
 
 def hash_distances(codes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,10 +102,23 @@ def _bucket_pairs(codes: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
-def find_duplicates(facts: list[ImageFacts], features: Tensor, neighbours: Neighbours, *,
-                    hash_bits: int = HASH_BITS, min_cosine: float = MIN_COSINE) -> list[DuplicatePair]:
-    """Exact and near copies among ``facts`` (rows aligned with ``features`` (N, D) and
-    ``neighbours``), exact first, then by similarity."""
+def pixel_differences(facts: list[ImageFacts], pairs: list[tuple[int, int]]) -> Tensor:
+    """(P,) ``thumbnails.difference`` of each pair of rows of ``facts``."""
+    if not pairs:
+        return torch.zeros(0)
+    rows = sorted({r for pair in pairs for r in pair})
+    at = {r: n for n, r in enumerate(rows)}
+    pictures = thumbnails.as_tensor([facts[r].thumbnail for r in rows])
+    a = torch.tensor([at[i] for i, _ in pairs])
+    b = torch.tensor([at[j] for _, j in pairs])
+    return thumbnails.difference(pictures[a], pictures[b])
+
+
+def measure_pairs(facts: list[ImageFacts], features: Tensor, neighbours: Neighbours, *, hash_bits: int = HASH_BITS,
+                  min_cosine: float = MIN_COSINE) -> tuple[list[DuplicatePair], list[DuplicatePair]]:
+    """The exact copies among ``facts`` (rows aligned with ``features`` (N, D) and
+    ``neighbours``), and the candidate pairs that pass the feature and hash witnesses,
+    each with its pixel difference measured (kind "near"; not yet judged by it)."""
     codes = np.array([f.phash for f in facts], dtype=np.uint64)
     exact = _exact_pairs(facts)
     candidates = _bucket_pairs(codes)
@@ -116,16 +135,26 @@ def find_duplicates(facts: list[ImageFacts], features: Tensor, neighbours: Neigh
         cosine = (unit[torch.from_numpy(a)] * unit[torch.from_numpy(b)]).sum(dim=1)
         return cosine.tolist(), hash_distances(codes, a, b).tolist()
 
-    found = []
     exact_list = sorted(exact)
-    for (i, j), cos, bits in zip(exact_list, *measured(exact_list), strict=True):
-        found.append(DuplicatePair(i, j, "exact", cos, bits))
+    exact_pairs = [DuplicatePair(i, j, "exact", cos, bits) for (i, j), cos, bits in
+                   zip(exact_list, *measured(exact_list), strict=True)]
     candidate_list = sorted(candidates)
-    for (i, j), cos, bits in zip(candidate_list, *measured(candidate_list), strict=True):
-        if bits <= hash_bits and cos >= min_cosine:
-            found.append(DuplicatePair(i, j, "near", cos, bits))
+    close = [(pair, cos, bits) for pair, cos, bits in zip(candidate_list, *measured(candidate_list), strict=True)
+             if cos >= min_cosine and bits <= hash_bits]
+    differences = pixel_differences(facts, [pair for pair, _, _ in close]).tolist()
+    near = [DuplicatePair(i, j, "near", cos, bits, diff) for ((i, j), cos, bits), diff in zip(close, differences, strict=True)]
+    return exact_pairs, near
+
+
+def find_duplicates(facts: list[ImageFacts], features: Tensor, neighbours: Neighbours, *, hash_bits: int = HASH_BITS,
+                    min_cosine: float = MIN_COSINE, max_difference: float = MAX_DIFFERENCE) -> list[DuplicatePair]:
+    """Exact and near copies among ``facts`` (see :func:`measure_pairs`), exact first,
+    then by similarity."""
+    exact, candidates = measure_pairs(facts, features, neighbours, hash_bits=hash_bits, min_cosine=min_cosine)
+    found = exact + [p for p in candidates if p.difference <= max_difference]
     found.sort(key=lambda p: (p.kind != "exact", -p.similarity, p.a, p.b))
     return found
 
 
-__all__ = ["ALL_PAIRS_UP_TO", "HASH_BITS", "MAX_BUCKET", "MIN_COSINE", "DuplicatePair", "find_duplicates", "hash_distances"]
+__all__ = ["ALL_PAIRS_UP_TO", "HASH_BITS", "MAX_BUCKET", "MAX_DIFFERENCE", "MIN_COSINE", "DuplicatePair", "find_duplicates",
+           "hash_distances", "measure_pairs", "pixel_differences"]

@@ -170,7 +170,7 @@ def _markdown(d: Diagnosis, out_dir: str, issues: list[dict[str, Any]], pairs: l
             [_picture(out_dir, thumbs, p.a, f[p.a].id), _picture(out_dir, thumbs, p.b, f[p.b].id), p.kind,
              f"{f[p.a].split} / {f[p.b].split}" + (" **leak**" if d.is_leak(p) else ""),
              text(f"{_tags(f[p.a].labels) or '(none)'} / {_tags(f[p.b].labels) or '(none)'}") + (" **differ**" if d.is_conflict(p) else ""),
-             f"{p.similarity:.3f} ({p.hash_bits} bits)", text(f"{f[p.a].id} / {f[p.b].id}")] for p in pairs[:SHOWN]]))
+             f"{p.similarity:.3f} (pixels ≤ {p.difference:.0f})", text(f"{f[p.a].id} / {f[p.b].id}")] for p in pairs[:SHOWN]]))
     else:
         lines.append("No exact or near copies.")
 
@@ -213,10 +213,10 @@ def write_report(d: Diagnosis, out_dir: str) -> str:
         "label_issues.csv": _csv([[f[r["row"]].id, f[r["row"]].split, r["given"], r["suggested"], f"{r['score']:.4f}",
                                    r["kind"], r["detail"]] for r in issues],
                                  ["id", "split", "given", "suggested", "score", "kind", "detail"]),
-        "duplicates.csv": _csv([[f[p.a].id, f[p.a].split, f[p.b].id, f[p.b].split, p.kind, f"{p.similarity:.4f}", p.hash_bits,
+        "duplicates.csv": _csv([[f[p.a].id, f[p.a].split, f[p.b].id, f[p.b].split, p.kind, f"{p.similarity:.4f}", p.hash_bits, f"{p.difference:.1f}",
                                  int(d.is_leak(p)), int(d.is_conflict(p)), _tags(f[p.a].labels), _tags(f[p.b].labels)]
                                 for p in pairs],
-                               ["id_a", "split_a", "id_b", "split_b", "kind", "similarity", "hash_bits", "leakage",
+                               ["id_a", "split_a", "id_b", "split_b", "kind", "similarity", "hash_bits", "pixel_difference", "leakage",
                                 "conflict", "labels_a", "labels_b"]),
         "outliers.csv": _csv([[f[o.row].id, f[o.row].split, o.reason, f"{o.score:.4f}", o.detail] for o in d.outliers],
                              ["id", "split", "reason", "score", "detail"]),
@@ -229,6 +229,7 @@ def write_report(d: Diagnosis, out_dir: str) -> str:
         "counts": d.counts(), "leakage": d.leakage, "features_from": d.features_from, "label_judgement": d.head,
         "scarce": [vars(s) for s in d.scarce], "seconds": {k: round(v, 3) for k, v in d.seconds.items()},
         "settings": {"near_copy_hash_bits": dup.HASH_BITS, "near_copy_min_cosine": dup.MIN_COSINE,
+                     "near_copy_max_difference": dup.MAX_DIFFERENCE,
                      "outlier_max_z": out.MAX_Z, "outlier_neighbours": out.K},
     }
     files["doctor.json"] = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

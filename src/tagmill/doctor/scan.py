@@ -4,7 +4,8 @@ For every image: its user id, split and labels (from the shard's metadata), its 
 a digest of its decoded pixels (equal digests: the same picture, whatever the file
 bytes), a 64-bit perceptual hash (``imagehash.phash``: a DCT of the 32×32 grey image,
 robust to resizing and recompression, which the pooled features are not: see
-``duplicates.py``) and how much its pixels vary (a nearly blank image varies little).
+``duplicates.py``), a small colour thumbnail (``thumbnails.py``: what tells a copy from a
+look-alike) and how much its pixels vary (a nearly blank image varies little).
 
 Shards are read in parallel, one task per shard, by processes started from a fork
 server (the caller holds torch's threads; forking a threaded process can hang, see
@@ -40,12 +41,14 @@ class ImageFacts:
     phash: int  #: 64-bit perceptual hash
     spread: float  #: standard deviation of the grey levels (0–255): near 0 means blank
     error: str = ""  #: why the image could not be decoded ("" when it could)
+    thumbnail: bytes = b""  #: ``thumbnails.thumbnail`` of the image (b"" when undecodable)
 
 
 def _facts(sample_key: str, data: bytes, meta: dict, split: str) -> ImageFacts:
     import imagehash
 
     from tagmill.dataset.images import decode, to_rgb
+    from tagmill.doctor.thumbnails import thumbnail
 
     labels = tuple(meta.get("labels", ()))
     ident = str(meta.get("id", sample_key))
@@ -58,7 +61,8 @@ def _facts(sample_key: str, data: bytes, meta: dict, split: str) -> ImageFacts:
     grey = image.convert("L")
     spread = float(np.asarray(grey, dtype=np.float32).std())
     code = int(str(imagehash.phash(grey)), 16)
-    return ImageFacts(sample_key, ident, split, labels, image.width, image.height, digest, code, spread)
+    return ImageFacts(sample_key, ident, split, labels, image.width, image.height, digest, code, spread,
+                      thumbnail=thumbnail(image))
 
 
 def _scan_shard(location: str, split: str) -> list[ImageFacts]:

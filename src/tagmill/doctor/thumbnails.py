@@ -1,0 +1,167 @@
+"""Is one picture a copy of another? Small colour thumbnails compared after alignment.
+
+Pooled features say *what* an image shows and a grey perceptual hash how it is laid
+out; neither tells a recompressed copy from a different drawing of the same thing (a red
+heart and a blue one, two flags with the same stripes; see ``duplicates.py``). The
+pixels do, once the copy is aligned with its source: a copy may be resized (the
+thumbnail absorbs that), recompressed (small errors everywhere) or cropped by a few
+percent on each side (the thumbnail's content moves and grows).
+
+Each image keeps a ``SIDE``×``SIDE`` RGB thumbnail (area averages). To compare two, crop
+windows of one are resampled by exact area averages to ``COMPARED``×``COMPARED`` and
+matched against the other's whole thumbnail: per axis, every pair of cuts in ``CROPS``,
+then two finer searches around the best, the other axis held fixed; in both directions
+(either image may be the cropped one). The verdict is the *largest* amount by which a
+cell of the copy lies outside what the source's chosen window gives when shifted by up
+to half a cell (see ``_outside_envelope``): a copy differs a little everywhere, a
+different picture a lot somewhere (the other colour, the other symbol, the words on a
+sign), even when its mean difference is as small as a copy's.
+
+On the dev sets of ``bench/doctor.py``, colour emoji (5 planted copies, 1,942 look-alike
+pairs): planted copies scored at most 9.2 and look-alikes at least 17.4 at 48→12; the
+mean difference could not separate them (copies 3.8–5.7, look-alikes from 5.3). A
+32-cell thumbnail compared at 16 separated the emoji as well but not a 5% crop of a
+detailed photo (29.8: too few stored cells per compared cell), and 32→8 no longer told
+a small white square from a large one. *Known limit*: thin black outlines on white
+(OpenMoji's outline set) defeat it both ways: resized or cropped copies of 1-px lines
+scored up to 56 (the lines' share of a cell changes with the resampling), and the set
+holds hundreds of distinct symbols drawn identically (every flag is one rectangle),
+which the pixels cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+#: side of the stored thumbnail (RGB, uint8: 6.75 KiB per image, 1.7 GB for 250,000)
+SIDE = 48
+#: side at which thumbnails are compared: a quarter of the stored side, so that a crop
+#: window resampled from the stored thumbnail averages 4×4 of its cells (see above)
+COMPARED = 12
+#: the share of each side a copy's crop may have cut off (tried for every side)
+CROPS = (0.0, 0.025, 0.05, 0.075, 0.1)
+#: pairs compared at once: bounds memory (each holds len(CROPS)² candidate windows)
+CHUNK = 256
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """The ``SIDE``×``SIDE`` RGB thumbnail of an RGB image, as bytes (area averages)."""
+    return image.resize((SIDE, SIDE), Image.Resampling.BOX).tobytes()
+
+
+def as_tensor(thumbnails: list[bytes]) -> Tensor:
+    """(N, 3, SIDE, SIDE) float32 in 0–255 from ``thumbnail`` bytes."""
+    pixels = np.frombuffer(b"".join(thumbnails), dtype=np.uint8).reshape(len(thumbnails), SIDE, SIDE, 3)
+    return torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float()
+
+
+def _area_matrices(low: Tensor, high: Tensor) -> Tensor:
+    """(..., COMPARED, SIDE) from windows [low, high] (fractions of the side, any batch
+    shape): row j averages the stored cells over the j-th of COMPARED equal parts of the
+    window, each cell weighted by its overlap with that part (exact area resampling of
+    a picture that is constant within each stored cell)."""
+    steps = torch.arange(COMPARED + 1, dtype=torch.float64) / COMPARED
+    out = low.double()[..., None] + (high - low).double()[..., None] * steps  # (..., C+1)
+    cells = torch.arange(SIDE + 1, dtype=torch.float64) / SIDE
+    overlap = (torch.minimum(out[..., 1:, None], cells[1:]) - torch.maximum(out[..., :-1, None], cells[:-1])).clamp_min(0)
+    # a window's part always overlaps some cell (windows stay within half a cell of the
+    # picture); the floor only keeps a degenerate one from dividing by zero
+    return (overlap / overlap.sum(dim=-1, keepdim=True).clamp_min(1e-12)).float()
+
+
+#: the window search, per axis: a coarse pass over every (cut at the start, cut at the
+#: end) pair of CROPS, then two finer passes around the best (steps of a quarter and a
+#: sixteenth of the coarse step): on sharp-edged icons a window a quarter of a
+#: thumbnail cell off leaves edge errors as large as a different picture's
+_COARSE = torch.tensor(CROPS)
+_REFINE = (torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 4,
+           torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 16)
+
+
+def _candidates(best: tuple[Tensor, Tensor], offsets: Tensor, refine: bool) -> tuple[Tensor, Tensor]:
+    """(P, K) window starts and ends: every pair of ``offsets`` as the cuts at start and
+    end, added to the ``best`` cuts so far ((P,) each) when refining."""
+    cut_start, cut_end = torch.meshgrid(offsets, offsets, indexing="ij")
+    cut_start, cut_end = cut_start.flatten()[None], cut_end.flatten()[None]  # (1, K)
+    base = best if refine else (torch.zeros_like(best[0]), torch.zeros_like(best[1]))
+    cut_start, cut_end = cut_start + base[0][:, None], cut_end + base[1][:, None]  # (P, K)
+    top = max(CROPS)
+    return cut_start.clamp(0, top), 1.0 - cut_end.clamp(0, top)
+
+
+def _aligned(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Align each ``target`` (P, 3, C, C: whole thumbnails, resampled) with a crop window
+    of ``source`` (P, 3, SIDE, SIDE): that window's mean and largest cell differences."""
+    p = len(source)
+    rows = torch.arange(p)
+    # per axis: the window chosen so far, as (cut at start, cut at end), (P,) each
+    chosen = {axis: (torch.zeros(p), torch.zeros(p)) for axis in ("across", "down")}
+    for offsets, refine in ((_COARSE, False), *((o, True) for o in _REFINE)):
+        for axis in ("across", "down"):
+            starts, ends = _candidates(chosen[axis], offsets, refine)  # (P, K)
+            trying = _area_matrices(starts, ends)  # (P, K, C, SIDE)
+            other = "down" if axis == "across" else "across"
+            fixed = _area_matrices(chosen[other][0], 1.0 - chosen[other][1])  # (P, C, SIDE)
+            if axis == "across":  # rows resampled by the fixed window, columns by each tried one
+                half = (fixed[:, None] @ source)[:, None]  # (P, 1, 3, C, SIDE)
+                tried = half @ trying[:, :, None].transpose(-1, -2)  # (P, K, 3, C, C)
+            else:
+                half = (source @ fixed[:, None].transpose(-1, -2))[:, None]  # (P, 1, 3, SIDE, C)
+                tried = trying[:, :, None] @ half  # (P, K, 3, C, C)
+            error = (tried - target[:, None]).abs()
+            best = error.mean(dim=(2, 3, 4)).argmin(dim=1)  # (P,)
+            chosen[axis] = (starts[rows, best], 1.0 - ends[rows, best])
+    mean = error[rows, best].mean(dim=(1, 2, 3))
+    return mean, _outside_envelope(source, target, chosen)
+
+
+#: how far (in compared cells) the chosen window may be off, per axis: the envelope of
+#: the source's windows shifted by up to this much is what a copy's cells must lie in
+SLACK = 0.5
+
+
+def _outside_envelope(source: Tensor, target: Tensor, chosen: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """(P,) the largest amount by which a cell of ``target`` lies outside the range of
+    values the same cell takes in ``source``'s chosen window shifted by up to ``SLACK``
+    cells (mean over colours). Thumbnail cells straddle edges differently in a copy
+    than in its source (the copy's grid is not the source's): a sharp edge a quarter
+    of a cell away changes a cell by a quarter of the edge's contrast. A shifted
+    window reproduces that; a different colour or symbol lies outside every shift."""
+    low = torch.full_like(target, float("inf"))
+    high = torch.full_like(target, float("-inf"))
+    shifts = torch.tensor([-SLACK, 0.0, SLACK])
+    for dy in shifts:
+        start, end = chosen["down"]
+        height = (1.0 - end) - start
+        my = _area_matrices(start + dy * height / COMPARED, 1.0 - end + dy * height / COMPARED)  # (P, C, SIDE)
+        half = my[:, None] @ source  # (P, 3, C, SIDE)
+        for dx in shifts:
+            start_x, end_x = chosen["across"]
+            width = (1.0 - end_x) - start_x
+            mx = _area_matrices(start_x + dx * width / COMPARED, 1.0 - end_x + dx * width / COMPARED)
+            window = half @ mx[:, None].transpose(-1, -2)  # (P, 3, C, C)
+            low, high = torch.minimum(low, window), torch.maximum(high, window)
+    outside = (target - high).clamp_min(0) + (low - target).clamp_min(0)  # (P, 3, C, C)
+    return outside.mean(dim=1).flatten(1).max(dim=1).values
+
+
+def difference(a: Tensor, b: Tensor) -> Tensor:
+    """(P,) largest cell difference (0–255, mean over the colour channels) between the
+    thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE), each aligned with a crop window of the
+    other; the direction whose best window differs less on average wins."""
+    if len(a) == 0:
+        return torch.zeros(0)
+    whole = _area_matrices(torch.tensor(0.0), torch.tensor(1.0))  # (C, SIDE)
+    out = []
+    for start in range(0, len(a), CHUNK):
+        x, y = a[start : start + CHUNK], b[start : start + CHUNK]
+        mean_ab, worst_ab = _aligned(x, whole @ y @ whole.T)
+        mean_ba, worst_ba = _aligned(y, whole @ x @ whole.T)
+        out.append(torch.where(mean_ab <= mean_ba, worst_ab, worst_ba))
+    return torch.cat(out)
+
+
+__all__ = ["COMPARED", "CROPS", "SIDE", "as_tensor", "difference", "thumbnail"]

@@ -74,8 +74,8 @@ def _area_matrices(low: Tensor, high: Tensor) -> Tensor:
 
 #: the window search, per axis: a coarse pass over every (cut at the start, cut at the
 #: end) pair of CROPS, then two finer passes around the best (steps of a quarter and a
-#: sixteenth of the coarse step): on sharp-edged icons a window a quarter of a
-#: thumbnail cell off leaves edge errors as large as a different picture's
+#: sixteenth of the coarse step), since the coarse step (2.5% of the side) is wider
+#: than a stored cell (1/48) and the crop a copy had is anywhere in between
 _COARSE = torch.tensor(CROPS)
 _REFINE = (torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 4,
            torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 16)
@@ -149,9 +149,10 @@ def _outside_envelope(source: Tensor, target: Tensor, chosen: dict[str, tuple[Te
 
 
 def difference(a: Tensor, b: Tensor) -> Tensor:
-    """(P,) largest cell difference (0–255, mean over the colour channels) between the
-    thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE), each aligned with a crop window of the
-    other; the direction whose best window differs less on average wins."""
+    """(P,) how far the thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE) differ, 0–255: the
+    largest amount by which a cell of one lies outside what the best-aligned crop window
+    of the other allows (``_outside_envelope``; mean over the colour channels). Both
+    directions are aligned; the one whose window differs less on average is kept."""
     if len(a) == 0:
         return torch.zeros(0)
     whole = _area_matrices(torch.tensor(0.0), torch.tensor(1.0))  # (C, SIDE)

@@ -19,6 +19,9 @@ from tagmill.errors import InputError, TagmillError
 
 #: Predictions printed as a table when no output file is given.
 TABLE_ROWS = 50
+#: ``train`` and ``lr-find`` share it; the numbers are ``dataset.torch_data.default_workers``'s
+#: (not imported here: the command line starts without loading torch)
+LOADER_WORKERS_HELP = "Data-loading processes (default: none below 1,000 images, else one per core up to 4)."
 
 app = typer.Typer(
     name="tagmill",
@@ -272,7 +275,7 @@ def train_command(
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same run (on the same machine).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes (default: none below 1,000 images, else one per core up to 4).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=LOADER_WORKERS_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Multi-label: threshold for accuracy_thresh and F-beta.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Single-label: k of the top-k accuracy.")] = None,
@@ -365,7 +368,7 @@ def lr_find_command(
     pooling: Annotated[Optional[str], typer.Option(help="avg | avgmax | levels: how the feature maps become the head's input (default: levels for CNNs that allow it: avg+max of the final map and of the last blocks; avgmax: fastai's concat pooling).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (as in training).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed: same seed, same sweep.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes (default: none below 1,000 images, else one per core up to 4).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=LOADER_WORKERS_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     start_lr: Annotated[float, typer.Option(help="Learning rate of the sweep's first step.")] = 1e-7,
     end_lr: Annotated[float, typer.Option(help="Learning rate of its last step.")] = 10.0,

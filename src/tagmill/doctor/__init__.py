@@ -1,6 +1,8 @@
 """``tagmill doctor``: what is wrong with a labelled dataset.
 
-    scan.py          one pass over the shards: ids, sizes, pixel digests, perceptual hashes
+    scan.py          one pass over the shards: ids, sizes, pixel digests, perceptual hashes,
+                     colour thumbnails
+    thumbnails.py    whether two thumbnails show one picture, once aligned
     neighbours.py    nearest neighbours in feature space, chunked (never N × N)
     label_issues.py  labels the held-out (k-fold) heads find unlikely
     duplicates.py    exact and near copies; leakage is a pair across splits

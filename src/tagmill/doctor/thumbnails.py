@@ -132,16 +132,17 @@ def _outside_envelope(source: Tensor, target: Tensor, chosen: dict[str, tuple[Te
     window reproduces that; a different colour or symbol lies outside every shift."""
     low = torch.full_like(target, float("inf"))
     high = torch.full_like(target, float("-inf"))
-    shifts = torch.tensor([-SLACK, 0.0, SLACK])
-    for dy in shifts:
-        start, end = chosen["down"]
-        height = (1.0 - end) - start
-        my = _area_matrices(start + dy * height / COMPARED, 1.0 - end + dy * height / COMPARED)  # (P, C, SIDE)
+    def shifted(axis: str) -> list[Tensor]:
+        """(P, C, SIDE) resampling matrices of the chosen window on ``axis``, shifted by
+        -SLACK, 0 and +SLACK compared cells."""
+        start, end = chosen[axis]
+        cell = ((1.0 - end) - start) / COMPARED  # (P,) a compared cell, as a fraction of the side
+        return [_area_matrices(start + shift * cell, 1.0 - end + shift * cell) for shift in (-SLACK, 0.0, SLACK)]
+
+    across = shifted("across")
+    for my in shifted("down"):
         half = my[:, None] @ source  # (P, 3, C, SIDE)
-        for dx in shifts:
-            start_x, end_x = chosen["across"]
-            width = (1.0 - end_x) - start_x
-            mx = _area_matrices(start_x + dx * width / COMPARED, 1.0 - end_x + dx * width / COMPARED)
+        for mx in across:
             window = half @ mx[:, None].transpose(-1, -2)  # (P, 3, C, C)
             low, high = torch.minimum(low, window), torch.maximum(high, window)
     outside = (target - high).clamp_min(0) + (low - target).clamp_min(0)  # (P, 3, C, C)

@@ -115,8 +115,9 @@ def _fit_head(
     views = [v.to(device, torch.float32) for v in views]
     targets = targets.to(device)
     num_classes = task.num_outputs(targets)
-    mean, std = _moments(torch.cat(views))
-    basis = _row_basis(torch.cat(views) - mean)  # (D, r) or None
+    stacked = torch.cat(views)  # (V·N, D)
+    mean, std = _moments(stacked)
+    basis = _row_basis(stacked - mean)  # (D, r) or None
     scaled = [_project((v - mean) / std, basis) for v in views]
 
     k, why = choose_folds(targets, task, folds)
@@ -175,7 +176,8 @@ def out_of_fold_probabilities(
         raise InputError(f"cannot judge labels out of fold: {why}", hint="labels need at least 2 images per class")
     x = features.to(device, torch.float32)
     mean, std = _moments(x)
-    x = _project((x - mean) / std, _row_basis(x - mean))
+    centred = x - mean
+    x = _project(centred / std, _row_basis(centred))
     y = targets.to(device)
     num_classes = task.num_outputs(y)
     fold_of = _assign_folds(y, task, k, seed, limit=len(y))

@@ -11,6 +11,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # rich wraps messages at the terminal width (80 without a terminal): a long temporary
 # path then splits the phrase a test looks for, depending on the path's length
 os.environ["COLUMNS"] = "240"
+# No test reaches the Hugging Face hub, and none sees the developer's own hub cache:
+# pretrained weights come from caches the tests build (tests/hub_cache.py), or not at all.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="tagmill-tests-hub-"), "hub")
 
 import pytest
 

@@ -8,7 +8,8 @@ front ends never disagree about what went wrong.
     ├── InputError                    exit 2   HTTP 400   bad options or values
     │   ├── SourceError               exit 3   HTTP 400   an import source cannot be read as asked
     │   ├── LabelRuleError            exit 2   HTTP 400   a --derive rule does not parse or names unknown tags
-    │   └── UnreadableImageError      exit 2   HTTP 422   bytes that are not a usable image
+    │   ├── UnreadableImageError      exit 2   HTTP 422   bytes that are not a usable image
+    │   └── WeightsNotFoundError      exit 9   HTTP 400   pretrained weights asked for cannot be found
     ├── DatasetError                  exit 4   HTTP 500   a packed dataset is missing, incomplete or corrupt
     │   └── EmptyDatasetError         exit 5   HTTP 500   an import would leave nothing trainable
     ├── StorageError                  exit 6   HTTP 502   a path or URL cannot be read or written
@@ -98,6 +99,12 @@ def _unwrap_worker_text(text: str) -> tuple[str, str | None]:
     return message, hint or None
 
 
+class WeightsNotFoundError(InputError):
+    """Pretrained weights were asked for and none of the places they may come from has them."""
+
+    exit_code = 9
+
+
 class DatasetError(TagmillError):
     """A packed dataset is missing, incomplete (no dataset.json) or fails its checksums."""
 
@@ -140,4 +147,5 @@ __all__ = [
     "DatasetError",
     "EmptyDatasetError",
     "StorageError",
+    "WeightsNotFoundError",
 ]

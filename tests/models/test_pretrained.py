@@ -92,14 +92,14 @@ def test_lite_configs_describe_the_packaged_weights(architecture: str, size: int
 
 
 def test_other_architectures_get_timms_defaults() -> None:
-    cfg = pretrained_config("resnet34")
+    cfg = pretrained_config("resnet34", pretrained=False)
     assert not has_offline_weights("resnet34")
     assert cfg.input_size == 224 and cfg.mean == pytest.approx((0.485, 0.456, 0.406))
     assert cfg.std == pytest.approx((0.229, 0.224, 0.225))
-    assert pretrained_config("test_vit").fixed_input_size
+    assert pretrained_config("test_vit", pretrained=False).fixed_input_size
     assert cfg.to_dict()["architecture"] == "resnet34"
     with pytest.raises(InputError, match="unknown architecture"):
-        pretrained_config("no_such_net")
+        pretrained_config("no_such_net", pretrained=False)
 
 
 # -- local weights files, on a tiny model ------------------------------------------------

@@ -40,19 +40,6 @@ def test_unknown_architecture_suggests_close_names() -> None:
     assert "resnet34" in caught.value.hint
 
 
-def test_hub_names_are_refused_rather_than_downloaded() -> None:
-    with pytest.raises(InputError, match="unknown architecture"):
-        create_classifier("hf-hub:timm/resnet18.a1_in1k", 3, pretrained=False)
-
-
-def test_pretrained_without_offline_weights_names_the_lite_backbones() -> None:
-    with pytest.raises(InputError) as caught:
-        create_classifier("resnet34", 3)
-    message = str(caught.value)
-    assert "no ImageNet weights for resnet34 are available offline" in message
-    assert "--weights PATH" in message and "efficientnet_lite0" in message
-
-
 @pytest.mark.parametrize("num_classes", [0, -1, 2.5, True])
 def test_num_classes_must_be_a_positive_integer(num_classes: object) -> None:
     with pytest.raises(InputError, match="num_classes"):

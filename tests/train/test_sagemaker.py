@@ -13,17 +13,19 @@ def write(tmp_path, params):
     return str(path)
 
 
-def test_seed_003_hyperparameters_map_onto_training_options(colour_dataset, tmp_path):
+def test_seed_003_hyperparameters_map_onto_training_options(colour_dataset, tmp_path, monkeypatch):
     messages = []
     hp = {
         "num_layers": "18", "use_pretrained_model": "1", "image_shape": "3,224,224", "num_classes": "3",
         "num_training_samples": "48", "mini_batch_size": "16", "epochs": "6", "learning_rate": "0.01",
         "top_k": "2", "precision_dtype": "float32", "augmentation_type": "crop_color", "optimizer": "sgd",
     }
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "resnet18.pth").write_bytes(b"")  # where TAGMILL_WEIGHTS_DIR points
+    monkeypatch.setenv("TAGMILL_WEIGHTS_DIR", str(tmp_path / "w"))
     options = config_from_hyperparameters(write(tmp_path, hp), colour_dataset, log=messages.append)
-    # no resnet18 ImageNet weights on this machine: it says so and trains the pretrained Lite0
-    assert options["backbone"] == "efficientnet_lite0" and options["pretrained"] is True
-    assert any("no ImageNet weights for resnet18" in m for m in messages)
+    assert options["backbone"] == "resnet18" and options["pretrained"] is True
+    assert options["weights"].endswith("resnet18.pth")
     assert any("optimizer" in m for m in messages)
     assert (options["frozen_epochs"], options["unfrozen_epochs"]) == (2, 4)
     assert (options["batch_size"], options["lr"], options["image_size"], options["top_k"]) == (16, 0.01, 224, 2)

@@ -27,4 +27,5 @@ def training_settings(location: str) -> dict[str, Any]:
 
 def starting_point(location: str) -> StartingPoint:
     model, meta = load_bundle(location)
-    return StartingPoint(model.state_dict(), list(meta.classes), meta.architecture, pooling_of(meta.model_kwargs))
+    return StartingPoint(model.state_dict(), list(meta.classes), meta.architecture, pooling_of(meta.model_kwargs),
+                         meta.preprocess)

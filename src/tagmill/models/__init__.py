@@ -1,8 +1,9 @@
-"""Backbones for transfer learning: names, offline ImageNet weights, freezing, heads.
+"""Backbones for transfer learning: names, pretrained weights, freezing, heads.
 
 A classifier is a timm model with ``num_classes`` outputs (with multi-level pooling, the
-same model with a wider head: ``levels.py``); tagmill picks the architecture, loads the
-weights (never from a hub) and decides which layers train at which learning rate.
+same model with a wider head: ``levels.py``); tagmill picks the architecture, finds and
+loads the weights (a file, a package, or the Hugging Face hub cache: ``pretrained``)
+and decides which layers train at which learning rate.
 """
 
 from tagmill.models.factory import (
@@ -28,10 +29,12 @@ from tagmill.models.freezing import (
 from tagmill.models.pretrained import (
     OFFLINE_WEIGHTS,
     PretrainedConfig,
+    WeightsSource,
     has_offline_weights,
-    load_imagenet_weights,
+    load_pretrained_weights,
     offline_weights_path,
     pretrained_config,
+    resolve_weights,
 )
 from tagmill.models.registry import (
     ALIASES,
@@ -62,13 +65,15 @@ __all__ = [
     "has_offline_weights",
     "head",
     "layer_groups",
-    "load_imagenet_weights",
+    "load_pretrained_weights",
     "load_weights",
     "offline_weights_path",
     "param_groups",
     "pooling_kwargs",
     "pooling_of",
     "pretrained_config",
+    "resolve_weights",
+    "WeightsSource",
     "read_state_dict",
     "registered_architectures",
     "resolve_architecture",

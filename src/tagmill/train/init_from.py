@@ -42,6 +42,8 @@ class StartingPoint:
     classes: list[str]
     architecture: str
     pooling: str  #: the new run pools the same way: the head's rows are carried over
+    #: how the bundle's model was fed (its weights' mean/std and resampling carry over)
+    preprocess: Preprocess | None = None
 
 
 def transfer_weights(model: torch.nn.Module, start: StartingPoint, classes: list[str]) -> HeadTransfer:

@@ -87,10 +87,16 @@ class _State:
     unfrozen_planned: int | None = None
 
 
-def preprocess_for(config: TrainConfig) -> Preprocess:
+def preprocess_for(config: TrainConfig, start: StartingPoint | None = None) -> Preprocess:
+    """How this run feeds its model: as the weights it starts from were trained (a
+    bundle's own preprocessing for ``start``; else the pretrained weights' or file's)."""
     from tagmill.models import pretrained_config
 
-    cfg = pretrained_config(config.backbone)
+    if start is not None and start.preprocess is not None:
+        return dataclasses.replace(start.preprocess, input_size=config.image_size or start.preprocess.input_size,
+                                   resize_method=config.resize_method)
+    cfg = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
+                            weights=config.weights)
     return Preprocess(
         input_size=config.image_size or cfg.input_size,
         resize_method=config.resize_method,
@@ -147,7 +153,8 @@ def choose_open_settings(
     from tagmill.models import default_pooling, pretrained_config
     from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
 
-    native = pretrained_config(config.backbone).input_size
+    native = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
+                               weights=config.weights).input_size
     chosen: dict[str, Any] = {}
     if config.image_size is None:
         size = choose_input_size(native, typical_shorter_side(dataset, manifest))
@@ -175,7 +182,8 @@ def choose_open_settings(
 def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, progress, log, tracking) -> TrainResult:
     from tagmill.models import check_image_size, create_classifier
 
-    preprocess = preprocess_for(config)
+    start = load_start(config.init_from) if config.init_from is not None and load_start is not None else None
+    preprocess = preprocess_for(config, start)
     check_image_size(config.backbone, preprocess.input_size)
 
     state = _State()

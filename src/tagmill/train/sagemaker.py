@@ -121,13 +121,15 @@ def _backbone(params: dict[str, Any], pretrained: bool, log: Callable[[str], Non
     weights = local_resnet_weights(depth)
     if weights is not None:
         log(f"num_layers={depth}: using resnet{depth} with ImageNet weights from {weights}")
-        return {"backbone": f"resnet{depth}", "pretrained": False, "weights": str(weights)}
-    log(
-        f"num_layers={depth} with use_pretrained_model=1: no ImageNet weights for resnet{depth} on this machine "
-        f"(put resnet{depth}.safetensors in ${WEIGHTS_DIR_ENV} to use them); "
-        "training the pretrained efficientnet_lite0 instead"
-    )
-    return {"backbone": "efficientnet_lite0", "pretrained": True}
+        return {"backbone": f"resnet{depth}", "pretrained": True, "weights": str(weights)}
+    # What was asked, or a clear stop: the weights come from the hub cache (models.pretrained),
+    # and where they cannot be found training ends with that resolution error, never with
+    # another architecture in its place.
+    from tagmill.models import resolve_weights
+
+    source = resolve_weights(f"resnet{depth}")
+    log(f"num_layers={depth}: using resnet{depth} with ImageNet weights from {source.location}")
+    return {"backbone": f"resnet{depth}", "pretrained": True}
 
 
 def _image_size(shape: str) -> int:

@@ -22,6 +22,9 @@ TABLE_ROWS = 50
 #: ``train`` and ``lr-find`` share it; the numbers are ``dataset.torch_data.default_workers``'s
 #: (not imported here: the command line starts without loading torch)
 LOADER_WORKERS_HELP = "Data-loading processes (default: none below 1,000 images, else one per core up to 4)."
+#: ``predict`` and ``serve``
+INFERENCE_DEVICE_HELP = ("auto (a GPU when there is one) | cpu | cuda | cuda:N; with --backend onnx, a GPU needs "
+                         "onnxruntime-gpu (auto falls back to the CPU without it).")
 
 app = typer.Typer(
     name="tagmill",
@@ -458,6 +461,7 @@ def predict(
     jsonl_out: Annotated[Optional[str], typer.Option("--jsonl", help="Write one JSON line per image to this file.")] = None,
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write a CSV (a probability column per class).")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
+    device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     nproc: Annotated[int, typer.Option(help="Processes to spread the work over (output order is unchanged).")] = 1,
 ) -> None:
@@ -470,7 +474,13 @@ def predict(
     from tagmill.summaries import prediction_table
 
     meta = read_meta(bundle)
-    settings = Settings(bundle, backend, top_k, threshold, batch_size)
+    settings = Settings(bundle, backend, top_k, threshold, batch_size, device)
+    predictor = None
+    if nproc == 1:  # loaded here, so the user is told what it runs on
+        from tagmill.bundle.predictor import Predictor
+
+        predictor = Predictor.from_bundle(bundle, backend=backend, device=device)
+        err.print(f"running on {predictor.runs_on}", highlight=False)
     outputs = [(location, fmt) for location, fmt in ((json_out, "json"), (jsonl_out, "jsonl"), (csv_out, "csv")) if location]
     failed = 0
 
@@ -480,7 +490,7 @@ def predict(
             failed += not row.prediction.ok
             yield row
 
-    rows = counted(predict_all(settings, paths, split=split, nproc=nproc, progress=RichProgress(err)))
+    rows = counted(predict_all(settings, paths, split=split, nproc=nproc, progress=RichProgress(err), predictor=predictor))
     if outputs:
         # one output streams; several need the rows more than once
         source = list(rows) if len(outputs) > 1 else rows
@@ -523,6 +533,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="Server processes, each with its own copy of the model.")] = 1,
     threads: Annotated[int, typer.Option(help="Inference threads per worker.")] = 1,
     backend: Annotated[str, typer.Option(help="torch | onnx (needs model.onnx: `tagmill export --onnx`).")] = "torch",
+    device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     api_key: Annotated[Optional[str], typer.Option(help="Require this key (X-Api-Key or Bearer) on prediction routes.", envvar="TAGMILL_API_KEY")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
     max_batch: Annotated[Optional[int], typer.Option(help="Requests grouped into one forward pass (default: 1 for torch, where batching is slower on CPUs; 16 for onnx).")] = None,
@@ -537,7 +548,8 @@ def serve(
     from tagmill.serve.server import run_server
 
     config = ServeConfig(
-        bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, api_key=api_key,
+        bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, device=device,
+        api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_connections=max_connections, header_timeout_s=header_timeout_s,
     )

@@ -53,6 +53,7 @@ class Settings:
     top_k: int | None
     threshold: float | None
     batch_size: int
+    device: str = "cpu"  #: auto | cpu | cuda | cuda:N
 
 
 def plan(paths: list[str], split: str | None) -> list[WorkItem]:
@@ -131,7 +132,8 @@ def _init_worker(settings: Settings) -> None:
 
     global _worker
     torch.set_num_threads(1)  # N processes x 1 thread beat 1 process x N threads here
-    _worker = (Predictor.from_bundle(settings.bundle, backend=settings.backend, intra_op_threads=1), settings)
+    _worker = (Predictor.from_bundle(settings.bundle, backend=settings.backend, device=settings.device,
+                                      intra_op_threads=1), settings)
 
 
 def _run_in_worker(task: WorkItem) -> list[Row]:
@@ -154,7 +156,8 @@ def predict_all(
     tasks = plan(paths, split)
     with progress.task("predicting", sum(t.size for t in tasks)) as advance:
         if nproc == 1 or len(tasks) <= 1:
-            predictor = predictor or Predictor.from_bundle(settings.bundle, backend=settings.backend)
+            predictor = predictor or Predictor.from_bundle(settings.bundle, backend=settings.backend,
+                                                           device=settings.device)
             results: Iterable[list[Row]] = (run_task(predictor, task, settings) for task in tasks)
             for rows in results:
                 yield from rows

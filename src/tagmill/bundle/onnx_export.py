@@ -18,7 +18,7 @@ import io
 import logging
 import warnings
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -128,8 +128,29 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, opset: in
     return buffer.getvalue()
 
 
-def make_session(graph: bytes, *, intra_op_threads: int | None = None) -> onnxruntime.InferenceSession:
-    """An onnxruntime CPU session for ``graph``; ``intra_op_threads`` None = ORT's default."""
+def onnx_providers(device: torch.device, *, required: bool) -> list[Any]:
+    """onnxruntime's execution providers for ``device``: CUDA (on that GPU) then CPU for a
+    GPU, CPU alone otherwise. The CUDA provider exists only in the onnxruntime-gpu build:
+    without it a GPU that was ``required`` (asked for by name) is an InputError, and one
+    that "auto" found is passed over for the CPU."""
+    import onnxruntime as ort  # heavy; only the ONNX paths need it
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if not required:
+            return ["CPUExecutionProvider"]
+        raise InputError(
+            f"--device {device}: this onnxruntime ({ort.__version__}) has no CUDA provider",
+            hint="install onnxruntime-gpu in place of onnxruntime, or serve with --backend torch or --device cpu",
+        )
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+def make_session(graph: bytes, *, intra_op_threads: int | None = None,
+                 providers: list[Any] | None = None) -> onnxruntime.InferenceSession:
+    """An onnxruntime session for ``graph`` (``providers``: default the CPU's);
+    ``intra_op_threads`` None = ORT's default."""
     import onnxruntime as ort  # heavy; only the ONNX paths need it
 
     options = ort.SessionOptions()
@@ -138,7 +159,7 @@ def make_session(graph: bytes, *, intra_op_threads: int | None = None) -> onnxru
             raise InputError(f"intra_op_threads must be >= 0, not {intra_op_threads}")
         options.intra_op_num_threads = intra_op_threads
     try:
-        return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
         raise BundleError(f"onnxruntime cannot load the ONNX graph: {exc}") from exc
 

@@ -22,6 +22,7 @@ from tagmill.dataset.images import decode, to_rgb
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import InputError, UnreadableImageError
 from tagmill.objective import objective
+from tagmill.train.device import resolve_device
 
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
@@ -63,8 +64,10 @@ class Predictor:
     ``model`` is a torch module for ``backend="torch"`` (moved to ``device`` and put in
     eval mode); for ``backend="onnx"`` it is the ONNX graph (bytes), an
     ``onnxruntime.InferenceSession``, or a torch module that is exported (and
-    verified) in memory. The ONNX backend runs on the CPU and ignores ``device``;
-    ``intra_op_threads`` sets its thread count (None: onnxruntime's default).
+    verified) in memory. ``device`` is "auto" (a GPU when there is one), "cpu", "cuda"
+    or "cuda:N"; the ONNX backend runs on onnxruntime's CUDA provider for a GPU when its
+    GPU build is installed (``runs_on`` says what was chosen); ``intra_op_threads`` sets
+    its thread count (None: onnxruntime's default).
     Forward passes run in chunks of at most ``batch_size`` images.
     """
 
@@ -87,10 +90,13 @@ class Predictor:
         self.batch_size = batch_size
         self.transform = eval_transform(meta.preprocess)
         self._shrink_to = _decode_size(meta.preprocess)
+        resolved = resolve_device(str(device))
         if backend == "torch":
-            self._run = _torch_runner(model, device)
+            self._run = _torch_runner(model, resolved)
+            self.runs_on = f"torch on {resolved}"
         else:
-            self._run = _onnx_runner(model, meta, intra_op_threads)
+            self._run, self.runs_on = _onnx_runner(model, meta, intra_op_threads, resolved,
+                                                   required=str(device) != "auto")
 
     @classmethod
     def from_bundle(
@@ -107,7 +113,7 @@ class Predictor:
             meta = read_meta(location)
             model: Any = _read_onnx(location, meta)
         else:
-            model, meta = load_bundle(location, device=device)
+            model, meta = load_bundle(location, device=resolve_device(str(device)))
         return cls(model, meta, backend=backend, device=device, intra_op_threads=intra_op_threads,
                    batch_size=batch_size)
 
@@ -300,14 +306,18 @@ def _torch_runner(model: Any, device: str | torch.device) -> Callable[[torch.Ten
     return run
 
 
-def _onnx_runner(model: Any, meta: BundleMeta, intra_op_threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _onnx_runner(
+    model: Any, meta: BundleMeta, intra_op_threads: int | None, device: torch.device, *, required: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The forward function and the provider it runs on."""
     # onnx_export pulls in onnx/onnxruntime; import it only for this backend
-    from tagmill.bundle.onnx_export import make_session, onnx_bytes, run_session
+    from tagmill.bundle.onnx_export import make_session, onnx_bytes, onnx_providers, run_session
 
     if isinstance(model, torch.nn.Module):
         model = onnx_bytes(model, meta)  # exported and verified in memory
     if isinstance(model, (bytes, bytearray)):
-        session = make_session(bytes(model), intra_op_threads=intra_op_threads)
+        session = make_session(bytes(model), intra_op_threads=intra_op_threads,
+                               providers=onnx_providers(device, required=required))
     elif hasattr(model, "run") and hasattr(model, "get_inputs"):  # an onnxruntime.InferenceSession
         session = model
     else:
@@ -315,7 +325,7 @@ def _onnx_runner(model: Any, meta: BundleMeta, intra_op_threads: int | None) -> 
             f"the onnx backend needs ONNX bytes, an onnxruntime.InferenceSession or a torch module, "
             f"not {type(model).__name__}"
         )
-    return lambda batch: run_session(session, batch)
+    return (lambda batch: run_session(session, batch)), f"onnxruntime {session.get_providers()[0]}"
 
 
 def _read_onnx(location: str, meta: BundleMeta) -> bytes:

@@ -248,6 +248,7 @@ def _add_page_routes(app: FastAPI, service: Service) -> None:
             "input_size": meta.preprocess.input_size,
             "examples": [f"/examples/{quote(name)}" for name in service.examples],
             "backend": config.backend,
+            "runs_on": service.runs_on,
             "api_key_required": config.api_key is not None,
             "tagmill_version": tagmill.__version__,
         }

@@ -31,6 +31,9 @@ class ServeConfig:
     workers: int = 1
     threads: int = 1  #: torch / onnxruntime intra-op threads in each worker
     backend: str = "torch"  #: "torch" or "onnx" (the bundle must carry model.onnx)
+    #: auto (a GPU when there is one) | cpu | cuda | cuda:N; onnx uses onnxruntime's CUDA
+    #: provider for a GPU when its GPU build is installed
+    device: str = "auto"
     #: None: no authentication. Otherwise the prediction routes need ``X-Api-Key: KEY``
     #: or ``Authorization: Bearer KEY``; health, metrics and the web page stay open.
     api_key: str | None = None

@@ -65,6 +65,8 @@ class ModelInfo(BaseModel):
     input_size: int
     examples: list[str] = Field(description="URLs of example images shipped in the bundle's examples/ folder")
     backend: str
+    runs_on: str | None = Field(description='what the model runs on, e.g. "torch on cpu" or '
+                                            '"onnxruntime CUDAExecutionProvider"; null until it is loaded')
     api_key_required: bool
     tagmill_version: str
 

@@ -7,6 +7,7 @@ through :meth:`Service.predict`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from tagmill.serve.batching import Batcher
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import NotReadyError
 from tagmill.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
 
 #: uvicorn's exit status for a server that cannot start
 STARTUP_FAILURE = 3
@@ -54,14 +57,20 @@ class Service:
             on_load_error=_exit_process if exit_on_load_error else None,
         )
         self._pool: ThreadPoolExecutor | None = None
+        #: what the model runs on ("torch on cpu", "onnxruntime CUDAExecutionProvider"); None until loaded
+        self.runs_on: str | None = predictor.runs_on if predictor is not None else None
 
     def _load(self) -> Predictor:
-        return Predictor.from_bundle(
+        predictor = Predictor.from_bundle(
             self.config.bundle,
             self.config.backend,
+            device=self.config.device,
             intra_op_threads=self.config.threads,
             batch_size=self.config.batch_limit,
         )
+        self.runs_on = predictor.runs_on
+        log.info("model loaded: %s, %s", self.meta.architecture, predictor.runs_on)
+        return predictor
 
     # --- lifecycle ----------------------------------------------------------------
 

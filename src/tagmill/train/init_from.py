@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tagmill.dataset.transforms import Preprocess
 from tagmill.errors import InputError
 
 

@@ -188,9 +188,7 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, 
 
     state = _State()
     checkpoint: dict[str, Any] | None = None
-    if not resume:
-        _start_run_dir(run_dir, dataset, config, ctx)
-    elif storage.exists(storage.join(run_dir, LAST)):
+    if resume and storage.exists(storage.join(run_dir, LAST)):
         checkpoint = load_checkpoint(storage.join(run_dir, LAST))
         _check_checkpoint(checkpoint, manifest)
         state = _State(
@@ -214,6 +212,8 @@ def _train(dataset, run_dir, config, manifest, ctx, device, resume, load_start, 
         transfer = transfer_weights(model, load_start(config.init_from), manifest.classes)
         refit = " (the head is then fitted afresh on the new data)" if config.convex_head else ""
         log(f"starting from {config.init_from}: {transfer.describe()}{refit}")
+    if not resume:  # only now: weights that cannot be found or do not fit leave no run directory behind
+        _start_run_dir(run_dir, dataset, config, ctx)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

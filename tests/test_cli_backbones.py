@@ -136,3 +136,30 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_work(tmp_path: Pa
         with pytest.raises(InputError, match="no CUDA provider"):
             onnx_providers(torch.device("cuda"), required=True)
         assert onnx_providers(torch.device("cuda"), required=False) == ["CPUExecutionProvider"]  # auto falls back
+
+
+def test_backbones_lists_costs_and_which_weights_are_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    add_timm_repo(cache, "test_resnet.r160_in1k")
+    add_timm_repo(cache, "test_vit.r160_in1k", repo="someone/stills-vit")
+
+    listing = run("backbones", "--json", str(tmp_path / "all.json")).output
+    rows = {row["name"]: row for row in json.loads((tmp_path / "all.json").read_text())}
+    assert rows["efficientnet_lite0"]["weights"] == "package" and rows["resnet50"]["weights"] is None
+    assert rows["test_resnet.r160_in1k"]["weights"] == "hub cache"  # found in the cache, listed by its timm name
+    assert rows["hf-hub:someone/stills-vit"]["weights"] == "hub cache"
+    assert rows["resnet50"]["params_m"] == pytest.approx(25.6, abs=0.1)  # timm's ResNet-50: 25.6 M
+    assert rows["resnet50"]["gflops"] == pytest.approx(8.18, abs=0.05)  # 4.09 G multiply-adds at 224 px
+    assert "resnet152" in listing and "hub cache" in listing
+
+    run("backbones", "test_resnet", "test_efficientnet", "--filter", "test_vit.*", "--measure",
+        "--json", str(tmp_path / "measured.json"))
+    measured = {row["name"]: row for row in json.loads((tmp_path / "measured.json").read_text())}
+    assert set(measured) == {"test_resnet", "test_efficientnet", "test_vit.r160_in1k"}
+    assert measured["test_resnet"]["weights"] == "hub cache" and measured["test_efficientnet"]["weights"] is None
+    assert all(row["infer_per_s"] > 0 and row["train_per_s"] > 0 for row in measured.values())
+    assert measured["test_vit.r160_in1k"]["input_size"] == 160
+
+    assert "no pretrained timm model matches" in run("backbones", "--filter", "nothing_like_this*",
+                                                     code=InputError.exit_code).output

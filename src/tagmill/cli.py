@@ -560,6 +560,34 @@ def serve(
 
 @app.command()
 @reports_errors
+def backbones(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Backbones to show (default: the usual ones and whatever the Hugging Face cache holds).")] = None,
+    filter_: Annotated[Optional[str], typer.Option("--filter", help="Also every timm pretrained name matching this pattern, e.g. 'convnext_*'.")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="Time inference and a training step on this machine (random weights; seconds per backbone).")] = False,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
+) -> None:
+    """List backbones: weights available here, input size, parameters, GFLOPs (and speed with --measure)."""
+    import json
+
+    from tagmill.models.catalog import default_names, describe, matching
+    from tagmill.summaries import backbone_table
+
+    chosen = list(names or ([] if filter_ else default_names()))
+    if filter_:
+        chosen += [name for name in matching(filter_) if name not in chosen]
+    rows = []
+    with err.status("measuring" if measure else "counting") as status:
+        for name in chosen:
+            status.update(f"{'measuring' if measure else 'counting'} {name}")
+            rows.append(describe(name, measure=measure))
+    out.print(backbone_table(rows, measured=measure))
+    if json_out:
+        with storage.atomic_write(json_out) as raw:
+            raw.write(json.dumps([row.as_dict() for row in rows], indent=1).encode())
+
+
+@app.command()
+@reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its dataset and outputs.")] = Path("runs/demo"),
     port: Annotated[int, typer.Option(help="Port the demo serves its model on at the end.")] = 8080,

@@ -76,3 +76,26 @@ def prediction_table(rows: list, *, multi: bool, hidden: int = 0):
     if hidden:
         table.caption = f"… {hidden:,} more (use --json/--jsonl/--csv for all)"
     return table
+
+
+def backbone_table(rows: list, *, measured: bool):
+    """A rich table of ``models.catalog.Backbone`` rows."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("backbone")
+    table.add_column("weights here")
+    table.add_column("input", justify="right")
+    table.add_column("params (M)", justify="right")
+    table.add_column("GFLOPs", justify="right")
+    if measured:
+        table.add_column("infer img/s", justify="right")
+        table.add_column("train img/s", justify="right")
+    for row in rows:
+        cells = [row.name, row.weights or "[dim]no[/]", f"{row.input_size}px", f"{row.params_m:.1f}", f"{row.gflops:.2f}"]
+        if measured:
+            cells += [f"{row.infer_per_s:.1f}", f"{row.train_per_s:.1f}"]
+        table.add_row(*cells)
+    table.caption = ("GFLOPs: one image, one forward pass at the input size (a multiply-add counts 2). "
+                     "Weights not here: see README, 'Backbones and weights'.")
+    return table

@@ -108,15 +108,24 @@ def read_config(repo_id: str) -> dict[str, Any]:
     return config
 
 
-def cached_config(repo_id: str) -> dict[str, Any] | None:
-    """``config.json`` of ``repo_id`` when the cache has it (never downloads); None otherwise."""
+def cached_file(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
+    """The first of ``filenames`` the cache holds for ``repo_id`` (never downloads)."""
     from huggingface_hub import try_to_load_from_cache
 
-    path = try_to_load_from_cache(repo_id, CONFIG_FILE, cache_dir=cache_dir())
-    if not isinstance(path, str):
+    for filename in filenames:
+        path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir())
+        if isinstance(path, str):
+            return Path(path)
+    return None
+
+
+def cached_config(repo_id: str) -> dict[str, Any] | None:
+    """``config.json`` of ``repo_id`` when the cache has it (never downloads); None otherwise."""
+    path = cached_file(repo_id, (CONFIG_FILE,))
+    if path is None:
         return None
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return config if isinstance(config, dict) else None
@@ -167,5 +176,5 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["CONFIG_FILE", "HubFile", "WEIGHT_FILES", "cache_dir", "cached_config", "cached_repos", "fetch", "offline",
+__all__ = ["CONFIG_FILE", "HubFile", "WEIGHT_FILES", "cache_dir", "cached_config", "cached_file", "cached_repos", "fetch", "offline",
            "read_config"]

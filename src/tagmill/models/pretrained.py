@@ -160,6 +160,15 @@ def _config_from(name: str, cfg: Mapping[str, Any]) -> PretrainedConfig:
     )
 
 
+def weights_here(architecture: str) -> str | None:
+    """Where pretrained weights for ``architecture`` sit on this machine right now
+    ("package" or "hub cache"), without downloading anything; None when nowhere."""
+    if has_offline_weights(architecture):
+        return "package"
+    repo = hub_repo(architecture) or _timm_repo(resolve_architecture(architecture))
+    return "hub cache" if repo is not None and hub.cached_file(repo, hub.WEIGHT_FILES) is not None else None
+
+
 def has_offline_weights(architecture: str) -> bool:
     """True when ImageNet weights for ``architecture`` are installed here."""
     packaged = OFFLINE_WEIGHTS.get(resolve_architecture(architecture))
@@ -211,4 +220,5 @@ __all__ = [
     "offline_weights_path",
     "pretrained_config",
     "resolve_weights",
+    "weights_here",
 ]

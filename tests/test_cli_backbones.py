@@ -39,6 +39,13 @@ def run(*args: str, code: int = 0):
     return result
 
 
+def images_in(dataset: str) -> int:
+    from tagmill.dataset.manifest import load_manifest
+
+    manifest = load_manifest(dataset)
+    return sum(manifest.split(name).count for name in ("train", "val"))
+
+
 def probabilities(path: Path) -> list[list[float]]:
     return [json.loads(line)["probabilities"] for line in path.read_text().splitlines()]
 
@@ -77,6 +84,12 @@ def test_a_resnet_from_the_hub_cache_trains_exports_predicts_and_serves(
         info = client.get("/api/model").json()
     assert torch.allclose(torch.tensor(served), torch.tensor(expected[0]), atol=1e-4)
     assert info["backend"] == "onnx" and info["runs_on"] == "onnxruntime CPUExecutionProvider"
+
+    # the doctor takes features of any width: the run's (multi-level pooled) and the hub backbone's own
+    for source in (["--model", str(tmp_path / "run")], ["--backbone", "test_resnet", "--image-size", "64"]):
+        out = tmp_path / f"doctor{len(source)}"
+        run("doctor", colour_dataset, "--out", str(out), "--workers", "0", *source)
+        assert json.loads((out / "doctor.json").read_text())["counts"]["images"] == images_in(colour_dataset)
 
 
 def test_a_vit_bundle_agrees_between_torch_and_onnx_in_the_server(tmp_path: Path) -> None:

@@ -121,3 +121,16 @@ def test_sagemaker_resnet_depth_means_that_resnet(colour_dataset: str, hub: Path
     assert any(str(hub) in m for m in messages)
     config = TrainConfig.from_dict(options)
     assert body_matches(create_classifier(config.backbone, 3, pooling="avg"), saved)
+
+
+def test_a_fixed_size_vit_is_fed_its_own_size_whatever_the_images(colour_dataset: str) -> None:
+    from tagmill.dataset.manifest import load_manifest
+    from tagmill.train.loop import choose_open_settings
+
+    messages: list[str] = []
+    manifest = load_manifest(colour_dataset)  # 40-px images: a CNN would get a smaller input
+    vit = choose_open_settings(colour_dataset, manifest,
+                               TrainConfig(backbone="vit_small_patch16_224", pretrained=False), messages.append)
+    assert vit.image_size == 224 and any("the only size vit_small_patch16_224 takes" in m for m in messages)
+    cnn = choose_open_settings(colour_dataset, manifest, TrainConfig(backbone="resnet18", pretrained=False), messages.append)
+    assert cnn.image_size < 224

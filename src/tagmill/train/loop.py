@@ -153,10 +153,14 @@ def choose_open_settings(
     from tagmill.models import default_pooling, pretrained_config
     from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
 
-    native = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
-                               weights=config.weights).input_size
+    weights_cfg = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
+                                    weights=config.weights)
+    native = weights_cfg.input_size
     chosen: dict[str, Any] = {}
-    if config.image_size is None:
+    if config.image_size is None and weights_cfg.fixed_input_size:  # a ViT with fixed position embeddings
+        chosen["image_size"] = native
+        log(f"input size: {native} px, the only size {config.backbone} takes")
+    elif config.image_size is None:
         size = choose_input_size(native, typical_shorter_side(dataset, manifest))
         chosen["image_size"] = size.value
         log(f"input size: {size.reason}")

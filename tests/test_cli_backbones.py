@@ -130,6 +130,16 @@ def test_weights_that_cannot_be_found_or_fitted_leave_no_run_behind(
     assert "efficientnet.safetensors does not fit test_resnet" in misfit.output
     assert not (tmp_path / "r2").exists()
 
+    add_timm_repo(cache, "test_resnet.r160_in1k")
+    cached = next(cache.glob("models--timm--test_resnet.r160_in1k/snapshots/*/model.safetensors"))
+    cached.write_bytes(b"\x00" * 64)  # a download cut short
+    corrupt = run("train", colour_dataset, "--out", str(tmp_path / "r4"), "--backbone", "test_resnet", *FAST,
+                  code=InputError.exit_code)
+    assert f"cannot read weights from {cached}" in corrupt.output and not (tmp_path / "r4").exists()
+
+    assert "unknown architecture 'resnet43'" in run("train", colour_dataset, "--out", str(tmp_path / "r5"),
+                                                    "--backbone", "resnet43", code=InputError.exit_code).output
+    assert not (tmp_path / "r5").exists()
     assert "no pretrained tag 'nope'" in run("train", colour_dataset, "--out", str(tmp_path / "r3"), "--backbone",
                                              "resnet18.nope", *FAST, code=InputError.exit_code).output
     assert not (tmp_path / "r3").exists()

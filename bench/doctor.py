@@ -1,15 +1,17 @@
 """Does ``tagmill doctor`` find faults planted in real data, and does it beat sorting by loss?
 
-    .venv/bin/python bench/doctor.py [--datasets B,A] [--out bench/results/doctor.json]
+    .venv/bin/python bench/doctor.py [--datasets B,C,A] [--out bench/results/doctor.json]
                                      [--work /tmp/tagmill-doctor-bench] [--dev] [--wait-idle MIN]
                                      [--limit N] [--plant-only] [--print-only]
     make bench-doctor                       # installs .[dev,bench], then runs the reported sets
 
 Data: the datasets of ``bench/quality.py`` (imported from it, built once into its cache
-/tmp/tagmill-quality-bench): B (Apple emoji, single-label, 240 images) and A (OpenMoji,
-multi-label, 2,000 images, 52% untagged), with quality.py's train/val membership.
-``--dev`` uses their dev variants (Google emoji, OpenMoji black outlines): thresholds
-are tuned there, the other sets are only reported.
+/tmp/tagmill-quality-bench): B (Apple emoji, single-label, 240 images), C (Fashion-MNIST
+test set, single-label, 3,000 images, 10 classes; from the Debian package
+``dataset-fashion-mnist``) and A (OpenMoji, multi-label, 2,000 images, 52% untagged),
+with quality.py's train/val membership. ``--dev`` uses their dev variants (Google emoji,
+Fashion-MNIST's train set, OpenMoji black outlines): thresholds and ranking rules are
+tuned there, the other sets are only reported.
 
 Planting (``random.Random(0)``; ground truth in WORK/<set>/planted/truth.json):
 
@@ -693,7 +695,7 @@ def bench_one(ds: quality.Dataset, work: Path, limit: int | None, plant_only: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="B,A", help="comma list of quality.py's keys: B (single-label), A (multi-label)")
+    parser.add_argument("--datasets", default="B,A", help="comma list of quality.py's keys: B, C (single-label), A (multi-label); default B,A")
     parser.add_argument("--out", default=None,
                         help="results as JSON (default bench/results/doctor.json; with --dev WORK/doctor-dev.json)")
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="where planted sources, datasets and reports go")

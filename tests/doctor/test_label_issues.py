@@ -36,6 +36,33 @@ def test_flipped_labels_are_the_top_suspects_with_the_true_class_suggested():
     assert sum(i.flagged for i in issues) <= 2 * len(flipped)  # clean images are rarely flagged
 
 
+def test_a_label_the_models_all_but_rule_out_outranks_one_they_merely_doubt():
+    # image 0: 2% for its given class, the rest split between two others (the models
+    # cannot say which is right, but the given one is not); image 1: 20% against a clear
+    # favourite; image 2: the given class ahead; image 3: a tie, not flagged
+    probs = torch.tensor([[0.02, 0.49, 0.49], [0.20, 0.80, 0.00], [0.70, 0.20, 0.10], [0.45, 0.45, 0.10]])
+    issues = single_label_issues(probs, torch.tensor([0, 0, 0, 0]))
+    assert [i.index for i in issues] == [0, 1, 3, 2]
+    by_index = {i.index: i for i in issues}
+    assert by_index[0].score == pytest.approx(0.49 / 0.51) and by_index[1].score == pytest.approx(0.8)
+    assert by_index[1].suggested == 1 and by_index[0].suggested in (1, 2)
+    assert by_index[3].score == pytest.approx(0.5) and not by_index[3].flagged
+    assert by_index[2].score == pytest.approx(0.2 / 0.9)
+
+
+def test_the_score_is_above_one_half_exactly_when_flagged():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(300, 5, generator=g) ** 3
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    issues = single_label_issues(probs, labels)
+    assert all(0.0 <= i.score <= 1.0 for i in issues)
+    assert all(i.flagged == (i.score > 0.5) for i in issues)
+    scores = [i.score for i in issues]
+    assert scores == sorted(scores, reverse=True)  # flagged first is then plain score order
+    assert any(i.flagged for i in issues) and not all(i.flagged for i in issues)
+
+
 def test_missing_and_wrong_tags_are_found_per_image_and_tag():
     features, groups = clusters(50, 3, seed=2)
     targets = torch.nn.functional.one_hot(groups, 3).float()  # tag k on group k's images

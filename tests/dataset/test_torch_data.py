@@ -6,6 +6,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tagmill.dataset.importer import ImportOptions, import_dataset
+from tagmill.dataset.shards import iter_shard
 from tagmill.dataset.torch_data import ReaderSlot, ShardDataset, encode_labels
 from tagmill.dataset.transforms import Preprocess, eval_transform, train_transform
 from tagmill.errors import DatasetError, InputError
@@ -159,3 +160,34 @@ def test_small_passes_decode_in_process_and_large_ones_in_workers(monkeypatch):
     assert default_workers(IN_PROCESS_BELOW) == MAX_DEFAULT_WORKERS
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert default_workers(10 * IN_PROCESS_BELOW) == 2
+
+
+def test_readers_open_only_their_shards_and_get_equal_shares(packed, monkeypatch):
+    opened: list[str] = []
+    real = ShardDataset._opener
+    monkeypatch.setattr(ShardDataset, "_opener", lambda self, location: (opened.append(location), real(self, location))[1])
+    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)), shuffle=True, seed=3)
+    shard_of = {sample.key: shard for shard in data.shards for sample in iter_shard(shard)}
+    for readers in (2, 3, len(data.shards), len(data.shards) + 2):
+        shares, opens = [], 0
+        for index in range(readers):
+            opened.clear()
+            keys = [sample.key for sample in data.samples(ReaderSlot(index, readers))]
+            shares.append(len(keys))
+            opens += len(opened)
+            assert set(opened) == {shard_of[key] for key in keys}  # only shards holding some of its samples
+        assert sum(shares) == len(data) and max(shares) - min(shares) <= 1  # equal shares: equal step counts
+        assert opens <= len(data.shards) + readers - 1  # each shard once, plus one shared per boundary
+
+
+def test_bytes_read_count_every_worker_and_stay_near_the_data_once(packed):
+    import os
+
+    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)), shuffle=True, seed=2)
+    total = sum(os.path.getsize(shard) for shard in data.shards)
+    largest = max(os.path.getsize(shard) for shard in data.shards)
+    keys = [k for _, _, batch in DataLoader(data, batch_size=4, num_workers=2) for k in batch]
+    assert len(keys) == len(data)
+    # tar streams end with padding the reader may stop short of; a range starting inside a
+    # shard streams past the head of it: never more than one shard per reader beyond the data
+    assert total - 2 * 10240 <= data.bytes_read <= total + 2 * largest

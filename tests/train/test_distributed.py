@@ -25,22 +25,44 @@ def tagmill(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def single_and_double(colour_dataset, tmp_path_factory):
+def sharded_colours(tmp_path_factory) -> str:
+    """colour_dataset's images cut into small shards, so that readers have several each."""
+    from tagmill.dataset.importer import ImportOptions, import_dataset
+    from tests.conftest import make_colour_classes
+
+    root = tmp_path_factory.mktemp("sharded")
+    make_colour_classes(root / "src", 20)
+    import_dataset(str(root / "src"), str(root / "ds"), ImportOptions(val_fraction=0.2, shard_bytes=24_000))
+    return str(root / "ds")
+
+
+@pytest.fixture(scope="module")
+def single_and_double(sharded_colours, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    one = tagmill("train", colour_dataset, "--out", str(root / "one"), *ARGS)
+    one = tagmill("train", sharded_colours, "--out", str(root / "one"), *ARGS)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = tagmill("train", colour_dataset, "--out", str(root / "two"), "--nproc", "2", *ARGS)
+    two = tagmill("train", sharded_colours, "--out", str(root / "two"), "--nproc", "2", *ARGS)
     assert two.returncode == 0, two.stderr[-3000:]
     return root / "one", root / "two"
 
 
-def test_two_processes_see_every_sample_exactly_once(single_and_double, colour_dataset):
+def test_two_processes_see_every_sample_exactly_once_each_reading_its_shards(single_and_double, sharded_colours):
+    from tagmill.dataset.manifest import load_manifest, shard_locations
+
     one, two = single_and_double
     single, double = rows(one), rows(two)
     assert [r["stage"] for r in double] == ["frozen", "unfrozen", "unfrozen"]
+    sizes = [os.path.getsize(s) for s in shard_locations(sharded_colours, load_manifest(sharded_colours), "train")]
+    assert len(sizes) >= 6
     for a, b in zip(single[1:], double[1:]):
         assert b["train_images"] == a["train_images"] == 48
         assert b["train_fingerprint"] == a["train_fingerprint"]
+        # one process read the data once; two read it once between them, about half each
+        # (a reader whose range starts inside a shard streams past that shard's head)
+        (alone,), (rank0, rank1) = a["train_read_bytes"], b["train_read_bytes"]
+        assert sum(sizes) - 2 * 10240 <= alone <= sum(sizes)
+        assert rank0 + rank1 <= sum(sizes) + 2 * max(sizes)
+        assert max(rank0, rank1) <= sum(sizes) / 2 + 2 * max(sizes)
 
 
 def test_two_processes_reach_the_single_process_result(single_and_double):

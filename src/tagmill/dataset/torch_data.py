@@ -1,11 +1,15 @@
 """Packed shards as a PyTorch IterableDataset, split exactly across ranks and workers.
 
-Every (rank, data-loader worker) pair streams the split's shards in the same
-(epoch-seeded) order and keeps only the samples whose position ``i`` satisfies
-``i % total_readers == reader_index``. Each sample is therefore seen exactly once per
-epoch across the whole job — no duplicates, no drops — however the shards are sized.
-Reading a tar sequentially is cheap; decoding is the cost, and each sample is decoded
-by exactly one reader.
+Each epoch, every (rank, data-loader worker) pair — a *reader* — lays the split's
+shards end to end in the same epoch-seeded order, a stream of N samples, and takes one
+contiguous range of it: reader ``r`` of ``R`` owns positions ``[r·N/R, (r+1)·N/R)``.
+So each sample is read exactly once per epoch across the whole job (no duplicates, no
+drops), ranks get equal shares (±1 sample: the same number of steps), and a reader
+opens only the shards its range touches: the job reads the data once per epoch, plus
+at most the head of one shard per reader (a range that starts inside a shard streams
+past the samples before it). With 8 machines × 4 workers reading from S3, that is
+each shard downloaded once per epoch instead of 32 times. Readers of one rank hold
+neighbouring ranges, so a rank's share is contiguous too.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
 from tagmill.dataset.shard_cache import ShardCache
 from tagmill.dataset.shards import Sample, iter_shard
-from tagmill.errors import DatasetError
+from tagmill.errors import DatasetError, InputError
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,10 @@ class ReaderSlot:
 
     index: int
     count: int
+
+    def range(self, total: int) -> tuple[int, int]:
+        """The positions [start, end) this reader owns in an epoch's stream of ``total`` samples."""
+        return self.index * total // self.count, (self.index + 1) * total // self.count
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -110,6 +120,9 @@ class ShardDataset(IterableDataset):
         #: a local read-through cache for shards behind URLs: epoch 2 reads disk, not network
         self.cache = cache
         self._info = dict(zip(self.shards, self.manifest.split(split).shards))  # location -> its ShardInfo
+        # one slot per data-loader worker (each adds only to its own: no lock, which a
+        # forkserver-started worker could not share), handed over when the workers start
+        self._bytes_read = multiprocessing.RawArray("q", MAX_LOADER_WORKERS)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch (the same on every rank and worker)."""
@@ -119,26 +132,50 @@ class ShardDataset(IterableDataset):
         return self.manifest.split(self.split).count
 
     def samples(self, slot: ReaderSlot) -> Iterator[Sample]:
-        """This reader's share of the raw samples, in (shuffled) order."""
+        """This reader's share of the raw samples, in (shuffled) order; only the shards
+        that hold part of it are opened."""
         order = list(self.shards)
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        position = 0
+        start, end = slot.range(len(self))
+        position = 0  # of the shard's first sample in the epoch's stream
         for shard in order:
-            opener = (lambda url: self.cache.open(url, self._info[url].sha256)) if self.cache is not None else None
+            count = self._info[shard].count
+            if position + count <= start:
+                position += count
+                continue  # wholly before this reader's range: never opened
+            if position >= end:
+                break
             seen = 0
-            for sample in iter_shard(shard, opener):
-                if position % slot.count == slot.index:
+            for sample in iter_shard(shard, self._opener):
+                if start <= position + seen:
                     yield sample
-                position += 1
                 seen += 1
+                if position + seen >= end:
+                    break  # the rest of this shard belongs to the next reader
             # the step counts, progress bars and learning-rate schedule rely on the counts
-            if seen != self._info[shard].count:
+            if seen != count and position + seen < end:
                 raise DatasetError(
-                    f"shard {shard} holds {seen} samples, dataset.json says {self._info[shard].count}: "
+                    f"shard {shard} holds {seen} samples, dataset.json says {count}: "
                     "the manifest and its shards disagree",
                     hint="dataset.json was edited or comes from another import; re-import the data",
                 )
+            position += count
+
+    def _opener(self, location: str) -> IO[bytes]:
+        """Opens a shard (through the cache when there is one), counting the bytes read."""
+        handle = (self.cache.open(location, self._info[location].sha256) if self.cache is not None
+                  else storage.open_read(location))
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if worker >= MAX_LOADER_WORKERS:
+            raise InputError(f"at most {MAX_LOADER_WORKERS} data-loading workers per process (--workers)")
+        return _CountingReader(handle, self._bytes_read, worker)
+
+    @property
+    def bytes_read(self) -> int:
+        """Shard bytes this dataset's readers have read so far (its worker processes included)."""
+        return int(sum(self._bytes_read))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
         slot = reader_slot(self.across_ranks)
@@ -149,6 +186,27 @@ class ShardDataset(IterableDataset):
         for sample in samples:
             image = self.transform(decode_rgb(sample.image))  # (3, H, W) float
             yield image, encode_labels(sample.meta["labels"], self.class_index, task, sample.key), sample.key
+
+
+class _CountingReader(io.RawIOBase):
+    """A read-only file that adds what it reads to its slot of a shared array."""
+
+    def __init__(self, handle: IO[bytes], counters: Any, slot: int) -> None:
+        super().__init__()
+        self._handle, self._counters, self._slot = handle, counters, slot
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[: len(data)] = data
+        self._counters[self._slot] += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
 
 
 def _buffer_shuffle(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -224,6 +282,8 @@ def _follow_trainer(trainer_pid: int, worker_id: int) -> None:
 IN_PROCESS_BELOW = 1000
 #: the most data-loading processes chosen by default
 MAX_DEFAULT_WORKERS = 4
+#: the most a user may ask for (each has a slot in the shared bytes-read counters)
+MAX_LOADER_WORKERS = 64
 
 
 def default_workers(samples: int) -> int:

@@ -349,7 +349,8 @@ class _Run:
         return lr
 
     def _end_epoch(self, stage: str, train_loss: float, val_loss: float, probs, targets, seconds: float, images: int,
-                   optimizer, scheduler, data_fingerprint: int | None = None) -> None:
+                   optimizer, scheduler, data_fingerprint: int | None = None,
+                   read_bytes: list[int] | None = None) -> None:
         config = self.config
         result = self.objective.metrics(probs, targets, self.manifest.classes, threshold=config.threshold, top_k=config.top_k)
         name = self.objective.selection_metric
@@ -368,6 +369,9 @@ class _Run:
             # sum of CRC32s of the sample keys trained on: equal across runs exactly when
             # every sample was seen once, whatever the number of ranks and workers
             row["train_fingerprint"] = data_fingerprint
+        if read_bytes is not None:
+            # shard bytes each rank read for the epoch: the data once in all (± a shard per reader)
+            row["train_read_bytes"] = read_bytes
         improved = value > state.best_metric
         row["improved"] = improved
         state.history.append(row)
@@ -611,9 +615,10 @@ class _Run:
                     fingerprint += sum(zlib.crc32(key.encode()) for key in keys)
                     advance(len(targets), f"loss {total / seen:.4f}")
             total, seen, fingerprint = distributed.sum_all([total, seen, fingerprint], self.ctx)
+            read_bytes = [int(b) for b in distributed.gather(loader.dataset.bytes_read, self.ctx)]
             val_loss, probs, targets = self._validate()
             self._end_epoch("unfrozen", total / max(seen, 1), val_loss, probs, targets, time.perf_counter() - start, int(seen),
-                            optimizer, scheduler, data_fingerprint=int(fingerprint))
+                            optimizer, scheduler, data_fingerprint=int(fingerprint), read_bytes=read_bytes)
         if self.stopped_early() and config.patience is None and state.epoch < end:
             self.log("whole-network fine-tuning: stopped, the last epoch did not improve validation")
 

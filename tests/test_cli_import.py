@@ -87,29 +87,51 @@ def test_no_resize_keeps_original_pixels(tmp_path):
     assert samples[0].image == (tmp_path / "src" / Path(samples[0].meta["id"])).read_bytes()
 
 
-def test_a_killed_import_never_leaves_a_complete_looking_dataset(tmp_path):
+def test_a_killed_import_never_leaves_a_complete_looking_dataset_and_resumes(tmp_path):
     src = make_class_folders(tmp_path / "src", {"a": 150, "b": 150}, size=(900, 1200))
     out = tmp_path / "ds"
     assert run("import", str(make_class_folders(tmp_path / "small", {"a": 2, "b": 2})), "--out", str(out)).exit_code == 0
     assert (out / "dataset.json").exists()
+    journal = out / ".tagmill-import" / "staged.jsonl"
     cmd = [sys.executable, "-m", "tagmill", "import", str(src), "--out", str(out), "--overwrite", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
-    while (out / "dataset.json").exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 40):
         time.sleep(0.02)
-    time.sleep(0.3)  # well inside the decoding of 300 poster-sized images
     assert proc.poll() is None, "the import finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill -9: no cleanup runs
     proc.wait()
+    done = journal.read_text().count("\n")
+    assert 40 <= done < 300
     assert not (out / "dataset.json").exists()
     inspect = run("inspect", str(out), "--no-sheet")
     assert inspect.exit_code != 0 and "no dataset.json" in inspect.output
     # a killed writer's temporary shard, as storage.atomic_write names it (kill -9 runs no cleanup)
     (out / ".tmp-k1ll3d-train-000003.tar").write_bytes(b"half a shard")
-    # and the next import succeeds in the same folder, leaving nothing of the killed one
-    assert run("import", str(src), "--out", str(out), "--max-side", "32").exit_code == 0
+
+    # other options cannot continue it: never a dataset that mixes two imports
+    other = run("import", str(src), "--out", str(out), "--max-side", "32")
+    assert other.exit_code == InputError.exit_code and "interrupted import of other sources or options" in other.output
+    # the same command (another worker count is fine) continues it ...
+    resumed = run("import", str(src), "--out", str(out), "--workers", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming an interrupted import: {done:,} of 300 images" in resumed.output
     assert json.loads((out / "dataset.json").read_text())["report"]["imported"] == 300
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".tmp-*")) and not (out / ".tagmill-import").exists()
+    # ... to exactly what an uninterrupted import writes
+    assert run("import", str(src), "--out", str(tmp_path / "whole")).exit_code == 0
+    assert (out / "dataset.json").read_bytes() == (tmp_path / "whole" / "dataset.json").read_bytes()
+
+
+def test_overwrite_drops_an_interrupted_imports_journal(tmp_path):
+    src = make_class_folders(tmp_path / "src", {"a": 3, "b": 3})
+    out = tmp_path / "ds"
+    (out / ".tagmill-import").mkdir(parents=True)
+    (out / ".tagmill-import" / "fingerprint").write_text("another import")
+    refused = run("import", str(src), "--out", str(out))
+    assert refused.exit_code == InputError.exit_code and "--overwrite" in refused.output
+    assert run("import", str(src), "--out", str(out), "--overwrite").exit_code == 0
+    assert json.loads((out / "dataset.json").read_text())["report"]["imported"] == 6
 
 
 def test_a_full_disk_is_a_storage_error_and_leaves_no_partial_shard(tmp_path):
@@ -130,7 +152,9 @@ def test_a_full_disk_is_a_storage_error_and_leaves_no_partial_shard(tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
         assert result.returncode == 6, result.stderr  # StorageError
         assert "no space left to write" in result.stderr and "Traceback" not in result.stderr
-        assert not list((small / "ds").iterdir())  # no partial shard, and no finished ones without a dataset.json
+        # no partial shard, and no finished ones without a dataset.json: at most the journal of
+        # what was decoded, for the same command to continue once there is room
+        assert [p.name for p in (small / "ds").iterdir()] in ([], [".tagmill-import"])
     finally:
         subprocess.run(["umount", str(small)], check=False)
 

@@ -161,7 +161,7 @@ def import_command(
     seed: Annotated[int, typer.Option(help="Seed for sampling and splits: same seed, same dataset.")] = 0,
     max_side: Annotated[int, typer.Option(help="Resize so the shorter side is at most this many pixels.")] = 320,
     no_resize: Annotated[bool, typer.Option("--no-resize", help="Keep images at their original size.")] = False,
-    shard_size_mb: Annotated[int, typer.Option(help="Start a new shard after this many MB.")] = 256,
+    shard_size_mb: Annotated[Optional[int], typer.Option(help="Start a new shard after this many MB (default: a split's size / 32, within 16-256 MB, so that many readers each open only their own shards).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding images (default: one per core).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
     config_file: ConfigFile = None,
@@ -209,11 +209,12 @@ def import_command(
         test_fraction=test_fraction,
         seed=seed,
         max_side=None if no_resize else max_side,
-        shard_bytes=shard_size_mb * 1024 * 1024,
+        shard_bytes=shard_size_mb * 1024 * 1024 if shard_size_mb is not None else None,
         workers=workers,
         overwrite=overwrite,
     )
-    result = import_dataset(source, out_dir, options, progress=RichProgress(err))
+    result = import_dataset(source, out_dir, options, progress=RichProgress(err),
+                            log=lambda line: err.print(line, highlight=False))
     print_import_summary(result)
     for line in describe_edits(result.report.get("edits", {})):
         out.print(f"  {line}", highlight=False, markup=False)  # file names may hold [brackets]

@@ -8,13 +8,26 @@ Label rules, edits (``edits.py`` says why they sit between rules and sampling) a
 sampling only look at metadata, so they run before any image is decoded (a balanced
 2k-poster dataset out of 39k posters decodes 2k images). Splits run after decoding,
 on the images that survived, so no split loses a class to a corrupt file.
+
+A killed import continues where it stopped: decoding (the long step: half an hour for
+250k stills) is journaled (``packing``) in a folder beside the output, under a
+fingerprint of the sources' records and the options. The next import into the same
+output with the same fingerprint reuses what was processed; with another fingerprint
+it is refused (``--overwrite`` starts over), so no dataset ever mixes two imports. The
+journal goes once ``dataset.json`` is written; that file is byte-identical to an
+uninterrupted import's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import re
+import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +44,7 @@ from tagmill.dataset.manifest import (
     write_manifest,
 )
 from tagmill.dataset.packing import Staging, StagedImage, stage_images
-from tagmill.dataset.shards import DEFAULT_SHARD_BYTES, Sample, ShardWriter
+from tagmill.dataset.shards import Sample, ShardWriter, shard_size
 from tagmill.dataset.splits import assign_splits
 from tagmill.errors import EmptyDatasetError, InputError
 from tagmill.formats import ReadResult, SourceOptions, SourceRecord, Skip, open_reader
@@ -39,6 +52,8 @@ from tagmill.progress import SILENT, Progress
 
 DEFAULT_VAL_FRACTION = 0.1
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+#: the folder (inside a local output) that journals an import in progress
+JOURNAL_DIR = ".tagmill-import"
 #: a shard's temporary file (``storage.atomic_write``), left behind by a killed import
 _PARTIAL_SHARD = re.compile(r"^\.tmp-[^/]*-(train|val|test)-\d{6}\.tar$")
 
@@ -71,7 +86,8 @@ class ImportOptions:
     seed: int = 0
     #: shorter side cap in pixels; None keeps the original size
     max_side: int | None = 320
-    shard_bytes: int = DEFAULT_SHARD_BYTES
+    #: None: chosen per split (``shard_size``)
+    shard_bytes: int | None = None
     workers: int | None = None
     overwrite: bool = False
     staging_dir: str | None = None
@@ -87,12 +103,18 @@ class ImportResult:
         return self.manifest.report
 
 
+#: options that change how an import runs, not what it produces (left out of its fingerprint)
+_RUN_ONLY_OPTIONS = frozenset({"workers", "overwrite", "staging_dir"})
+
+
 def import_dataset(
-    source: str, out: str, options: ImportOptions | None = None, *, progress: Progress = SILENT
+    source: str, out: str, options: ImportOptions | None = None, *, progress: Progress = SILENT,
+    log: Callable[[str], None] = lambda line: None,
 ) -> ImportResult:
     options = options or ImportOptions()
     _check_options(options)
-    _prepare_output(out, options.overwrite)
+    journal = _journal_dir(out, options)
+    _prepare_output(out, options.overwrite, journal)
 
     read = _read_sources(source, options)
     task = options.source.task or read.task or _infer_task(read.records)
@@ -106,8 +128,13 @@ def import_dataset(
     records, classes, edits = _apply_edits(records, classes, task, options, read)
     records, steps = _sample(records, task, options)
 
-    with stage_images(
-        records, options.max_side, workers=options.workers, progress=progress, staging_dir=options.staging_dir
+    _claim_journal(journal, _fingerprint(source, options, records, task, classes), out)
+    # a full disk while staging is a StorageError too; the journal keeps what was done
+    with storage.storage_errors(journal), stage_images(
+        records, options.max_side, workers=options.workers, progress=progress, staging_dir=options.staging_dir,
+        journal_dir=journal, on_resume=lambda done: log(
+            f"resuming an interrupted import: {done:,} of {len(records):,} images were already processed "
+            "(--overwrite starts over)"),
     ) as staging:
         skipped = read.skipped + staging.skipped
         classes = [c for c in classes if any(c in img.record.labels for img in staging.images)]
@@ -154,6 +181,7 @@ def import_dataset(
     )
     write_manifest(out, manifest)
     _remove_stale_shards(out, manifest)
+    shutil.rmtree(journal, ignore_errors=True)  # the dataset is whole: nothing left to resume
     return ImportResult(out, manifest)
 
 
@@ -164,7 +192,7 @@ def _check_options(options: ImportOptions) -> None:
         raise InputError("--min-per-class must be >= 0 and --max-per-class >= 1")
 
 
-def _prepare_output(out: str, overwrite: bool) -> None:
+def _prepare_output(out: str, overwrite: bool, journal: str) -> None:
     """Refuse to clobber a finished dataset; make an overwrite look unfinished at once."""
     manifest = manifest_location(out)
     if storage.exists(manifest):
@@ -172,7 +200,56 @@ def _prepare_output(out: str, overwrite: bool) -> None:
             raise InputError(f"{out} already holds a dataset ({MANIFEST_NAME} exists)", hint="pass --overwrite to replace it")
         # Removed first: if this import dies, the folder must not look like a finished dataset.
         storage.remove(manifest)
+    if overwrite:
+        shutil.rmtree(journal, ignore_errors=True)  # an interrupted import's work is not resumed either
     storage.makedirs(out)
+
+
+def _journal_dir(out: str, options: ImportOptions) -> str:
+    """Where an import into ``out`` journals its decoding: inside a local ``out``; for a
+    URL, in a local folder named after it (staging must be random-access and local)."""
+    if options.staging_dir is None and storage.is_local(out):
+        return os.path.join(out.removeprefix("file://"), JOURNAL_DIR)
+    digest = hashlib.sha256(out.encode()).hexdigest()[:16]
+    base = options.staging_dir or os.path.join(os.path.expanduser("~"), ".cache", "tagmill", "imports")
+    return os.path.join(base, f"{JOURNAL_DIR.lstrip('.')}-{digest}")
+
+
+def _fingerprint(source: str, options: ImportOptions, records: list[SourceRecord], task: str, classes: list[str]) -> str:
+    """What an import produces, in one hash: the records to decode (ids, labels, where each
+    image is), the task, the classes and every option that changes the result."""
+    settings = {k: v for k, v in _as_jsonable(options).items() if k not in _RUN_ONLY_OPTIONS}
+    digest = hashlib.sha256(json.dumps({"source": source, "options": settings, "task": task, "classes": classes},
+                                       sort_keys=True, default=str).encode())
+    for record in records:
+        digest.update(json.dumps([record.id, list(record.labels), record.image.describe(), record.split]).encode())
+    return digest.hexdigest()
+
+
+def _claim_journal(journal: str, fingerprint: str, out: str) -> None:
+    """Start a journal, or continue one left by an import of the very same records and options."""
+    path = os.path.join(journal, "fingerprint")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            if handle.read().strip() != fingerprint:
+                raise InputError(
+                    f"{out} holds an interrupted import of other sources or options; "
+                    "it cannot be continued with these",
+                    hint="run the interrupted command again to finish it, or pass --overwrite to start over",
+                )
+        return
+    os.makedirs(journal, exist_ok=True)
+    for stale in os.listdir(journal):  # a journal without a fingerprint never got past its first write
+        os.remove(os.path.join(journal, stale))
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(fingerprint)
+    os.replace(path + ".tmp", path)
+
+
+def _as_jsonable(options: ImportOptions) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(options)
 
 
 def _read_sources(source: str, options: ImportOptions) -> ReadResult:
@@ -288,7 +365,8 @@ def _write_split(
     options: ImportOptions,
     progress: Progress,
 ) -> SplitInfo:
-    writer = ShardWriter(out, split, options.shard_bytes)
+    shard_bytes = options.shard_bytes or shard_size(sum(image.length for image in images))
+    writer = ShardWriter(out, split, shard_bytes)
     counts: Counter[str] = Counter()
     untagged = 0
     try:

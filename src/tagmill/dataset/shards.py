@@ -21,7 +21,21 @@ from tagmill.errors import DatasetError
 
 #: A fixed member timestamp (2000-01-01) keeps shards byte-identical across imports.
 MEMBER_MTIME = 946684800
-DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+#: Shards are cut at this size at most: a reader's unit of work (and of a retried download).
+MAX_SHARD_BYTES = DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+#: ... and, when the data allows, no smaller than this: below it, per-file costs (an S3
+#: request, a tar header walk, a cache entry) start to show beside the bytes.
+MIN_SHARD_BYTES = 16 * 1024 * 1024
+#: the readers a dataset is likely to meet (8 machines x 4 data-loader workers): with at
+#: least this many shards, a reader's range starting inside a shard costs it at most
+#: ~1/32 of the data in bytes it streams past without using
+READERS_PLANNED = 32
+
+
+def shard_size(total_bytes: int, readers: int = READERS_PLANNED) -> int:
+    """Bytes per shard for a split of ``total_bytes``: ``readers`` shards, within
+    [MIN_SHARD_BYTES, MAX_SHARD_BYTES] (``tagmill import --shard-size-mb`` overrides)."""
+    return min(MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, -(-total_bytes // readers)))
 
 
 @dataclass(frozen=True)

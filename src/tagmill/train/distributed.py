@@ -78,6 +78,26 @@ def gather(obj: Any, ctx: DistContext) -> list[Any]:
     return gathered
 
 
+def gather_rows(tensor: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (N_r, ...), in rank order; ranks may hold different N_r.
+
+    Sent as tensors (padded to the longest share), not pickles: 250k images x 1,280
+    features in all_gather_object would be pickled, copied and unpickled on every rank.
+    """
+    if not ctx.enabled:
+        return [tensor]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl moves GPU tensors only
+    counts = torch.tensor([tensor.shape[0]], device=device)
+    all_counts = [torch.zeros_like(counts) for _ in range(ctx.world)]
+    dist.all_gather(all_counts, counts)
+    longest = int(max(c.item() for c in all_counts))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor
+    received = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(received, padded)
+    return [part[: int(count.item())].cpu() for part, count in zip(received, all_counts)]
+
+
 def sum_all(values: list[float], ctx: DistContext) -> list[float]:
     """Element-wise sum of ``values`` over all ranks."""
     if not ctx.enabled:

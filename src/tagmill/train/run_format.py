@@ -37,7 +37,8 @@ CONFIG, LAST, BEST = "config.json", "last.pt", "best.pt"
 METRICS, FEATURES, OOF = "metrics.jsonl", "features.safetensors", "oof.safetensors"
 FINAL_METRICS, THRESHOLDS = "metrics.json", "thresholds.json"
 
-#: what every checkpoint holds; best.pt adds "metrics" (the epoch's EvaluationResult as a dict)
+#: what every checkpoint holds; best.pt adds "metrics" ({"headline": {selection metric: value}}:
+#: the per-epoch number; the full evaluation is metrics.json, written once at the end)
 CHECKPOINT_KEYS = (
     "epoch", "stage", "classes", "task", "preprocess", "config", "dataset", "model",
     "optimizer", "scheduler", "history", "best_metric", "bad_epochs", "elapsed",

@@ -183,11 +183,16 @@ def test_readers_open_only_their_shards_and_get_equal_shares(packed, monkeypatch
 def test_bytes_read_count_every_worker_and_stay_near_the_data_once(packed):
     import os
 
-    data = ShardDataset(packed, "train", eval_transform(Preprocess(input_size=32)), shuffle=True, seed=2)
-    total = sum(os.path.getsize(shard) for shard in data.shards)
-    largest = max(os.path.getsize(shard) for shard in data.shards)
-    keys = [k for _, _, batch in DataLoader(data, batch_size=4, num_workers=2) for k in batch]
-    assert len(keys) == len(data)
-    # tar streams end with padding the reader may stop short of; a range starting inside a
-    # shard streams past the head of it: never more than one shard per reader beyond the data
-    assert total - 2 * 10240 <= data.bytes_read <= total + 2 * largest
+    transform = eval_transform(Preprocess(input_size=32))
+    alone = ShardDataset(packed, "train", transform, shuffle=True, seed=2)
+    assert len(list(alone)) == len(alone)
+    # local shards seek over what a reader does not use (tar padding included): one reader
+    # reads its members and their headers, less than the files hold
+    assert 0 < alone.bytes_read <= sum(os.path.getsize(shard) for shard in alone.shards)
+
+    shared = ShardDataset(packed, "train", transform, shuffle=True, seed=2)
+    keys = [k for _, _, batch in DataLoader(shared, batch_size=4, num_workers=2) for k in batch]
+    assert len(keys) == len(shared)
+    # two worker processes, counted together: the same bytes, give or take the tar
+    # headers of the samples the second one seeks past
+    assert alone.bytes_read * 0.95 <= shared.bytes_read <= alone.bytes_read + 512 * len(shared)

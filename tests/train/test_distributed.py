@@ -57,12 +57,13 @@ def test_two_processes_see_every_sample_exactly_once_each_reading_its_shards(sin
     for a, b in zip(single[1:], double[1:]):
         assert b["train_images"] == a["train_images"] == 48
         assert b["train_fingerprint"] == a["train_fingerprint"]
-        # one process read the data once; two read it once between them, about half each
-        # (a reader whose range starts inside a shard streams past that shard's head)
+        # one process read the data once (its members; local shards seek over tar padding);
+        # two read it once between them, about half each (a reader whose range starts
+        # inside a shard seeks past the samples before it, reading only their headers)
         (alone,), (rank0, rank1) = a["train_read_bytes"], b["train_read_bytes"]
-        assert sum(sizes) - 2 * 10240 <= alone <= sum(sizes)
-        assert rank0 + rank1 <= sum(sizes) + 2 * max(sizes)
-        assert max(rank0, rank1) <= sum(sizes) / 2 + 2 * max(sizes)
+        assert 0 < alone <= sum(sizes)
+        assert abs(rank0 + rank1 - alone) <= 512 * b["train_images"]
+        assert max(rank0, rank1) <= alone / 2 + max(sizes)
 
 
 def test_two_processes_reach_the_single_process_result(single_and_double):

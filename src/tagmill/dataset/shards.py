@@ -147,33 +147,49 @@ class ShardWriter:
         self._file = self._tar = self._hasher = None
 
 
-def iter_shard(location: str, opener: Callable[[str], IO[bytes]] | None = None) -> Iterator[Sample]:
+def iter_shard(location: str, opener: Callable[[str], IO[bytes]] | None = None, *, skip: int = 0) -> Iterator[Sample]:
     """Samples of one shard, in order, streamed (the shard is never loaded whole).
 
     ``opener`` replaces how the shard is opened (e.g. through a local shard cache).
+    ``skip`` leaves out the first samples: on a seekable file (local disk, the shard
+    cache) only their 512-byte tar headers are read and their bytes are seeked over; a
+    pure stream reads through them.
     """
     with storage.storage_errors(location), (opener or storage.open_read)(location) as handle:
+        seekable = is_seekable(handle)
         try:
-            with tarfile.open(fileobj=handle, mode="r|") as tar:
-                yield from _group_members(tar, location)
+            with tarfile.open(fileobj=handle, mode="r:" if seekable else "r|") as tar:
+                yield from _group_members(tar, location, skip)
         except tarfile.TarError as exc:
             raise DatasetError(f"corrupt shard {location}: {exc}") from exc
 
 
-def _group_members(tar: tarfile.TarFile, location: str) -> Iterator[Sample]:
+def is_seekable(handle: IO[bytes]) -> bool:
+    """Whether ``handle`` can seek (local files and the shard cache can; some streams cannot)."""
+    try:
+        return bool(handle.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _group_members(tar: tarfile.TarFile, location: str, skip: int = 0) -> Iterator[Sample]:
     key: str | None = None
     parts: dict[str, bytes] = {}
+    index = -1  # of the sample being gathered
     for member in tar:
         if not member.isfile():
             continue
         stem, _, ext = member.name.partition(".")
-        if key is not None and stem != key:
-            yield _sample(key, parts, location)
+        if stem != key:
+            if key is not None and index >= skip:
+                yield _sample(key, parts, location)
             parts = {}
-        key = stem
+            key, index = stem, index + 1
+        if index < skip:
+            continue  # never extracted: a seekable tar seeks over the bytes
         extracted = tar.extractfile(member)
         parts[ext] = extracted.read() if extracted is not None else b""
-    if key is not None:
+    if key is not None and index >= skip:
         yield _sample(key, parts, location)
 
 

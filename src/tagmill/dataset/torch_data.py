@@ -5,9 +5,10 @@ shards end to end in the same epoch-seeded order, a stream of N samples, and tak
 contiguous range of it: reader ``r`` of ``R`` owns positions ``[r·N/R, (r+1)·N/R)``.
 So each sample is read exactly once per epoch across the whole job (no duplicates, no
 drops), ranks get equal shares (±1 sample: the same number of steps), and a reader
-opens only the shards its range touches: the job reads the data once per epoch, plus
-at most the head of one shard per reader (a range that starts inside a shard streams
-past the samples before it). With 8 machines × 4 workers reading from S3, that is
+opens only the shards its range touches: the job reads the data once per epoch. A range
+that starts inside a shard seeks over the samples before it where the shard is a local
+file (or in the shard cache), reading only their tar headers; where it is a pure
+stream, it reads through them (at most one shard's head per reader). With 8 machines × 4 workers reading from S3, that is
 each shard downloaded once per epoch instead of 32 times. Readers of one rank hold
 neighbouring ranges, so a rank's share is contiguous too.
 """
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, shard_locations
 from tagmill.dataset.shard_cache import ShardCache
-from tagmill.dataset.shards import Sample, iter_shard
+from tagmill.dataset.shards import Sample, is_seekable, iter_shard
 from tagmill.errors import DatasetError, InputError
 
 
@@ -146,10 +147,10 @@ class ShardDataset(IterableDataset):
                 continue  # wholly before this reader's range: never opened
             if position >= end:
                 break
-            seen = 0
-            for sample in iter_shard(shard, self._opener):
-                if start <= position + seen:
-                    yield sample
+            skip = max(0, start - position)  # the samples of this shard before the range
+            seen = skip
+            for sample in iter_shard(shard, self._opener, skip=skip):
+                yield sample
                 seen += 1
                 if position + seen >= end:
                     break  # the rest of this shard belongs to the next reader
@@ -189,7 +190,8 @@ class ShardDataset(IterableDataset):
 
 
 class _CountingReader(io.RawIOBase):
-    """A read-only file that adds what it reads to its slot of a shared array."""
+    """A read-only file that adds what it reads to its slot of a shared array (bytes
+    seeked over are not read: a seekable shard's skipped samples cost nothing)."""
 
     def __init__(self, handle: IO[bytes], counters: Any, slot: int) -> None:
         super().__init__()
@@ -197,6 +199,15 @@ class _CountingReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return is_seekable(self._handle)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
 
     def readinto(self, buffer: Any) -> int:
         data = self._handle.read(len(buffer))

@@ -35,7 +35,7 @@ same optimum, exactly, at a fraction of the arithmetic per step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -112,31 +112,40 @@ def _fit_head(
     views: list[Tensor], targets: Tensor, task: Objective, *, seed: int, grid: tuple[float, ...], folds: int,
     device: torch.device,
 ) -> HeadFit:
+    # The views are the run's feature cache (at 250k images, gigabytes): nothing below
+    # copies them whole. Standardising happens a chunk at a time inside each fit, and
+    # cross-validation copies only the rows it uses (at most CV_MAX_IMAGES).
     views = [v.to(device, torch.float32) for v in views]
     targets = targets.to(device)
     num_classes = task.num_outputs(targets)
-    stacked = torch.cat(views)  # (V·N, D)
-    mean, std = _moments(stacked)
-    basis = _row_basis(stacked - mean)  # (D, r) or None
-    scaled = [_project((v - mean) / std, basis) for v in views]
+    mean, std = _moments(views)
+    rows, dim = sum(len(v) for v in views), views[0].shape[1]
+    basis = _row_basis(torch.cat(views) - mean) if rows <= PROJECT_BELOW * dim else None  # (D, r): few rows only
+
+    def standardised(x: Tensor) -> Tensor:
+        return _project((x - mean) / std, basis)
 
     k, why = choose_folds(targets, task, folds)
     scores: dict[float, float] = {}
     oof = None
     if k:
         fold_of = _assign_folds(targets, task, k, seed, limit=CV_MAX_IMAGES)  # (N,) fold index, -1 = not in CV
+        in_cv = fold_of >= 0
+        cv_rows = in_cv.nonzero().flatten()
+        cv_views = [standardised(v[cv_rows]) for v in views]
         # candidates: (number of views trained on, L2); ties go to fewer views, then stronger L2
         candidates: dict[tuple[int, float], float] = {}
         oofs: dict[tuple[int, float], Tensor] = {}
         for count in sorted({1, len(views)}):
             tried = grid if count == 1 else _near_best(grid, candidates)
-            cv_scores, cv_oofs = _cross_validate(scaled[:count], targets, task, num_classes, fold_of, k, tried)
+            cv_scores, cv_oofs = _cross_validate(cv_views[:count], targets[cv_rows], task, num_classes,
+                                                 fold_of[cv_rows], k, tried)
             candidates.update({(count, g): v for g, v in cv_scores.items()})
             oofs.update({(count, g): p for g, p in cv_oofs.items()})
+        del cv_views
         used, l2 = max(candidates, key=lambda c: (candidates[c], -c[0], c[1]))
         scores = {g: candidates[(used, g)] for g in grid if (used, g) in candidates}
-        scaled = scaled[:used]
-        in_cv = fold_of >= 0
+        views = views[:used]
         oof = (oofs[(used, l2)], targets[in_cv].cpu())
         on = "the plain view" if used == 1 else f"all {used} views"
         compared = ""
@@ -151,7 +160,7 @@ def _fit_head(
         l2, used = FALLBACK_L2, len(views)
         message = f"head: {why}; L2 {l2:g} used without cross-validation"
 
-    weight, bias = _fit(scaled, targets, task, num_classes, l2)
+    weight, bias = _fit(views, targets, task, num_classes, l2, prepare=standardised)
     if basis is not None:
         weight = weight @ basis.T  # back from the rows' coordinates: (C, r) -> (C, D)
     # fold the standardisation into the layer: W·(x-μ)/σ + b = (W/σ)·x + (b - W·μ/σ)
@@ -175,7 +184,7 @@ def out_of_fold_probabilities(
     if not k:
         raise InputError(f"cannot judge labels out of fold: {why}", hint="labels need at least 2 images per class")
     x = features.to(device, torch.float32)
-    mean, std = _moments(x)
+    mean, std = _moments([x])
     centred = x - mean
     x = _project(centred / std, _row_basis(centred))
     y = targets.to(device)
@@ -230,12 +239,29 @@ def choose_folds(targets: Tensor, task: Objective, folds: int) -> tuple[int, str
 # --- fitting ------------------------------------------------------------------------------
 
 
-def _moments(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-feature means and one overall standard deviation (as a (D,) vector), see above."""
-    mean = features.mean(0)  # (D,)
+def _moments(views: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-feature means and one overall standard deviation (as a (D,) vector), see above,
+    over every row of ``views``, a chunk at a time (no copy of the data)."""
+    rows = sum(len(v) for v in views)
+    total = sum(v.sum(0, dtype=torch.float64) for v in views)  # (D,)
+    mean = (total / rows).to(views[0].dtype)
+    squares = sum(((chunk - mean).pow(2).sum(dtype=torch.float64) for v in views for chunk in _chunks(v)),
+                  torch.zeros((), dtype=torch.float64))
     # all-constant features would divide by zero; leave them unscaled
-    scale = (features - mean).pow(2).mean().sqrt().clamp_min(1e-6)  # ()
+    scale = (squares / (rows * mean.numel())).sqrt().clamp_min(1e-6).to(mean.dtype)  # ()
     return mean, scale.expand_as(mean)
+
+
+#: rows per chunk are chosen so a chunk holds about this many numbers (64 MB of float32):
+#: big enough that each matrix product keeps the cores busy, small enough that a fit's
+#: temporaries stay a sliver of a 250k-image cache
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(x: Tensor) -> Iterator[Tensor]:
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    for start in range(0, len(x), step):
+        yield x[start:start + step]
 
 
 #: project onto the rows' span only when it has at most this share of the feature
@@ -262,13 +288,23 @@ def _project(rows: Tensor, basis: Tensor | None) -> Tensor:
 def _fit(
     views: list[Tensor], targets: Tensor, task: Objective, num_classes: int, l2: float,
     init: tuple[Tensor, Tensor] | None = None, max_iter: int = MAX_ITER,
+    prepare: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Minimise mean loss over every view + l2/2·‖W‖² with full-batch L-BFGS."""
-    x = torch.cat(views)  # (V·N, D)
-    y = targets.repeat(len(views), *([1] * (targets.ndim - 1)))  # (V·N,) | (V·N, C)
-    dim = x.shape[1]
-    weight = torch.zeros(num_classes, dim, device=x.device) if init is None else init[0].clone()
-    bias = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
+    """Minimise mean loss over every view + l2/2·‖W‖² with full-batch L-BFGS.
+
+    ``prepare`` maps raw rows to the rows fitted on (standardised, projected); it runs a
+    chunk at a time inside each loss evaluation, so the data are never copied whole.
+    Each chunk's loss is weighted by its share of the rows and back-propagated at once:
+    the gradient is the full batch's, the memory a chunk's."""
+    prepare = prepare or (lambda x: x)
+    rows = sum(len(v) for v in views)
+    # features cached under inference mode cannot enter autograd: a normal copy of the
+    # targets (small), and of each chunk where ``prepare`` made none
+    targets = targets.clone() if targets.is_inference() else targets
+    dim = prepare(views[0][:1]).shape[1]
+    device = views[0].device
+    weight = torch.zeros(num_classes, dim, device=device) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes, device=device) if init is None else init[1].clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
@@ -278,10 +314,20 @@ def _fit(
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        logits = x @ weight.T + bias  # (V·N, C)
-        loss = task.loss(logits, y) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
+        total = torch.zeros((), device=device)
+        for view in views:
+            start = 0
+            for chunk in _chunks(view):
+                x = prepare(chunk)  # (n, D')
+                x = x.clone() if x.is_inference() else x
+                y = targets[start:start + len(chunk)]  # (n,) | (n, C)
+                start += len(chunk)
+                part = task.loss(x @ weight.T + bias, y) * (len(chunk) / rows)
+                part.backward()
+                total += part.detach()
+        penalty = 0.5 * l2 * weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
 
     with torch.enable_grad():
         optimizer.step(closure)

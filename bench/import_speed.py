@@ -1,6 +1,6 @@
 """How fast `tagmill import` packs poster-sized JPEGs, and how fast the shards read back.
 
-    .venv/bin/python bench/import_speed.py [--count 2000] [--workdir /tmp/tagmill-bench]
+    .venv/bin/python bench/import_speed.py [--count 2000] [--workdir /tmp/tagmill-bench] [--import-only]
 
 Generates COUNT JPEGs of 1000x1500 pixels (two classes, in folders), then measures:
   * `tagmill import` (the real CLI, in a subprocess) with resizing (default 320 px)
@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tagmill-bench"))
+    parser.add_argument("--import-only", action="store_true", help="time the imports, skip reading back")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     source = args.workdir / f"posters-{args.count}"
@@ -108,12 +109,13 @@ def main() -> None:
     for group, label, extra, name in runs:
         seconds = time_import(source, args.workdir / name, *extra)
         rows.append((group, label, seconds, n / seconds))
-    folder_s, folder_n = time_folder_read(source)
-    rows.append(("read", "original folder, PIL (baseline)", folder_s, folder_n / folder_s))
-    shard_s, shard_n = time_shard_read(args.workdir / "ds-n")
-    rows.append(("read", "packed shards (320 px)", shard_s, shard_n / shard_s))
-    full_s, full_n = time_shard_read(args.workdir / "ds-full")
-    rows.append(("read", "packed shards (--no-resize)", full_s, full_n / full_s))
+    if not args.import_only:
+        folder_s, folder_n = time_folder_read(source)
+        rows.append(("read", "original folder, PIL (baseline)", folder_s, folder_n / folder_s))
+        shard_s, shard_n = time_shard_read(args.workdir / "ds-n")
+        rows.append(("read", "packed shards (320 px)", shard_s, shard_n / shard_s))
+        full_s, full_n = time_shard_read(args.workdir / "ds-full")
+        rows.append(("read", "packed shards (--no-resize)", full_s, full_n / full_s))
 
     print(f"\n{n} JPEGs, 1000x1500, {size_mb:,.0f} MB; {cores} cores; torch threads 1 for reads\n")
     print(f"| {'step':<6} | {'configuration':<36} | {'seconds':>8} | {'images/s':>9} | {'vs baseline':>11} |")

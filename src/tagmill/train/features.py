@@ -8,17 +8,21 @@ set (epoch e trains on view e % views) plus one plain pass over validation.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest
 from tagmill.dataset.torch_data import ShardDataset, default_workers, shard_loader
 from tagmill.dataset.transforms import Preprocess, eval_transform
+from tagmill.errors import DatasetError
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, run_chunked
@@ -104,15 +108,33 @@ def save_features(location: str, views: list[FeatureSet], val: FeatureSet | None
         tensors["val.features"] = val.features.contiguous()
         tensors["val.targets"] = val.targets.contiguous()
     keys = {"train_keys": "\n".join(views[0].keys), "val_keys": "\n".join(val.keys) if val else ""}
+    if storage.is_local(location):
+        # straight to the file (no second copy of the cache in memory), then renamed into place
+        path = location.removeprefix("file://")
+        partial = f"{path}.partial"
+        save_file(tensors, partial, metadata=keys)
+        os.replace(partial, path)
+        return
     storage.write_bytes(location, save_tensors(tensors, metadata=keys))
 
 
 def load_features(location: str) -> tuple[list[FeatureSet], FeatureSet | None]:
-    data = storage.read_bytes(location)
-    tensors = load_tensors(data)
-    # safetensors keeps string metadata in its JSON header: 8-byte length, then the JSON
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    """The cache at ``location``. A local file is memory-mapped: its tensors are views of
+    the file, paged in as they are read and dropped again under memory pressure, so a
+    cache larger than the RAM left still works (copy-on-write: nothing writes to it)."""
+    if storage.is_local(location):
+        path = location.removeprefix("file://")
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_len))
+        tensors = {name: _mapped(path, 8 + header_len, spec) for name, spec in header.items() if name != "__metadata__"}
+        metadata = header.get("__metadata__", {})
+    else:
+        data = storage.read_bytes(location)
+        tensors = load_tensors(data)
+        # safetensors keeps string metadata in its JSON header: 8-byte length, then the JSON
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
     train_keys = metadata.get("train_keys", "").split("\n")
     views = []
     i = 0
@@ -123,3 +145,20 @@ def load_features(location: str) -> tuple[list[FeatureSet], FeatureSet | None]:
     if "val.features" in tensors:
         val = FeatureSet(tensors["val.features"], tensors["val.targets"], metadata.get("val_keys", "").split("\n"))
     return views, val
+
+
+#: safetensors dtype names of what a feature cache holds
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16, "BF16": None}
+
+
+def _mapped(path: str, data_start: int, spec: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, memory-mapped (safetensors' layout: a JSON header
+    giving each tensor's dtype, shape and byte range after it)."""
+    dtype = _DTYPES.get(spec["dtype"])
+    if dtype is None:
+        raise DatasetError(f"{path}: a feature cache holds no {spec['dtype']} tensors; delete it to recompute")
+    begin, end = spec["data_offsets"]
+    shape = tuple(spec["shape"])
+    if end == begin:
+        return torch.from_numpy(np.zeros(shape, dtype=dtype))
+    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape))

@@ -427,6 +427,8 @@ class _Run:
         self.forward_rate = images / self.ctx.world / max(time.perf_counter() - start, 1e-9)
         if self.ctx.is_main:
             save_features(location, views, val)
+            if storage.is_local(location):
+                views, val = load_features(location)  # the file's pages instead of a second copy in RAM
         self._cache = views, val
         return self._cache
 

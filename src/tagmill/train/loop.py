@@ -710,7 +710,8 @@ class _Run:
                                      total=self.manifest.split("train").count)
             views, targets = [plain.features], plain.targets
             where = "k-fold head fits on the fine-tuned backbone's features, which saw these labels: somewhat optimistic"
-        fit = fit_head(views, targets, self.objective, seed=self.config.seed, folds=self.config.folds, device=self.device)
+        fit = fit_head(views, targets, self.objective, seed=self.config.seed, folds=self.config.folds, device=self.device,
+                       final=False)  # the out-of-fold probabilities are all thresholds need
         if fit.oof_probs is None:
             return None, f"one threshold for every tag ({self.config.threshold:g}): {fit.message.removeprefix('head: ')}"
         return out_of_fold_thresholds(fit.oof_probs, fit.oof_targets, where)

@@ -46,7 +46,7 @@ $(VENV)/.installed-bench: pyproject.toml $(STAMP)
 bench-quality: $(VENV)/.installed-bench
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)
 
-# Faults planted in quality.py's sets B and A: found by `tagmill doctor`, and by sorting a
+# Faults planted in quality.py's sets B, C and A: found by `tagmill doctor`, and by sorting a
 # trained model's losses (bench/doctor.py says how); ~6 min on 2 cores once the sets are built.
 bench-doctor: $(VENV)/.installed-bench
 	$(BIN)/python bench/doctor.py $(BENCH_ARGS)

@@ -695,7 +695,7 @@ def bench_one(ds: quality.Dataset, work: Path, limit: int | None, plant_only: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="B,A", help="comma list of quality.py's keys: B, C (single-label), A (multi-label); default B,A")
+    parser.add_argument("--datasets", default="B,C,A", help="comma list of quality.py's keys: B, C (single-label), A (multi-label); default all three")
     parser.add_argument("--out", default=None,
                         help="results as JSON (default bench/results/doctor.json; with --dev WORK/doctor-dev.json)")
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="where planted sources, datasets and reports go")

@@ -31,8 +31,12 @@ MAX_Z = 3.5
 #: JPEG noise on a flat image stays under 1; a faint logo on white measured 4–10
 BLANK_SPREAD = 2.0
 #: shorter side in pixels below which an image is too small to show much: the backbones
-#: downsample 32× before pooling, so a 32-pixel image is one feature-map cell
+#: downsample 32× before pooling, so a 32-pixel image is one feature-map cell. Only an
+#: image small *for its dataset* is reported (under TINY_SHARE of the median shorter
+#: side): in a set of 28-pixel clothes every image is that small, and a list of all of
+#: them would bury the one broken thumbnail
 TINY_SIDE = 32
+TINY_SHARE = 0.5
 #: longer side / shorter side above which squashing to a square distorts the content
 #: beyond recognition (banners, strips, panoramas)
 MAX_ASPECT = 4.0
@@ -72,6 +76,8 @@ def _isolation(neighbours: Neighbours) -> Tensor:
 
 def image_outliers(facts: list[ImageFacts]) -> list[Outlier]:
     found = []
+    sides = sorted(min(f.width, f.height) for f in facts if not f.error)
+    tiny = min(TINY_SIDE, TINY_SHARE * sides[len(sides) // 2]) if sides else TINY_SIDE
     for row, fact in enumerate(facts):
         if fact.error:
             found.append(Outlier(row, "undecodable", 1.0, fact.error))
@@ -79,7 +85,7 @@ def image_outliers(facts: list[ImageFacts]) -> list[Outlier]:
         short, long = sorted((fact.width, fact.height))
         if fact.spread < BLANK_SPREAD:
             found.append(Outlier(row, "nearly-blank", BLANK_SPREAD - fact.spread, f"grey levels vary by {fact.spread:.1f} of 255"))
-        if short < TINY_SIDE:
+        if short < tiny:
             found.append(Outlier(row, "tiny", (TINY_SIDE - short) / TINY_SIDE, f"{fact.width}×{fact.height} pixels"))
         if short and long / short > MAX_ASPECT:
             found.append(Outlier(row, "extreme-aspect", long / short, f"{fact.width}×{fact.height} pixels"))

@@ -47,7 +47,7 @@ bench-quality: $(VENV)/.installed-bench
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)
 
 # Faults planted in quality.py's sets B, C and A: found by `tagmill doctor`, and by sorting a
-# trained model's losses (bench/doctor.py says how); ~6 min on 2 cores once the sets are built.
+# trained model's losses (bench/doctor.py says how); ~15 min on 2 cores once the sets are built.
 bench-doctor: $(VENV)/.installed-bench
 	$(BIN)/python bench/doctor.py $(BENCH_ARGS)
 

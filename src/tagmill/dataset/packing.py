@@ -101,8 +101,12 @@ class Staging:
                 for text in journal:
                     if not text.endswith("\n"):
                         break  # the line a kill cut short: its record is processed again
-                    entry = json.loads(text)
-                    if len(lines) >= len(records) or entry["id"] != records[len(lines)].id:
+                    try:
+                        entry = json.loads(text)
+                        same = len(lines) < len(records) and entry["id"] == records[len(lines)].id
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        same = False
+                    if not same:
                         raise StorageError(f"the import journal {self._journal_path} does not match the records "
                                            "being imported", hint="start over: import with --overwrite")
                     lines.append(entry)

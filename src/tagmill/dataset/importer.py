@@ -28,7 +28,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tagmill import __version__, storage
@@ -218,7 +218,7 @@ def _journal_dir(out: str, options: ImportOptions) -> str:
 def _fingerprint(source: str, options: ImportOptions, records: list[SourceRecord], task: str, classes: list[str]) -> str:
     """What an import produces, in one hash: the records to decode (ids, labels, where each
     image is), the task, the classes and every option that changes the result."""
-    settings = {k: v for k, v in _as_jsonable(options).items() if k not in _RUN_ONLY_OPTIONS}
+    settings = {k: v for k, v in asdict(options).items() if k not in _RUN_ONLY_OPTIONS}
     digest = hashlib.sha256(json.dumps({"source": source, "options": settings, "task": task, "classes": classes},
                                        sort_keys=True, default=str).encode())
     for record in records:
@@ -244,12 +244,6 @@ def _claim_journal(journal: str, fingerprint: str, out: str) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(fingerprint)
     os.replace(path + ".tmp", path)
-
-
-def _as_jsonable(options: ImportOptions) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(options)
 
 
 def _read_sources(source: str, options: ImportOptions) -> ReadResult:

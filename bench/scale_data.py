@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchrun-at", type=int, default=50000, help="size at which to also train with 2 processes (0: none)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale_data.json"))
     parser.add_argument("--print-only", action="store_true", help="print the tables of --out and stop")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the sizes already in --out (same machine, earlier run) and add these")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.print_only:
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(SEED)
     pretend_pretrained(work)
     report: dict[str, Any] = {"cores": os.cpu_count(), "sizes": {}}
+    if args.add and out.exists():
+        report = json.loads(out.read_text())
     for size in sorted(int(s) for s in args.sizes.split(",")):
         report["sizes"][str(size)] = bench_size(size, work, torchrun=size == args.torchrun_at)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -51,6 +51,9 @@ from tagmill.train.run_format import (
     BEST, CONFIG, FEATURES, LAST, read_final_metrics, read_oof, read_run, report_files, write_history, write_oof, write_run,
 )
 from tagmill.train.tracking import Tracker, Tracking
+
+if TYPE_CHECKING:  # the models package is imported lazily: the command line starts without it
+    from tagmill.models.pretrained import PretrainedConfig
 
 #: a whole-network training step costs about this many forward passes (forward,
 #: backward through every layer, optimizer): 62 img/s caching vs 16 img/s training for
@@ -90,13 +93,10 @@ class _State:
 def preprocess_for(config: TrainConfig, start: StartingPoint | None = None) -> Preprocess:
     """How this run feeds its model: as the weights it starts from were trained (a
     bundle's own preprocessing for ``start``; else the pretrained weights' or file's)."""
-    from tagmill.models import pretrained_config
-
     if start is not None and start.preprocess is not None:
         return dataclasses.replace(start.preprocess, input_size=config.image_size or start.preprocess.input_size,
                                    resize_method=config.resize_method)
-    cfg = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
-                            weights=config.weights)
+    cfg = _weights_config(config)
     return Preprocess(
         input_size=config.image_size or cfg.input_size,
         resize_method=config.resize_method,
@@ -105,6 +105,15 @@ def preprocess_for(config: TrainConfig, start: StartingPoint | None = None) -> P
         interpolation=cfg.interpolation,
         crop_pct=cfg.crop_pct,
     )
+
+
+def _weights_config(config: TrainConfig) -> PretrainedConfig:
+    """The preprocessing of the weights a fresh run starts from (a run from a bundle takes
+    the bundle's: ``preprocess_for``)."""
+    from tagmill.models import pretrained_config
+
+    return pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
+                             weights=config.weights)
 
 
 def train(
@@ -150,11 +159,10 @@ def choose_open_settings(
     load_start: Callable[[str], StartingPoint] | None = None,
 ) -> TrainConfig:
     """Fill in the input size, cached views and pooling when the user left them open."""
-    from tagmill.models import default_pooling, pretrained_config
+    from tagmill.models import default_pooling
     from tagmill.train.auto import choose_cache_views, choose_input_size, typical_shorter_side
 
-    weights_cfg = pretrained_config(config.backbone, pretrained=config.pretrained and config.init_from is None,
-                                    weights=config.weights)
+    weights_cfg = _weights_config(config)
     native = weights_cfg.input_size
     chosen: dict[str, Any] = {}
     if config.image_size is None and weights_cfg.fixed_input_size:  # a ViT with fixed position embeddings

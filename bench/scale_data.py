@@ -12,8 +12,9 @@ N images of one seeded stream make the set of size N (the sets nest), listed in 
 ``id,tags`` (tags separated by spaces). Built once per size into --work.
 
 Steps, each the real command in a subprocess (start-up included), timed with
-time.perf_counter, its whole process tree's resident memory sampled every 0.2 s (peak
-of the sum, workers included):
+time.perf_counter, its whole process tree's memory sampled every 0.2 s (peak of the
+sum, workers included; RSS, and PSS, which counts a page shared by several processes
+once in all — the RSS sum counts it once per process):
 
   import    ``tagmill import CSV --images DIR --out DS`` (64-px images stay as they are)
   train     ``tagmill train DS --backbone test_efficientnet --image-size 64 --epochs 1``
@@ -132,19 +133,22 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-        peak = 0
+        peak = peak_pss = 0
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak, peak_pss
             try:
                 root = psutil.Process(proc.pid)
             except psutil.NoSuchProcess:
                 return
             while not stop.is_set():
                 try:
-                    tree = [root, *root.children(recursive=True)]
-                    peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                    tree = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+                    peak = max(peak, sum(p.memory_info().rss for p in tree))
+                    # PSS shares each page among the processes mapping it: forked loader
+                    # workers no longer count their parent's pages (or the mapped cache) again
+                    peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
                 except psutil.Error:
                     pass
                 stop.wait(0.2)
@@ -157,7 +161,7 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({code}); see {log}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20}
+    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20}
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:

@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index folder it does not find; keep the noise out.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install browser demo test bench bench-quality bench-doctor clean
+.PHONY: install browser demo test bench bench-quality bench-doctor bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-quality: $(VENV)/.installed-bench
 # trained model's losses (bench/doctor.py says how); ~15 min on 2 cores once the sets are built.
 bench-doctor: $(VENV)/.installed-bench
 	$(BIN)/python bench/doctor.py $(BENCH_ARGS)
+
+# 10k, 50k and 250k generated images: cost per image, memory, bytes read per epoch
+# (bench/README.md); ~1.5 h on 2 cores, ~5 GB of disk at 250k.
+bench-scale: $(VENV)/.installed-bench
+	$(BIN)/python bench/scale_data.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -4,7 +4,7 @@
                                          [--torchrun-at 50000] [--out bench/results/scale_data.json]
     make bench-scale
 
-Data: a procedurally generated multi-label set in seed 001's shape: 183 tags, each image
+Data: a procedurally generated multi-label set shaped like a film-stills tagging job: 183 tags, each image
 showing 1-4 of them. Every tag is a fixed random 8x8 colour pattern placed at a random
 spot of a 64x64 canvas with noise, saved as a small JPEG, so that decoding and the
 model stay cheap and what grows with the data is tagmill's own bookkeeping. The first

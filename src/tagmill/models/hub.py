@@ -31,7 +31,6 @@ CONFIG_FILE = "config.json"
 #: seconds to wait for the hub's first answer; huggingface_hub's default is 10 per
 #: file, and a firewalled machine would wait that long for every file tried
 ETAG_TIMEOUT_S = 5.0
-DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def cache_dir() -> Path:
@@ -74,10 +73,12 @@ def fetch(repo_id: str, filenames: tuple[str, ...], *, what: str) -> HubFile:
     if offline():
         tried.append("downloading: not tried, HF_HUB_OFFLINE is set")
         raise _not_found(what, repo_id, tried)
+    from huggingface_hub import constants
+
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    unreachable = _unreachable(endpoint or DEFAULT_ENDPOINT)
+    unreachable = _unreachable(endpoint or constants.ENDPOINT)  # the hub's own default address
     if unreachable:
-        tried.append(f"downloading from {endpoint or DEFAULT_ENDPOINT}: {unreachable}")
+        tried.append(f"downloading from {endpoint or constants.ENDPOINT}: {unreachable}")
         raise _not_found(what, repo_id, tried)
     for filename in filenames:
         try:

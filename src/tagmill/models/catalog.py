@@ -22,8 +22,8 @@ from tagmill.models import hub
 from tagmill.models.pretrained import pretrained_config, weights_here
 from tagmill.models.registry import ALIASES
 
-#: what users name (the seeds and SageMaker's ResNet depths, the networks people reach for
-#: today), smallest first within each family; the Lite aliases are the ones whose weights ship
+#: what users name (the ResNet depths of SageMaker's num_layers, the networks people reach
+#: for today), smallest first within each family; the Lite aliases are the ones whose weights ship
 CATALOG: tuple[str, ...] = (
     *ALIASES,
     "mobilenetv3_large_100", "efficientnet_b0", "tf_efficientnetv2_s",
@@ -32,7 +32,8 @@ CATALOG: tuple[str, ...] = (
     "vit_small_patch16_224", "vit_base_patch16_224",
 )
 #: images per timed batch; small, so the largest catalog entries finish a training step
-#: in seconds on a 2-core CPU (ViT-B/16: ~100 GFLOP per step at this size)
+#: in seconds on a 2-core CPU (ViT-B/16: 35 GFLOPs forward per image, ~0.4 TFLOP per
+#: training step of 4 images)
 MEASURE_BATCH = 4
 #: timing stops after this long (and at least MEASURE_MIN_STEPS steps, after one warm-up)
 MEASURE_SECONDS = 1.5

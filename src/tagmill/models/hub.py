@@ -6,7 +6,8 @@ downloaded in a cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
 ``~/.cache/huggingface/hub``) that can be copied between machines; ``HF_HUB_OFFLINE=1``
 forbids the network. huggingface_hub reads those variables once, when it is imported;
 tagmill reads them at each call (same names, same precedence), so a process that sets
-them later (a test, a notebook) is obeyed too.
+them later (a test, a notebook) is obeyed too. (The reverse is not: a process that
+imported huggingface_hub while offline stays offline for it.)
 
 Every failure is a :class:`WeightsNotFoundError` listing what was tried, because a user
 on an offline machine needs to know where the file was looked for to put it there.

@@ -8,9 +8,9 @@ drops), ranks get equal shares (±1 sample: the same number of steps), and a rea
 opens only the shards its range touches: the job reads the data once per epoch. A range
 that starts inside a shard seeks over the samples before it where the shard is a local
 file (or in the shard cache), reading only their tar headers; where it is a pure
-stream, it reads through them (at most one shard's head per reader). With 8 machines × 4 workers reading from S3, that is
-each shard downloaded once per epoch instead of 32 times. Readers of one rank hold
-neighbouring ranges, so a rank's share is contiguous too.
+stream, it reads through them (at most one shard's head per reader). With 8 machines ×
+4 workers reading from S3, that is each shard downloaded once per epoch instead of 32
+times. Readers of one rank hold neighbouring ranges, so a rank's share is contiguous too.
 """
 
 from __future__ import annotations

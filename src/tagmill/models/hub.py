@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,13 +50,7 @@ def offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-@dataclass(frozen=True)
-class HubFile:
-    path: Path  #: the file on this machine
-    downloaded: bool  #: fetched now (False: it was in the cache already)
-
-
-def fetch(repo_id: str, filenames: tuple[str, ...], *, what: str) -> HubFile:
+def fetch(repo_id: str, filenames: tuple[str, ...], *, what: str) -> Path:
     """The first of ``filenames`` that ``repo_id`` has: from the cache, else downloaded
     unless offline. ``what`` names the thing for the error ("weights for resnet50")."""
     from huggingface_hub import hf_hub_download
@@ -69,7 +62,7 @@ def fetch(repo_id: str, filenames: tuple[str, ...], *, what: str) -> HubFile:
             path = hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=True)
         except LocalEntryNotFoundError:
             continue
-        return HubFile(Path(path), downloaded=False)
+        return Path(path)
     tried = [f"the Hugging Face cache {cache} ({', '.join(f'{repo_id}/{f}' for f in filenames)}): not there"]
     if offline():
         tried.append("downloading: not tried, HF_HUB_OFFLINE is set")
@@ -91,7 +84,7 @@ def fetch(repo_id: str, filenames: tuple[str, ...], *, what: str) -> HubFile:
             reason = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ else exc
             tried.append(f"downloading {repo_id}/{filename} from {endpoint or 'the hub'}: {_first_line(reason)}")
             raise _not_found(what, repo_id, tried) from exc
-        return HubFile(Path(path), downloaded=True)
+        return Path(path)
     tried.append(f"downloading: {repo_id} has none of {', '.join(filenames)}")
     raise _not_found(what, repo_id, tried)
 
@@ -100,12 +93,12 @@ def read_config(repo_id: str) -> dict[str, Any]:
     """``config.json`` of a timm hub repository (its architecture and pretrained_cfg)."""
     found = fetch(repo_id, (CONFIG_FILE,), what=f"the configuration of {repo_id}")
     try:
-        config = json.loads(found.path.read_text(encoding="utf-8"))
+        config = json.loads(found.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsNotFoundError(f"cannot read {found.path}: {_first_line(exc)}",
-                                   hint=f"delete {found.path.parent} from the hub cache and fetch it again") from exc
+        raise WeightsNotFoundError(f"cannot read {found}: {_first_line(exc)}",
+                                   hint=f"delete {found.parent} from the hub cache and fetch it again") from exc
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise WeightsNotFoundError(f"{found.path} names no architecture: not a timm model repository",
+        raise WeightsNotFoundError(f"{found} names no architecture: not a timm model repository",
                                    hint="hf-hub: names must point at repositories saved by timm (push_to_hf_hub)")
     return config
 
@@ -178,5 +171,5 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["CONFIG_FILE", "HubFile", "WEIGHT_FILES", "cache_dir", "cached_config", "cached_file", "cached_repos", "fetch", "offline",
+__all__ = ["CONFIG_FILE", "WEIGHT_FILES", "cache_dir", "cached_config", "cached_file", "cached_repos", "fetch", "offline",
            "read_config"]

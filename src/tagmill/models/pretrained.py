@@ -112,12 +112,11 @@ def resolve_weights(architecture: str, weights: str | None = None) -> WeightsSou
 def _resolve_pretrained(architecture: str, _cache_dir: Path, _offline: bool) -> WeightsSource:
     name = resolve_architecture(architecture)
     packaged = OFFLINE_WEIGHTS.get(name)
-    if packaged is not None and importlib.util.find_spec(packaged.module) is not None:
-        locator = getattr(importlib.import_module(packaged.module), packaged.locator)
+    if packaged is not None and has_offline_weights(name):
         # The weights we load decide the preprocessing, whatever timm's cfg says.
         config = PretrainedConfig(name, packaged.input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic",
                                   _timm_config(name).crop_pct, False)
-        return WeightsSource("package", str(locator.get_model_file_path()), config, True)
+        return WeightsSource("package", str(offline_weights_path(name)), config, True)
     repo = hub_repo(architecture) or _timm_repo(name)
     if repo is None:
         raise WeightsNotFoundError(
@@ -130,7 +129,7 @@ def _resolve_pretrained(architecture: str, _cache_dir: Path, _offline: bool) -> 
     found = hub.fetch(repo, hub.WEIGHT_FILES, what=what)
     pretrained_cfg = (hub.cached_config(repo) or {}).get("pretrained_cfg")
     config = _config_from(name, pretrained_cfg) if isinstance(pretrained_cfg, Mapping) else _timm_config(name)
-    return WeightsSource("hub", str(found.path), config, False)
+    return WeightsSource("hub", str(found), config, False)
 
 
 def _timm_repo(name: str) -> str | None:
@@ -195,8 +194,6 @@ def load_pretrained_weights(model: nn.Module, architecture: str, weights: str | 
     The 1000-class head is loaded when the model has 1000 classes, else left fresh.
     """
     source = resolve_weights(architecture, weights)
-    if source.kind == "file":
-        return fit_state_dict(model, read_state_dict(source.location), source=source.location)
     return fit_state_dict(model, read_state_dict(source.location), source=source.location, by_order=source.by_order)
 
 

@@ -241,9 +241,7 @@ def _claim_journal(journal: str, fingerprint: str, out: str) -> None:
     os.makedirs(journal, exist_ok=True)
     for stale in os.listdir(journal):  # a journal without a fingerprint never got past its first write
         os.remove(os.path.join(journal, stale))
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(fingerprint)
-    os.replace(path + ".tmp", path)
+    storage.write_bytes(path, fingerprint.encode())
 
 
 def _read_sources(source: str, options: ImportOptions) -> ReadResult:

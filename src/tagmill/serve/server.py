@@ -148,12 +148,13 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
 def check_bundle(config: ServeConfig) -> None:
     """Fail with the bundle's own error (as ``predict`` would) before any port is bound
     or worker started: model.json, and weights that are whole and readable."""
-    from tagmill.bundle.onnx_export import onnx_providers
     from tagmill.train.device import resolve_device
 
     meta = verify_bundle(config.bundle)
     device = resolve_device(config.device)  # a GPU asked for and absent: say so now
     if config.backend == "onnx":
+        from tagmill.bundle.onnx_export import onnx_providers  # only the onnx backend needs it
+
         check_onnx(config.bundle, meta)
         onnx_providers(device, required=config.device != "auto")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tagmill.doctor import multi_label_issues, single_label_issues
+from tagmill.doctor import multi_label_issues, single_label_issues, with_tag_context
 from tagmill.errors import InputError
 from tagmill.objective import objective
 from tagmill.train.head_fit import fit_head
@@ -91,3 +91,37 @@ def test_bad_shapes_are_input_errors():
         multi_label_issues(torch.rand(3, 2), torch.zeros(3, 3))
     with pytest.raises(InputError, match="finite"):
         single_label_issues(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))
+
+
+def test_other_tags_give_context_the_pixels_lack():
+    """Tag 1 ("person") comes with every tag 0 ("man"); the held-out heads saw only noise,
+    so their probabilities cannot tell which images lost "person". The context can."""
+    g = torch.Generator().manual_seed(5)
+    n = 400
+    man = torch.rand(n, generator=g) < 0.3
+    person = man | (torch.rand(n, generator=g) < 0.2)
+    other = torch.rand(n, generator=g) < 0.4  # a tag unrelated to both
+    given = torch.stack([man, person, other], dim=1).float()
+    lost = torch.nonzero(man).flatten()[:8]
+    given[lost, 1] = 0.0  # "person" left off 8 of the men
+    probs = given.mean(dim=0).expand(n, 3) + 0.01 * torch.rand(n, 3, generator=g)  # uninformative heads
+
+    before = {(i.index, i.given) for i in multi_label_issues(probs, given) if i.kind == "missing_tag"}
+    in_context = with_tag_context(probs, given)
+    after = multi_label_issues(in_context, given)
+    missing = [(i.index, i.given) for i in after if i.kind == "missing_tag"]
+    planted = {(int(i), 1) for i in lost}
+    assert len(planted & before) < 4  # the heads alone: noise
+    assert set(missing[:8]) == planted  # in context: the 8 lost tags rank first
+    assert in_context[lost, 1].min() > 0.5 > in_context[~man & ~person, 1].max()
+    assert in_context.shape == probs.shape and torch.isfinite(in_context).all()
+
+
+def test_context_leaves_what_it_cannot_judge():
+    probs = torch.rand(50, 3)
+    always = torch.stack([torch.ones(50), (torch.arange(50) % 2).float(), torch.zeros(50)], dim=1)
+    out = with_tag_context(probs, always)
+    assert torch.equal(out[:, 0], probs[:, 0]) and torch.equal(out[:, 2], probs[:, 2])  # always / never given
+    assert not torch.equal(out[:, 1], probs[:, 1])
+    few = torch.rand(6, 3)
+    assert torch.equal(with_tag_context(few, (few > 0.5).float()), few)  # too few images to fold

@@ -15,7 +15,7 @@ The building blocks below read features and out-of-fold probabilities; only
 ``scan``, ``diagnose`` and ``report`` read images.
 """
 
-from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_label_issues
+from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_label_issues, with_tag_context
 from tagmill.doctor.neighbours import Neighbours, nearest_neighbours, similar_pairs
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "nearest_neighbours",
     "similar_pairs",
     "single_label_issues",
+    "with_tag_context",
 ]

@@ -21,7 +21,7 @@ import torch
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest, load_manifest, verify_shards
 from tagmill.doctor.duplicates import DuplicatePair, find_duplicates
-from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_label_issues
+from tagmill.doctor.label_issues import LabelIssue, multi_label_issues, single_label_issues, with_tag_context
 from tagmill.doctor.neighbours import nearest_neighbours
 from tagmill.doctor.outliers import Outlier, Scarce, feature_outliers, image_outliers, scarce_labels
 from tagmill.doctor.scan import ImageFacts, scan_dataset
@@ -159,9 +159,12 @@ def _label_issues(x: torch.Tensor, y: torch.Tensor, task: Objective, seed: int) 
     else:
         probs, _ = out_of_fold_probabilities(x, y, task, l2=fit.l2, seed=seed)
     how = f"{fit.message.removeprefix('head: ')}; every image judged by the heads of the folds that did not hold it"
+    if not task.single:
+        how += ", then by its other tags (a regression per tag on the head's answer and the other given tags, out of fold too)"
     if task.single:
         ranked = single_label_issues(probs, y)
         return [i for i in ranked if i.flagged], [i.index for i in ranked], how
+    probs = with_tag_context(probs, y, seed=seed)
     issues = multi_label_issues(probs, y)
     # an image's suspicion: its most suspicious tag; images with none flagged follow, by how
     # far any tag sits from its given value

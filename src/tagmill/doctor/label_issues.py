@@ -37,6 +37,17 @@ the models' mean probability on the images that have the tag and on those that d
 (tags differ in how sure the models get): a tag that is absent but predicted above it
 looks *missing*; a tag that is present but predicted below it looks *wrong*.
 
+The probabilities judged are first put *in context* (:func:`with_tag_context`): the
+held-out heads see only the pixels, but an image's other tags say much about each tag
+(a flag is rarely also a woman; "man" rarely comes without "person"). A second,
+out-of-fold logistic regression per tag reads the head's logit for that tag and the
+image's other given tags. On the multi-label dev set of ``bench/doctor.py`` (OpenMoji
+black outlines: 30 tags the heads predict with a mAP of only 0.50; 5% of the rows with
+a tag dropped or added, k = 103) precision at k went from 30/103 to 40/103 (sklearn's
+equivalent at other strengths: 36 at 10× the L2 below, 40 at a tenth; the pixels'
+nearest neighbours' tags as a further input, 37; a larger backbone or input size in
+place of the context, 34-36).
+
 Confident learning's stricter test (flag only when the other class clears the models'
 mean confidence on that class's own images) missed clear flips with heads fitted to
 convergence: their mean confidence is near 0.99, and a planted flip scored 0.65 for
@@ -93,6 +104,79 @@ def single_label_issues(probs: Tensor, labels: Tensor) -> list[LabelIssue]:
     return issues
 
 
+#: L2 strength of the context regression (on the sum of the log-losses: sklearn's C = 10)
+CONTEXT_L2 = 0.1
+#: folds of the context regression (each image is judged by the fits of the other folds)
+CONTEXT_FOLDS = 5
+#: rows a context fit trains on at most: beyond, a seeded sample (the regression has
+#: C + 1 inputs per tag, so 20,000 rows pin it down; it bounds memory at 250,000 images)
+CONTEXT_MAX_ROWS = 20_000
+
+
+def _logit(p: Tensor) -> Tensor:
+    eps = 1e-6  # a held-out probability of exactly 0 or 1 still gets a finite logit (in float32 too)
+    p = p.clamp(eps, 1.0 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def _fit_context(logit: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per tag c: logistic regression of ``tags[:, c]`` on ``logit[:, c]`` and the other
+    tags (all tags at once: the loss separates by tag). Returns (a, V, b): the logit's
+    weight (C,), the other tags' weights (C, C; zero diagonal) and the bias (C,)."""
+    c = tags.shape[1]
+    off_diagonal = 1.0 - torch.eye(c, dtype=tags.dtype)
+    a = torch.ones(c, dtype=tags.dtype, requires_grad=True)  # start from the head's own answer
+    v = torch.zeros(c, c, dtype=tags.dtype, requires_grad=True)
+    b = torch.zeros(c, dtype=tags.dtype, requires_grad=True)
+    # 100 iterations: on the dev set the loss stopped moving (within 0.01 of 2,074) well before
+    optimiser = torch.optim.LBFGS([a, v, b], max_iter=100, line_search_fn="strong_wolfe", tolerance_grad=1e-7)
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        z = logit * a + tags @ (v * off_diagonal).T + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, tags, reduction="sum")
+        loss = loss + CONTEXT_L2 / 2 * (a.pow(2).sum() + v.pow(2).sum())
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return a.detach(), (v * off_diagonal).detach(), b.detach()
+
+
+def with_tag_context(probs: Tensor, targets: Tensor, *, seed: int = 0) -> Tensor:
+    """Held-out tag probabilities (N, C) re-estimated from each tag's own logit and the
+    image's other given tags (see the module docstring), out of fold: an image's row is
+    predicted by regressions fitted on the other folds. Tags always or never given keep
+    their probabilities; so does everything when there are too few images to fold."""
+    _check(probs, targets.shape[0])
+    n, c = probs.shape
+    if n < 2 * CONTEXT_FOLDS or c < 2:
+        return probs
+    # the whole set in float32 (250,000 × 183 tags: 183 MB a matrix); each fit in float64
+    tags = targets.to(torch.float32)
+    logit = _logit(probs.to(torch.float32))
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.randperm(n, generator=generator) % CONTEXT_FOLDS
+    out = probs.to(torch.float32).clone()
+    judged = (tags.sum(dim=0) > 0) & (tags.sum(dim=0) < n)
+    threads = torch.get_num_threads()
+    # products of (rows × C) by (C × C): a second thread only adds synchronisation, and on a
+    # busy machine spinning threads made each fold 20× slower (15 s instead of 0.7)
+    torch.set_num_threads(1)
+    try:
+        for k in range(CONTEXT_FOLDS):
+            train = torch.nonzero(fold != k).flatten()
+            if len(train) > CONTEXT_MAX_ROWS:
+                train = train[torch.randperm(len(train), generator=generator)[:CONTEXT_MAX_ROWS]]
+            a, v, b = (t.to(torch.float32) for t in _fit_context(logit[train].double(), tags[train].double()))
+            held = torch.nonzero(fold == k).flatten()
+            z = logit[held] * a + tags[held] @ v.T + b
+            out[held[:, None], torch.nonzero(judged).flatten()[None, :]] = torch.sigmoid(z[:, judged])
+    finally:
+        torch.set_num_threads(threads)
+    return out.to(probs.dtype)
+
+
 def multi_label_issues(probs: Tensor, targets: Tensor) -> list[LabelIssue]:
     """Flagged (image, tag) pairs, most suspicious first. ``probs`` and ``targets`` are
     (N, C): independent tag probabilities and 0/1 tags."""
@@ -113,4 +197,4 @@ def multi_label_issues(probs: Tensor, targets: Tensor) -> list[LabelIssue]:
     return issues
 
 
-__all__ = ["LabelIssue", "multi_label_issues", "single_label_issues"]
+__all__ = ["LabelIssue", "multi_label_issues", "single_label_issues", "with_tag_context"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 
+import torch
 from torch import Tensor
 
 from tagmill import storage
@@ -51,11 +53,36 @@ def ids_of(dataset: str, manifest: Manifest, keys: list[str]) -> dict[str, str]:
     return found
 
 
-def leaked_val(train: Tensor, val: Tensor, chunk: int = 1024) -> int:
-    """Validation rows with a training row at cosine ≥ ``SAME_IMAGE_COSINE``."""
-    unit_train, unit_val = normalised(train), normalised(val)
-    return sum(int(((unit_val[i : i + chunk] @ unit_train.T).max(dim=1).values >= SAME_IMAGE_COSINE).sum())
-               for i in range(0, len(unit_val), chunk))
+#: bytes of temporaries ``leaked_val`` may hold at once (normalised blocks of train and
+#: validation rows, and their cosines), whatever the split sizes. A budget rather than
+#: row counts: a whole normalised train split plus 1,024 validation rows' cosines against
+#: it grew ~7 KB per training image (848 features, bench/scale_data.py: ~1.6 GB at 225k),
+#: and a wider feature vector would scale fixed rows too. 64 MB still gives blocks of a few thousand rows a side (~1,700
+#: at 4,000 features), products large enough to keep the cores busy.
+LEAK_BUDGET_BYTES = 64 << 20
+
+
+def leaked_val(train: Tensor, val: Tensor, budget: int = LEAK_BUDGET_BYTES) -> int:
+    """Validation rows with a training row at cosine ≥ ``SAME_IMAGE_COSINE``.
+
+    Streams over both: a block of training rows is normalised once and compared with
+    every block of validation rows (normalised again for each: validation is the smaller
+    split, and normalising costs 1/block of the product). Nothing is copied whole; the
+    cached features (memory-mapped) are read a block at a time."""
+    block = _block_rows(train.shape[1], budget // 4)  # float32
+    found = torch.zeros(len(val), dtype=torch.bool)
+    for t in range(0, len(train), block):
+        unit_train = normalised(train[t : t + block])  # (b, D)
+        for v in range(0, len(val), block):
+            cosines = normalised(val[v : v + block]) @ unit_train.T  # (b', b)
+            found[v : v + block] |= (cosines >= SAME_IMAGE_COSINE).any(dim=1)
+    return int(found.sum())
+
+
+def _block_rows(dim: int, elements: int) -> int:
+    """Rows b per block such that two (b, dim) blocks and their (b, b) cosines fit in
+    ``elements``: b² + 2·b·dim ≤ elements."""
+    return max(1, int(math.sqrt(dim * dim + elements)) - dim)
 
 
 def data_issues_section(dataset: str, manifest: Manifest, train_keys: list[str], oof: tuple[Tensor, Tensor] | None,
@@ -99,4 +126,4 @@ def data_issues_section(dataset: str, manifest: Manifest, train_keys: list[str],
     return "\n".join(lines)
 
 
-__all__ = ["SAME_IMAGE_COSINE", "data_issues_section", "ids_of", "leaked_val"]
+__all__ = ["LEAK_BUDGET_BYTES", "SAME_IMAGE_COSINE", "data_issues_section", "ids_of", "leaked_val"]

@@ -27,6 +27,7 @@ from tagmill.errors import DatasetError
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, run_chunked
+from tagmill.train.head_fit import RunningMoments
 
 
 @dataclass
@@ -48,11 +49,77 @@ def extract_features(
     description: str = "caching features",
     total: int | None = None,
 ) -> FeatureSet:
+    chunks, targets, keys = [], [], []
+    for pooled, target, batch_keys in _pooled(model, loader, device, precision, channels_last, progress, description, total):
+        chunks.append(pooled)
+        targets.append(target)
+        keys.extend(batch_keys)
+    # Sorting by key makes the cache independent of data-loader worker interleaving.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return FeatureSet(_in_order(chunks, order), _in_order(targets, order), [keys[i] for i in order])
+
+
+#: the importer names samples "{split}-{index:07d}": below 10^7 images their order as
+#: strings (the order ``extract_features`` sorts rows in) is their index order
+ORDERED_KEYS_BELOW = 10**7
+
+
+@torch.inference_mode()
+def extract_sample(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    progress: Progress = SILENT,
+    description: str = "computing features",
+) -> tuple[FeatureSet, RunningMoments] | None:
+    """What ``extract_features`` would give at positions ``rows`` (ascending), and the
+    moments over every row, holding only those rows: a pass over a split too large to
+    keep whole (the pooled features are ~4 KB per image). A row's position is its
+    sample's index, read from its key; None when the keys are not the importer's
+    ``{split}-{index}`` for indices 0..N-1 (N = ``len(loader.dataset)``), which only
+    a hand-made dataset could have: the caller then extracts everything."""
+    count = len(loader.dataset)
+    if count >= ORDERED_KEYS_BELOW:
+        return None
+    wanted = np.zeros(count, dtype=bool)
+    wanted[rows.numpy()] = True
+    seen = np.zeros(count, dtype=bool)  # each index exactly once: 1 byte per image
+    chunks, targets, keys, indices = [], [], [], []
+    moments = RunningMoments()
+    for pooled, target, batch_keys in _pooled(model, loader, device, precision, channels_last, progress, description, count):
+        index = np.array([_index(key) for key in batch_keys], dtype=np.int64)
+        if (index < 0).any() or (index >= count).any() or seen[index].any() or len(np.unique(index)) != len(index):
+            return None
+        seen[index] = True
+        moments.add(pooled)
+        keep = torch.from_numpy(wanted[index])
+        if keep.any():
+            chunks.append(pooled[keep])
+            targets.append(target[keep])
+            keys.extend(key for key, kept in zip(batch_keys, keep.tolist()) if kept)
+            indices.extend(index[keep.numpy()].tolist())
+    if not seen.all():
+        return None
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    return FeatureSet(_in_order(chunks, order), _in_order(targets, order), [keys[i] for i in order]), moments
+
+
+def _index(key: str) -> int:
+    """The sample index in an importer key ("train-0000042" -> 42); -1 for another key."""
+    digits = key.rpartition("-")[2]
+    return int(digits) if digits.isdigit() and len(digits) == 7 else -1
+
+
+def _pooled(model, loader, device, precision, channels_last, progress, description, total):
+    """(B, D) pooled features on the CPU (float32), targets and keys of each batch of ``loader``."""
     from tagmill.models import forward_features_pooled
     from tagmill.models.fusion import fused_for_inference
 
     model.eval()
-    chunks, targets, keys = [], [], []
     chunk: int | None = None
     frozen: torch.nn.Module | None = None
     with progress.task(description, total) as advance:
@@ -65,13 +132,8 @@ def extract_features(
             frozen = frozen or fused_for_inference(model, images[:2], forward_features_pooled)
             with autocast(device, precision):
                 pooled = run_chunked(lambda x: forward_features_pooled(frozen, x), images, chunk)  # (B, D)
-            chunks.append(pooled.float().cpu())
-            targets.append(target)
-            keys.extend(batch_keys)
+            yield pooled.float().cpu(), target, batch_keys
             advance(len(batch_keys))
-    # Sorting by key makes the cache independent of data-loader worker interleaving.
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return FeatureSet(_in_order(chunks, order), _in_order(targets, order), [keys[i] for i in order])
 
 
 def _in_order(batches: list[torch.Tensor], order: list[int]) -> torch.Tensor:

@@ -89,6 +89,17 @@ class HeadFit:
             linear.bias.copy_(self.bias.to(linear.bias))
 
 
+@dataclass
+class Population:
+    """The whole training set, when ``fit_head`` is handed only the rows cross-validation
+    draws from it (``cv_rows``): a pass over train too large to hold (threshold tuning on
+    fine-tuned features) keeps those rows and the moments over every row, no more."""
+
+    rows: int  #: N, the training images in all
+    mean: Tensor  #: (D,) per-feature means over all N rows (``RunningMoments``)
+    std: Tensor  #: (D,) the one overall scale over all N rows
+
+
 def fit_head(
     views: list[Tensor],
     targets: Tensor,
@@ -99,21 +110,32 @@ def fit_head(
     folds: int = FOLDS,
     device: torch.device | None = None,
     final: bool = True,
+    population: Population | None = None,
 ) -> HeadFit:
     """Fit a linear head on ``views`` (each (N, D): view 0 plain, others augmented, rows
     aligned by image) with ``targets`` ((N,) class indices or (N, C) multi-hot).
     ``final=False`` stops after cross-validation (the out-of-fold probabilities are what
-    threshold tuning needs; the head over every row is then never fitted)."""
+    threshold tuning needs; the head over every row is then never fitted).
+
+    ``population``: ``views`` and ``targets`` are only the ``cv_rows(population.rows,
+    seed)`` of a larger training set, in order; the result is the one the whole set
+    would give (up to the float rounding of the moments). Multi-label, ``final=False``
+    and more rows than ``CV_MAX_IMAGES`` only: a single-label fold check counts every
+    class over all rows, and the final fit reads every row."""
     device = device or torch.device("cpu")
-    size = sum(v.numel() for v in views) * task.num_outputs(targets)
+    rows = population.rows if population is not None else len(targets)
+    if population is not None and (task.single or final or rows <= CV_MAX_IMAGES or len(targets) != CV_MAX_IMAGES):
+        raise ValueError("fit_head(population=...) takes the CV_MAX_IMAGES rows drawn from a larger multi-label set, final=False")
+    size = rows * len(views) * views[0].shape[1] * task.num_outputs(targets)  # as for all the rows: same threads, same sums
     threads = 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
     with _threads(threads):
-        return _fit_head(views, targets, task, seed=seed, grid=grid, folds=folds, device=device, final=final)
+        return _fit_head(views, targets, task, seed=seed, grid=grid, folds=folds, device=device, final=final,
+                         population=population)
 
 
 def _fit_head(
     views: list[Tensor], targets: Tensor, task: Objective, *, seed: int, grid: tuple[float, ...], folds: int,
-    device: torch.device, final: bool,
+    device: torch.device, final: bool, population: Population | None = None,
 ) -> HeadFit:
     # The views are the run's feature cache (at 250k images, gigabytes): nothing below
     # copies them whole. Standardising happens a chunk at a time inside each fit, and
@@ -121,9 +143,16 @@ def _fit_head(
     views = [v.to(device, torch.float32) for v in views]
     targets = targets.to(device)
     num_classes = task.num_outputs(targets)
-    mean, std = _moments(views)
-    rows, dim = sum(len(v) for v in views), views[0].shape[1]
-    basis = _row_basis(torch.cat(views) - mean) if rows <= PROJECT_BELOW * dim else None  # (D, r): few rows only
+    dim = views[0].shape[1]
+    if population is not None:
+        mean, std = population.mean.to(device, torch.float32), population.std.to(device, torch.float32)
+        if population.rows * len(views) <= PROJECT_BELOW * dim:  # only past 40,000 features: the basis needs every row
+            raise ValueError(f"fit_head(population=...) cannot project {population.rows} rows of {dim} features onto their span")
+        basis = None
+    else:
+        mean, std = _moments(views)
+        rows = sum(len(v) for v in views)
+        basis = _row_basis(torch.cat(views) - mean) if rows <= PROJECT_BELOW * dim else None  # (D, r): few rows only
 
     def standardised(x: Tensor) -> Tensor:
         return _project((x - mean) / std, basis)
@@ -262,6 +291,37 @@ def _moments(views: list[Tensor]) -> tuple[Tensor, Tensor]:
     return mean, scale.expand_as(mean)
 
 
+class RunningMoments:
+    """``_moments`` over rows that arrive a batch at a time and are not kept (a pass over
+    train for threshold tuning): float64 sums of x and x² per feature. The centred sum
+    of squares then comes from Σx² − 2μΣx + Nμ² with μ the float32 mean, as ``_moments``
+    centres on it; the two differ by float rounding only, unless a feature's mean were
+    millions of times its spread (float64 keeps 16 digits of the cancelling terms)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.total: Tensor | None = None  #: (D,) float64 Σx
+        self.squares: Tensor | None = None  #: (D,) float64 Σx²
+
+    def add(self, x: Tensor) -> None:
+        x = x.to(torch.float64)  # (B, D): one batch's copy
+        if self.total is None:
+            self.total, self.squares = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+        self.rows += len(x)
+        self.total += x.sum(0)
+        self.squares += x.pow(2).sum(0)
+
+    def result(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """(mean, std) as ``_moments`` gives them."""
+        if self.total is None or not self.rows:
+            raise ValueError("no rows to take moments of")
+        mean = (self.total / self.rows).to(dtype)
+        mu = mean.to(torch.float64)
+        centred = (self.squares - 2 * mu * self.total + self.rows * mu.pow(2)).sum().clamp_min(0)
+        scale = (centred / (self.rows * mean.numel())).sqrt().clamp_min(1e-6).to(dtype)  # ()
+        return mean, scale.expand_as(mean)
+
+
 #: rows per chunk are chosen so a chunk holds about this many numbers (64 MB of float32):
 #: big enough that each matrix product keeps the cores busy, small enough that a fit's
 #: temporaries stay a sliver of a 250k-image cache
@@ -370,12 +430,23 @@ def _cross_validate(
     return scores, oof, models
 
 
+def cv_rows(n: int, seed: int, limit: int | None = None) -> Tensor:
+    """The positions (ascending) of the rows ``fit_head`` cross-validates on out of ``n``
+    training images with ``seed``: all of them, or ``limit`` drawn at random. A pass that
+    cannot hold all ``n`` keeps these (see ``Population``)."""
+    return _drawn(n, CV_MAX_IMAGES if limit is None else limit, torch.Generator().manual_seed(seed))
+
+
+def _drawn(n: int, limit: int, generator: torch.Generator) -> Tensor:
+    return torch.randperm(n, generator=generator)[:limit].sort().values if n > limit else torch.arange(n)
+
+
 def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit: int) -> Tensor:
     """(N,) fold index per image, stratified (iteratively for tags); -1 for images left
     out of cross-validation when there are more than ``limit``."""
     n = len(targets)
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(n, generator=generator)[:limit].sort().values if n > limit else torch.arange(n)
+    chosen = _drawn(n, limit, generator)
     y = targets.cpu()[chosen]
     fold_of = torch.full((n,), -1, dtype=torch.long)
     if task.single:
@@ -393,4 +464,7 @@ def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit:
     return fold_of.to(targets.device)
 
 
-__all__ = ["FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "choose_folds", "fit_head", "out_of_fold_probabilities"]
+__all__ = [
+    "CV_MAX_IMAGES", "FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "Population", "RunningMoments", "choose_folds", "cv_rows",
+    "fit_head", "out_of_fold_probabilities",
+]

@@ -54,6 +54,7 @@ from tagmill.train.tracking import Tracker, Tracking
 
 if TYPE_CHECKING:  # the models package is imported lazily: the command line starts without it
     from tagmill.models.pretrained import PretrainedConfig
+    from tagmill.train.head_fit import Population
 
 #: a whole-network training step costs about this many forward passes (forward,
 #: backward through every layer, optimizer): 62 img/s caching vs 16 img/s training for
@@ -707,22 +708,47 @@ class _Run:
         if oof is not None:
             probs, targets, folds = oof
             return out_of_fold_thresholds(probs, targets, f"{folds}-fold head fit")
+        population = None
         if best_stage == "frozen":  # the backbone is the cached one
             plain = self._feature_cache()[0][0]
             views, targets = [plain.features], plain.targets
             where = "k-fold head fits on the cached features"
         else:
-            plain = extract_features(self.model, self._loader("train", eval_transform(self.preprocess), shuffle=False, across_ranks=False),
-                                     device=self.device, precision=self.config.precision, channels_last=self.config.channels_last,
-                                     progress=self.progress, description="training features for threshold tuning",
-                                     total=self.manifest.split("train").count)
-            views, targets = [plain.features], plain.targets
+            views, targets, population = self._fine_tuned_train_features()
             where = "k-fold head fits on the fine-tuned backbone's features, which saw these labels: somewhat optimistic"
         fit = fit_head(views, targets, self.objective, seed=self.config.seed, folds=self.config.folds, device=self.device,
-                       final=False)  # the out-of-fold probabilities are all thresholds need
+                       final=False, population=population)  # the out-of-fold probabilities are all thresholds need
         if fit.oof_probs is None:
             return None, f"one threshold for every tag ({self.config.threshold:g}): {fit.message.removeprefix('head: ')}"
         return out_of_fold_thresholds(fit.oof_probs, fit.oof_targets, where)
+
+    def _fine_tuned_train_features(self) -> tuple[list[torch.Tensor], torch.Tensor, Population | None]:
+        """The kept model's plain features over train, for threshold tuning: only the rows
+        cross-validation draws and the moments over all (``head_fit.Population``) when
+        there are more training images than it draws, so that this pass holds at most
+        CV_MAX_IMAGES rows (~4 KB each with the bench's backbone) whatever the split's size."""
+        from tagmill.models import head
+        from tagmill.train import head_fit
+        from tagmill.train.features import extract_sample
+
+        count = self.manifest.split("train").count
+        dim = getattr(head(self.model), "in_features", None)
+        # a fit on the rows' span (few rows, many features) needs every row
+        sampled = dim is not None and count > head_fit.CV_MAX_IMAGES and count > head_fit.PROJECT_BELOW * dim
+        extract = dict(device=self.device, precision=self.config.precision, channels_last=self.config.channels_last,
+                       progress=self.progress, description="training features for threshold tuning")
+
+        def loader() -> DataLoader:
+            return self._loader("train", eval_transform(self.preprocess), shuffle=False, across_ranks=False)
+
+        if sampled and not self.objective.single:
+            sample = extract_sample(self.model, loader(), head_fit.cv_rows(count, self.config.seed), **extract)
+            if sample is not None:
+                kept, moments = sample
+                return [kept.features], kept.targets, head_fit.Population(count, *moments.result())
+            self.log("threshold tuning: sample keys are not the importer's; holding every training image's features")
+        plain = extract_features(self.model, loader(), total=count, **extract)
+        return [plain.features], plain.targets, None
 
     def _selection_note(self, best: dict[str, Any]) -> str:
         epochs = len(self.state.history)

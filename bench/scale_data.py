@@ -14,7 +14,9 @@ N images of one seeded stream make the set of size N (the sets nest), listed in 
 Steps, each the real command in a subprocess (start-up included), timed with
 time.perf_counter, its whole process tree's memory sampled every 0.2 s (peak of the
 sum, workers included; RSS, and PSS, which counts a page shared by several processes
-once in all — the RSS sum counts it once per process):
+once in all — the RSS sum counts it once per process; and anonymous PSS, the processes'
+own data without library or feature-cache file pages, which neither other processes on
+the machine nor the cache's size move: see ``anon_pss``):
 
   import    ``tagmill import CSV --images DIR --out DS`` (64-px images stay as they are)
   train     ``tagmill train DS --backbone test_efficientnet --image-size 64 --epochs 1``
@@ -133,11 +135,11 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-        peak = peak_pss = 0
+        peak = peak_pss = peak_anon = 0
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak, peak_pss
+            nonlocal peak, peak_pss, peak_anon
             try:
                 root = psutil.Process(proc.pid)
             except psutil.NoSuchProcess:
@@ -149,7 +151,8 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
                     # PSS shares each page among the processes mapping it: forked loader
                     # workers no longer count their parent's pages (or the mapped cache) again
                     peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
-                except psutil.Error:
+                    peak_anon = max(peak_anon, sum(anon_pss(p.pid) for p in tree))
+                except (psutil.Error, OSError):
                     pass
                 stop.wait(0.2)
 
@@ -161,7 +164,25 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({code}); see {log}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20}
+    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20,
+            "peak_anon_pss_mb": peak_anon / 2**20}
+
+
+def anon_pss(pid: int) -> int:
+    """Bytes of the process's PSS that are its own data: anonymous pages (heap, tensors)
+    and shared memory (loader batches), split among the processes sharing them. Unlike
+    the whole PSS it leaves out file pages: the libraries, whose share depends on how many
+    other processes on the machine map them (three concurrent torch processes moved a
+    run's PSS: the same code's head fit peaked at 1,308 MB alone, 1,019 MB beside two
+    other torch runs), and the memory-mapped feature cache (read-only pages of
+    its file), which then needs no subtracting. Linux >= 4.14 (smaps_rollup), 5.x fields."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            if name in ("Pss_Anon", "Pss_Shmem"):
+                fields[name] = int(value.split()[0]) * 1024  # kB
+    return sum(fields.values())
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -260,6 +281,9 @@ def print_report(report: dict[str, Any]) -> None:
         rss_a = small["steps"]["train"]["peak_rss_mb"] - small["feature_cache_bytes"] / 2**20
         rss_b = large["steps"]["train"]["peak_rss_mb"] - large["feature_cache_bytes"] / 2**20
         print(f"  {'train RSS - cache':<20} x{rss_b / rss_a:.2f}")
+        anon = [e["steps"]["train"].get("peak_anon_pss_mb") for e in (small, large)]
+        if all(anon):  # results written before the bench recorded it lack it
+            print(f"  {'train anon PSS':<20} x{anon[1] / anon[0]:.2f} ({anon[0]:,.0f} -> {anon[1]:,.0f} MB)")
         for step in ("import", "predict"):
             print(f"  {step + ' RSS':<20} x{large['steps'][step]['peak_rss_mb'] / small['steps'][step]['peak_rss_mb']:.2f}")
 

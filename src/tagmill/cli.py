@@ -23,6 +23,8 @@ TABLE_ROWS = 50
 #: (not imported here: the command line starts without loading torch)
 LOADER_WORKERS_HELP = "Data-loading processes (default: none below 1,000 images, else one per core up to 4)."
 #: ``predict`` and ``serve``
+PRECISION_HELP = ("With --backend onnx: auto (the bundle's INT8 graph when it has one and runs on the CPU) | fp32 | "
+                  "int8 (`tagmill export --int8`).")
 INFERENCE_DEVICE_HELP = ("auto (a GPU when there is one) | cpu | cuda | cuda:N; with --backend onnx, a GPU needs "
                          "onnxruntime-gpu (auto falls back to the CPU without it).")
 
@@ -441,13 +443,22 @@ def export(
     run: Annotated[str, typer.Argument(help="A training run directory.")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx (checked against PyTorch with onnxruntime).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: quantized, calibrated on the run's training images, checked on its validation split (implies --onnx).")] = False,
+    int8_max_drop: Annotated[Optional[float], typer.Option(help="With --int8: the largest drop of the validation metric (0-1) accepted; more is refused (exit 10). Default 0.01.")] = None,
+    calibration_images: Annotated[Optional[int], typer.Option(help="With --int8: training images the quantization ranges are calibrated on. Default 200.")] = None,
 ) -> None:
     """Export a run's best checkpoint as a model bundle (model.json + model.safetensors)."""
     from tagmill.bundle.from_run import export_run
 
-    meta = export_run(run, out_dir, onnx=onnx)
-    files = "model.json, model.safetensors" + (", model.onnx" if onnx else "")
+    if not int8 and (int8_max_drop is not None or calibration_images is not None):
+        raise InputError("--int8-max-drop and --calibration-images apply to --int8 only")
+    meta = export_run(run, out_dir, onnx=onnx, int8=int8, max_drop=int8_max_drop, calibration_images=calibration_images)
+    files = "model.json, model.safetensors" + (", model.onnx" if onnx or int8 else "") + (", model.int8.onnx" if int8 else "")
     out.print(f"bundle [bold]{out_dir}[/]: {meta.architecture}, {len(meta.classes)} classes ({files})", highlight=False)
+    if meta.int8 is not None:
+        check = meta.int8
+        out.print(f"INT8: {check['agreement']} agreement {check['agreement_rate']:.2%} with fp32 on {check['images']:,} "
+                  f"{check['split']} images; {check['metric']} {check['fp32']:.4f} -> {check['int8']:.4f}", highlight=False)
 
 
 @app.command()
@@ -462,6 +473,7 @@ def predict(
     jsonl_out: Annotated[Optional[str], typer.Option("--jsonl", help="Write one JSON line per image to this file.")] = None,
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write a CSV (a probability column per class).")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     nproc: Annotated[int, typer.Option(help="Processes to spread the work over (output order is unchanged).")] = 1,
@@ -475,12 +487,12 @@ def predict(
     from tagmill.summaries import prediction_table
 
     meta = read_meta(bundle)
-    settings = Settings(bundle, backend, top_k, threshold, batch_size, device)
+    settings = Settings(bundle, backend, top_k, threshold, batch_size, device, precision)
     predictor = None
     if nproc == 1:  # loaded here, so the user is told what it runs on
         from tagmill.bundle.predictor import Predictor
 
-        predictor = Predictor.from_bundle(bundle, backend=backend, device=device)
+        predictor = Predictor.from_bundle(bundle, backend=backend, device=device, precision=precision)
         err.print(f"running on {predictor.runs_on}", highlight=False)
     outputs = [(location, fmt) for location, fmt in ((json_out, "json"), (jsonl_out, "jsonl"), (csv_out, "csv")) if location]
     failed = 0
@@ -534,6 +546,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="Server processes, each with its own copy of the model.")] = 1,
     threads: Annotated[int, typer.Option(help="Inference threads per worker.")] = 1,
     backend: Annotated[str, typer.Option(help="torch | onnx (needs model.onnx: `tagmill export --onnx`).")] = "torch",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     api_key: Annotated[Optional[str], typer.Option(help="Require this key (X-Api-Key or Bearer) on prediction routes.", envvar="TAGMILL_API_KEY")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
@@ -549,7 +562,7 @@ def serve(
     from tagmill.serve.server import run_server
 
     config = ServeConfig(
-        bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, device=device,
+        bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, precision=precision, device=device,
         api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_connections=max_connections, header_timeout_s=header_timeout_s,

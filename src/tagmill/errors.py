@@ -136,9 +136,17 @@ class BundleError(TagmillError):
     exit_code = 8
 
 
+class QuantizationError(BundleError):
+    """A quantized (INT8) graph was refused: it costs more of the validation metric than
+    the user allowed. The bundle keeps its fp32 graphs."""
+
+    exit_code = 10
+
+
 __all__ = [
     "BundleError",
     "CheckpointError",
+    "QuantizationError",
     "TagmillError",
     "InputError",
     "SourceError",

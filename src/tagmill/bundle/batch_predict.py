@@ -54,6 +54,7 @@ class Settings:
     threshold: float | None
     batch_size: int
     device: str = "cpu"  #: auto | cpu | cuda | cuda:N
+    precision: str = "auto"  #: the ONNX graph: auto | fp32 | int8 (``Predictor.from_bundle``)
 
 
 def plan(paths: list[str], split: str | None) -> list[WorkItem]:
@@ -133,7 +134,7 @@ def _init_worker(settings: Settings) -> None:
     global _worker
     torch.set_num_threads(1)  # N processes x 1 thread beat 1 process x N threads here
     _worker = (Predictor.from_bundle(settings.bundle, backend=settings.backend, device=settings.device,
-                                      intra_op_threads=1), settings)
+                                      intra_op_threads=1, precision=settings.precision), settings)
 
 
 def _run_in_worker(task: WorkItem) -> list[Row]:
@@ -157,7 +158,7 @@ def predict_all(
     with progress.task("predicting", sum(t.size for t in tasks)) as advance:
         if nproc == 1 or len(tasks) <= 1:
             predictor = predictor or Predictor.from_bundle(settings.bundle, backend=settings.backend,
-                                                           device=settings.device)
+                                                           device=settings.device, precision=settings.precision)
             results: Iterable[list[Row]] = (run_task(predictor, task, settings) for task in tasks)
             for rows in results:
                 yield from rows

@@ -36,6 +36,8 @@ SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+#: the ONNX graph quantized to INT8 (``tagmill export --int8``; see bundle/quantize.py)
+INT8_FILE = "model.int8.onnx"
 TASKS: tuple[str, ...] = ("single", "multi")
 DEFAULT_THRESHOLD = 0.5
 
@@ -59,6 +61,9 @@ class BundleMeta:
     created: str = ""  #: ISO 8601 UTC; set by save_bundle
     weights_sha256: str = ""  #: filled by save_bundle
     onnx_sha256: str | None = None  #: filled by save_bundle(onnx=True)
+    #: the INT8 graph's sha256 and how it compared with fp32 on the validation split
+    #: (``bundle.quantize.add_int8``); None: no INT8 graph
+    int8: dict[str, Any] | None = None
     tagmill_version: str = tagmill.__version__
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
@@ -86,6 +91,8 @@ class BundleMeta:
         for name in ("model_kwargs", "training", "metrics"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"{name} must be a mapping, not {type(getattr(self, name)).__name__}")
+        if self.int8 is not None and not (isinstance(self.int8, dict) and isinstance(self.int8.get("sha256"), str)):
+            raise InputError("int8 must be a mapping with the INT8 graph's sha256")
         if not isinstance(self.default_top_k, int) or self.default_top_k < 1:
             raise InputError(f"default_top_k must be a positive integer, not {self.default_top_k!r}")
         self._validate_thresholds()
@@ -126,6 +133,7 @@ class BundleMeta:
             "default_top_k": self.default_top_k,
             "weights_sha256": self.weights_sha256,
             "onnx_sha256": self.onnx_sha256,
+            "int8": None if self.int8 is None else _jsonable(self.int8),
             "training": _jsonable(self.training),
             "metrics": _jsonable(self.metrics),
         }
@@ -275,6 +283,7 @@ def save_bundle(out: str, model: torch.nn.Module, meta: BundleMeta, *, onnx: boo
     # model.onnx with the new weights, while we write.
     storage.remove(storage.join(out, MODEL_JSON))
     storage.remove(storage.join(out, ONNX_FILE))
+    storage.remove(storage.join(out, INT8_FILE))
     weights = weights_bytes(model)
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights)
     onnx_sha: str | None = None
@@ -285,7 +294,7 @@ def save_bundle(out: str, model: torch.nn.Module, meta: BundleMeta, *, onnx: boo
         storage.write_bytes(storage.join(out, ONNX_FILE), graph)
         onnx_sha = sha256(graph)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    final = replace(meta, created=created, weights_sha256=sha256(weights), onnx_sha256=onnx_sha,
+    final = replace(meta, created=created, weights_sha256=sha256(weights), onnx_sha256=onnx_sha, int8=None,
                     tagmill_version=tagmill.__version__)
     storage.write_bytes(storage.join(out, MODEL_JSON), final.to_json().encode("utf-8"))
     return out

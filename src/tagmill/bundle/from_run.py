@@ -8,9 +8,12 @@ from tagmill.models import create_classifier, pooling_kwargs, resolve_architectu
 from tagmill.train.run_format import read_best, read_final_metrics, read_run, read_thresholds
 
 
-def export_run(run_dir: str, out: str, *, onnx: bool = False) -> BundleMeta:
-    """Write ``out`` (model.json + model.safetensors [+ model.onnx]) from ``run_dir``."""
-    _, config = read_run(run_dir)
+def export_run(run_dir: str, out: str, *, onnx: bool = False, int8: bool = False, max_drop: float | None = None,
+               calibration_images: int | None = None) -> BundleMeta:
+    """Write ``out`` (model.json + model.safetensors [+ model.onnx]) from ``run_dir``.
+    ``int8`` adds model.int8.onnx (and so model.onnx), calibrated on the run's training
+    images and checked on its validation split (``bundle.quantize.add_int8``)."""
+    dataset, config = read_run(run_dir)
     best = read_best(run_dir)
     classes = list(best["classes"])
     # The bundle names the concrete timm architecture, never an alias: timm has its own,
@@ -29,5 +32,11 @@ def export_run(run_dir: str, out: str, *, onnx: bool = False) -> BundleMeta:
         training={"dataset": best.get("dataset"), "epochs_completed": best["epoch"], **config.as_dict()},
         metrics=read_final_metrics(run_dir, best),
     )
-    save_bundle(out, model, meta, onnx=onnx)
+    save_bundle(out, model, meta, onnx=onnx or int8)
+    if int8:
+        from tagmill.bundle import quantize  # onnxruntime's quantizer: only when asked
+
+        return quantize.add_int8(out, dataset, seed=config.seed,
+                                 max_drop=quantize.DEFAULT_MAX_DROP if max_drop is None else max_drop,
+                                 calibration_images=calibration_images or quantize.DEFAULT_CALIBRATION_IMAGES)
     return meta

@@ -55,7 +55,9 @@ def add_onnx(location: str, *, opset: int = DEFAULT_OPSET) -> str:
     storage.write_bytes(path, graph)
     # model.json last: until it names the new graph, a reader gets a checksum error for
     # model.onnx, never an unverified graph; the torch weights stay valid throughout
-    updated = replace(meta, onnx_sha256=sha256(graph))
+    # an INT8 graph quantized from the old one no longer describes it (its file is left
+    # behind, unnamed: model.json is what says which files belong to the bundle)
+    updated = replace(meta, onnx_sha256=sha256(graph), int8=None)
     storage.write_bytes(storage.join(location, MODEL_JSON), updated.to_json().encode("utf-8"))
     return path
 

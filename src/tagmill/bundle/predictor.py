@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tagmill import storage
-from tagmill.bundle.format import ONNX_FILE, BundleError, BundleMeta, load_bundle, read_checked, read_meta
+from tagmill.bundle.format import INT8_FILE, ONNX_FILE, BundleError, BundleMeta, load_bundle, read_checked, read_meta
 from tagmill.dataset.images import decode, to_rgb
 from tagmill.dataset.transforms import Preprocess, eval_transform
 from tagmill.errors import InputError, UnreadableImageError
@@ -26,6 +26,8 @@ from tagmill.train.device import resolve_device
 
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
+#: which ONNX graph runs: "auto" (INT8 when the bundle has one and it runs on the CPU), "fp32", "int8"
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
 #: A per-call threshold: one value for every class, or one per class in class order.
 Threshold = float | Sequence[float]
 
@@ -87,6 +89,7 @@ class Predictor:
             raise InputError(f"batch_size must be >= 1, not {batch_size}")
         self.meta = meta
         self.backend = backend
+        self.precision = "fp32"  #: which graph or weights run: "fp32", or "int8" (set by from_bundle)
         self.batch_size = batch_size
         self.transform = eval_transform(meta.preprocess)
         self._shrink_to = _decode_size(meta.preprocess)
@@ -107,15 +110,29 @@ class Predictor:
         device: str | torch.device = "cpu",
         intra_op_threads: int | None = None,
         batch_size: int = 32,
+        precision: str = "auto",
     ) -> Predictor:
-        """Load the bundle at ``location``; the ONNX backend needs its ``model.onnx``."""
+        """Load the bundle at ``location``; the ONNX backend needs its ``model.onnx``.
+        ``precision``: "auto" runs the bundle's INT8 graph when it has one and the ONNX
+        backend runs on the CPU (onnxruntime's integer kernels are the CPU's), "fp32"
+        never, "int8" always (an error without one)."""
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+        int8 = False
         if backend == "onnx":
             meta = read_meta(location)
-            model: Any = _read_onnx(location, meta)
+            int8 = _runs_int8(location, meta, precision, resolve_device(str(device)))
+            model: Any = read_checked(location, INT8_FILE, meta.int8["sha256"]) if int8 else _read_onnx(location, meta)
         else:
+            if precision == "int8":
+                raise InputError("the INT8 graph runs on the onnx backend", hint="add --backend onnx")
             model, meta = load_bundle(location, device=resolve_device(str(device)))
-        return cls(model, meta, backend=backend, device=device, intra_op_threads=intra_op_threads,
-                   batch_size=batch_size)
+        predictor = cls(model, meta, backend=backend, device=device, intra_op_threads=intra_op_threads,
+                        batch_size=batch_size)
+        if int8:
+            predictor.precision = "int8"
+            predictor.runs_on += ", INT8 graph"
+        return predictor
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -326,6 +343,15 @@ def _onnx_runner(
             f"not {type(model).__name__}"
         )
     return (lambda batch: run_session(session, batch)), f"onnxruntime {session.get_providers()[0]}"
+
+
+def _runs_int8(location: str, meta: BundleMeta, precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    if precision == "int8" and meta.int8 is None:
+        raise BundleError(f"bundle {location} has no INT8 graph ({INT8_FILE})",
+                          hint="export it with `tagmill export RUN --out BUNDLE --int8`, or leave --precision out")
+    return meta.int8 is not None and (precision == "int8" or device.type == "cpu")
 
 
 def _read_onnx(location: str, meta: BundleMeta) -> bytes:

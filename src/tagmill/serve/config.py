@@ -12,7 +12,10 @@ from typing import Any
 
 from tagmill.errors import InputError
 
+# the predictor's values (bundle/predictor.py), repeated so that reading a config
+# imports neither torch nor onnxruntime (tests/serve check the two agree)
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
 #: max_batch when none is given
 AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 16}
@@ -31,6 +34,8 @@ class ServeConfig:
     workers: int = 1
     threads: int = 1  #: torch / onnxruntime intra-op threads in each worker
     backend: str = "torch"  #: "torch" or "onnx" (the bundle must carry model.onnx)
+    #: the ONNX graph: "auto" (INT8 when the bundle has one and it runs on the CPU), "fp32", "int8"
+    precision: str = "auto"
     #: auto (a GPU when there is one) | cpu | cuda | cuda:N; onnx uses onnxruntime's CUDA
     #: provider for a GPU when its GPU build is installed
     device: str = "auto"
@@ -60,6 +65,10 @@ class ServeConfig:
             raise InputError("a bundle location is needed")
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and self.backend != "onnx":
+            raise InputError("the INT8 graph runs on the onnx backend", hint="add --backend onnx")
         if self.log_level not in LOG_LEVELS:
             raise InputError(f"unknown log level {self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
         if self.api_key is not None and not self.api_key.strip():

@@ -67,6 +67,7 @@ class Service:
             device=self.config.device,
             intra_op_threads=self.config.threads,
             batch_size=self.config.batch_limit,
+            precision=self.config.precision,
         )
         self.runs_on = predictor.runs_on
         log.info("model loaded: %s, %s", self.meta.architecture, predictor.runs_on)

@@ -1,0 +1,163 @@
+"""INT8 bundles: the ONNX graph quantized, checked against fp32 before it is kept.
+
+    model.onnx ─► onnxruntime static quantization (QDQ; weights int8 per output channel,
+    activations uint8 with ranges calibrated on training images, preprocessed exactly
+    as the bundle says) ─► both graphs on the validation split ─► agreement and metric
+    delta ─► refused past the user's bound, else model.int8.onnx + ``int8`` in model.json
+
+Why static (calibrated) rather than dynamic quantization: dynamic quantization only
+covers MatMul/Gemm (and LSTMs), and a CNN's time is in its convolutions. Why QDQ: it is
+the format onnxruntime fuses into integer kernels on the CPU (VNNI where the CPU has
+it) and that other runtimes read too. The fp32 graph stays in the bundle: the torch
+backend, `--precision fp32` and any runtime without integer kernels use it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tagmill import storage
+from tagmill.bundle.format import INT8_FILE, MODEL_JSON, ONNX_FILE, BundleMeta, read_checked, read_meta, sha256
+from tagmill.errors import BundleError, InputError, QuantizationError
+from tagmill.objective import objective
+
+#: training images whose activations set the quantization ranges: onnxruntime's
+#: MinMax calibration settles within a few hundred images (more only costs time)
+DEFAULT_CALIBRATION_IMAGES = 200
+#: the largest drop of the validation metric (accuracy or mAP, 0–1) an INT8 graph may
+#: cost before it is refused: one point, about the run-to-run noise of a head fit
+DEFAULT_MAX_DROP = 0.01
+#: images per calibration batch handed to onnxruntime
+CALIBRATION_BATCH = 16
+
+
+class _Session(torch.nn.Module):
+    """An onnxruntime session behaving like the model ``train.evaluation`` expects."""
+
+    def __init__(self, graph: bytes) -> None:
+        super().__init__()
+        from tagmill.bundle.onnx_export import make_session
+
+        self.session = make_session(graph)
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: images.numpy()})[0])
+
+
+def calibration_batches(dataset: str, meta: BundleMeta, count: int, *, seed: int = 0) -> list[np.ndarray]:
+    """About ``count`` training images of ``dataset``, a seeded shuffle's first ones,
+    preprocessed as the bundle does at inference (float32 NCHW batches)."""
+    from tagmill.dataset.torch_data import ShardDataset, shard_loader
+    from tagmill.dataset.transforms import eval_transform
+
+    data = ShardDataset(dataset, "train", eval_transform(meta.preprocess), shuffle=True, seed=seed, across_ranks=False)
+    batches, seen = [], 0
+    for images, _, _ in shard_loader(data, batch_size=CALIBRATION_BATCH, workers=0):
+        batches.append(images.numpy())
+        seen += len(images)
+        if seen >= count:
+            break
+    if not batches:
+        raise InputError(f"{dataset} has no training images to calibrate the INT8 ranges on")
+    return batches
+
+
+def quantize_graph(graph: bytes, batches: list[np.ndarray]) -> bytes:
+    """``graph`` statically quantized to INT8 (QDQ), ranges from ``batches``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    name = _Session(graph).input
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left: Iterator[dict[str, np.ndarray]] = iter({name: b} for b in batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.left, None)
+
+    with tempfile.TemporaryDirectory(prefix="tagmill-int8-") as tmp:
+        source, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        source.write_bytes(graph)
+        # constant folding and shape inference first (onnxruntime's advice); its symbolic
+        # shape inference fails on torch.export's graphs, and ONNX's own suffices here
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        try:
+            quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        except Exception as exc:  # onnxruntime's quantizer raises untyped errors for graphs it cannot handle
+            raise BundleError(f"onnxruntime could not quantize the graph: {exc}") from exc
+        return quantized.read_bytes()
+
+
+def compare(dataset: str, meta: BundleMeta, fp32: bytes, int8: bytes, *, split: str = "val") -> dict[str, Any]:
+    """Both graphs on ``split`` of ``dataset``: agreement and the validation metric.
+    Single-label: top-1 agreement; multi-label: the share of (image, tag) decisions, at
+    the bundle's thresholds, that are the same."""
+    from tagmill.dataset.manifest import load_manifest
+    from tagmill.train.evaluation import predict_split
+
+    manifest = load_manifest(dataset)
+    if tuple(manifest.classes) != meta.classes:
+        raise InputError(f"{dataset} has other classes than the bundle: the INT8 graph cannot be checked on it",
+                         hint="quantize against the dataset the run was trained on")
+    if split not in manifest.splits or manifest.split(split).count == 0:
+        raise InputError(f"{dataset} has no {split} split to check the INT8 graph on",
+                         hint="import it with a validation split (--val-fraction)")
+    task = objective(meta.task)
+    device = torch.device("cpu")
+    before = predict_split(_Session(fp32), dataset, manifest, split, meta.preprocess, device=device)
+    after = predict_split(_Session(int8), dataset, manifest, split, meta.preprocess, device=device)
+    if task.single:
+        agreement = float((before.probs.argmax(dim=1) == after.probs.argmax(dim=1)).float().mean())
+    else:
+        thresholds = torch.tensor(meta.thresholds)
+        agreement = float(((before.probs >= thresholds) == (after.probs >= thresholds)).float().mean())
+    fp32_score = task.selection_score(before.probs, before.targets)
+    int8_score = task.selection_score(after.probs, after.targets)
+    return {"agreement": "top-1" if task.single else "tag decisions", "agreement_rate": round(agreement, 6),
+            "metric": task.selection_metric, "fp32": round(fp32_score, 6), "int8": round(int8_score, 6),
+            "drop": round(fp32_score - int8_score, 6), "images": len(before.keys), "split": split,
+            "max_abs_probability_difference": round(float((before.probs - after.probs).abs().max()), 6)}
+
+
+def add_int8(location: str, dataset: str, *, max_drop: float = DEFAULT_MAX_DROP,
+             calibration_images: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> BundleMeta:
+    """Quantize the bundle at ``location`` (it must hold model.onnx), calibrated on
+    ``dataset``'s training images and checked on its validation split; write
+    ``model.int8.onnx`` and the check into ``model.json``, or raise QuantizationError
+    (nothing written) when the metric drops by more than ``max_drop``."""
+    if not 0.0 <= max_drop <= 1.0:
+        raise InputError(f"the largest metric drop allowed must lie in [0, 1], not {max_drop}")
+    if calibration_images < 1:
+        raise InputError(f"calibration needs at least one image, not {calibration_images}")
+    meta = read_meta(location)
+    if meta.onnx_sha256 is None:
+        raise BundleError(f"bundle {location} has no {ONNX_FILE} to quantize", hint="export it with --onnx")
+    fp32 = read_checked(location, ONNX_FILE, meta.onnx_sha256)
+    batches = calibration_batches(dataset, meta, calibration_images, seed=seed)
+    int8 = quantize_graph(fp32, batches)
+    check = compare(dataset, meta, fp32, int8)
+    check.update(calibration_images=sum(len(b) for b in batches), max_drop=max_drop)
+    if check["drop"] > max_drop:
+        raise QuantizationError(
+            f"INT8 costs {check['drop']:.4f} of {check['metric']} on {check['images']} validation images "
+            f"({check['fp32']:.4f} -> {check['int8']:.4f}), more than the {max_drop:.4f} allowed; "
+            f"the bundle at {location} keeps its fp32 graphs only",
+            hint="serve the fp32 ONNX graph, or allow more with --int8-max-drop")
+    # model.json last: until it names the INT8 file, the bundle is the fp32 one it was
+    storage.write_bytes(storage.join(location, INT8_FILE), int8)
+    updated = replace(meta, int8={"sha256": sha256(int8), **check})
+    storage.write_bytes(storage.join(location, MODEL_JSON), updated.to_json().encode("utf-8"))
+    return updated
+
+
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "DEFAULT_MAX_DROP", "add_int8", "calibration_batches", "compare",
+           "quantize_graph"]

@@ -86,6 +86,13 @@ def lite0_bundle(workdir: Path) -> str:
 # --- the ceiling: the model in-process, no HTTP --------------------------------------
 
 
+def split_variant(name: str) -> tuple[str, str]:
+    """``--backends`` entries: "torch", "onnx" (its fp32 graph) or "onnx-int8" (the
+    bundle's INT8 graph, from ``tagmill export --int8``) -> (backend, precision)."""
+    backend, _, precision = name.partition("-")
+    return backend, precision or "fp32"
+
+
 def _ceiling_worker(bundle: str, backend: str, per_call: int, seconds: float, photos: list[bytes],
                     barrier: mp.synchronize.Barrier, results: mp.Queue) -> None:
     import torch
@@ -93,7 +100,8 @@ def _ceiling_worker(bundle: str, backend: str, per_call: int, seconds: float, ph
     from tagmill.bundle import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor.from_bundle(bundle, backend, intra_op_threads=1, batch_size=max(per_call, 1))
+    backend, precision = split_variant(backend)
+    predictor = Predictor.from_bundle(bundle, backend, intra_op_threads=1, batch_size=max(per_call, 1), precision=precision)
     predictor.predict_bytes(photos[:per_call])  # warm-up
     barrier.wait()
     done, start, i = 0, time.perf_counter(), 0
@@ -131,7 +139,8 @@ class Server:
     """``python -m tagmill.serve`` (or, with ``stock=True``, plain ``uvicorn --workers``
     on the same app factory) in a subprocess."""
 
-    def __init__(self, bundle: str, *, backend: str, max_batch: int, workers: int, stock: bool = False) -> None:
+    def __init__(self, bundle: str, *, backend: str, max_batch: int, workers: int, stock: bool = False,
+                 precision: str = "fp32") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,7 +148,7 @@ class Server:
         if stock:
             from tagmill.serve.config import ServeConfig
 
-            config = ServeConfig(bundle=bundle, backend=backend, max_batch=max_batch, port=self.port)
+            config = ServeConfig(bundle=bundle, backend=backend, max_batch=max_batch, port=self.port, precision=precision)
             self.metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
             self.env.update(TAGMILL_SERVE_CONFIG=config.to_json(), PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
             self.command = [sys.executable, "-m", "uvicorn", "tagmill.serve.server:app_from_env", "--factory",
@@ -148,6 +157,7 @@ class Server:
         else:
             self.command = [sys.executable, "-m", "tagmill.serve", bundle, "--port", str(self.port),
                             "--workers", str(workers), "--threads", "1", "--backend", backend,
+                            *(["--precision", precision] if backend == "onnx" else []),
                             "--max-batch", str(max_batch), "--log-level", "warning"]
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -278,7 +288,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     parser.add_argument("--max-requests", type=int, default=3000, help="requests per load level, at most")
-    parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--backends", default="torch,onnx",
+                        help="comma-separated: torch, onnx (fp32 graph), onnx-int8 (needs `tagmill export --int8`)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="load levels, comma-separated")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -298,15 +310,17 @@ def main() -> None:
             rows.append([backend, f"in-process, {n}/call", "-", "-", f"{rate:.1f}", "-", "-", "-", "-", "-",
                          f"{rate / best:.2f}"])
             print(rows[-1], flush=True)
-        default = AUTO_MAX_BATCH[backend]
+        default = AUTO_MAX_BATCH[split_variant(backend)[0]]
         variants = [(f"batching on (16){' [default]' if default == 16 else ''}", 16, False),
                     (f"batching off (1){' [default]' if default == 1 else ''}", 1, False)]
         if backend == "torch":
             variants.append(("batching off, stock uvicorn --workers", 1, True))
         for label, max_batch, stock in variants:
-            with Server(bundle, backend=backend, max_batch=max_batch, workers=args.workers, stock=stock) as server:
+            kind, precision = split_variant(backend)
+            with Server(bundle, backend=kind, max_batch=max_batch, workers=args.workers, stock=stock,
+                        precision=precision) as server:
                 asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
-                for concurrency in CONCURRENCY:
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
                     before = server.batch_totals()
                     with ThreadPoolExecutor(1) as pool:  # look at the connections mid-run
                         spread = pool.submit(lambda: (time.sleep(args.duration / 2), server.connections_per_worker())[1])

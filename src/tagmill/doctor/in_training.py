@@ -25,7 +25,7 @@ from torch import Tensor
 from tagmill import storage
 from tagmill.dataset.manifest import Manifest
 from tagmill.dataset.shards import iter_shard
-from tagmill.doctor.label_issues import multi_label_issues, single_label_issues
+from tagmill.doctor.label_issues import multi_label_issues, single_label_issues, with_tag_context
 from tagmill.doctor.neighbours import normalised
 from tagmill.evaluate.markdown import table, text
 
@@ -100,7 +100,7 @@ def data_issues_section(dataset: str, manifest: Manifest, train_keys: list[str],
             rows = [(train_keys[i.index], classes[i.given], classes[i.suggested], i.score) for i in issues[:SHOWN]]
             count = len(issues)
         else:
-            issues = multi_label_issues(probs, targets)
+            issues = multi_label_issues(with_tag_context(probs, targets), targets)  # judged in context, as the doctor does
             per_image: dict[int, list[str]] = {}
             for issue in issues:
                 sign = "+" if issue.kind == "missing_tag" else "−"

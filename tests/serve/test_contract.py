@@ -314,6 +314,24 @@ def test_sigterm_is_a_clean_shutdown(bundle: str, workers: str) -> None:
     assert server.process is not None and server.process.returncode == 0  # stopped by SIGTERM, not killed (143)
 
 
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_the_supervisor_of_several_workers_holds_no_model(bundle: str) -> None:
+    """Only the workers import torch and load the model; the process that starts and
+    restarts them stays a small Python program (it held ~740 MB when it imported the
+    model stack to check the bundle)."""
+    with ServerProcess(bundle, "--workers", "2") as server:
+        assert server.process is not None
+        workers = server_workers(server.process.pid)
+        assert len(workers) == 2
+        supervisor, worker = rss_mb(server.process.pid), max(rss_mb(pid) for pid in workers)  # a ready one
+        # importing torch alone takes a process past 300 MB; bare Python with uvicorn ~40
+        assert supervisor < 150 < worker, (supervisor, worker)
+
+
 def server_workers(parent: int) -> list[int]:
     """The live worker processes of a ``--workers N`` server (spawned interpreters)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()

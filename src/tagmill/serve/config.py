@@ -16,6 +16,9 @@ from tagmill.errors import InputError
 # imports neither torch nor onnxruntime (tests/serve check the two agree)
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
+#: uvicorn's exit status for a server that cannot start (a worker's; the supervisor
+#: does not restart one that ends with it)
+STARTUP_FAILURE = 3
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
 #: max_batch when none is given
 AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 16}

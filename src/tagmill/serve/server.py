@@ -34,19 +34,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+import multiprocessing as mp
+from typing import TYPE_CHECKING
+
 import uvicorn
-from fastapi import FastAPI
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tagmill.bundle.format import verify_bundle
 from tagmill.errors import TagmillError
-from tagmill.serve.app import create_app, error_response
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import TooManyConnectionsError
 from tagmill.serve.metrics import MULTIPROC_ENV
-from tagmill.serve.service import check_onnx
 from tagmill.serve.workers import bind, reuseport_supported, run_workers
+
+# The model stack (torch, timm, onnxruntime, the app) is imported only where a process
+# serves or checks the model: a supervisor of several workers never holds it (it held
+# ~740 MB of RSS for nothing).
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 #: How the parent process hands the config to worker processes it spawns.
 CONFIG_ENV = "TAGMILL_SERVE_CONFIG"
@@ -111,6 +116,8 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
         "the server is busy: this worker has as many open connections as --max-connections allows",
         hint="retry after a second, or close idle keep-alive connections",
     )
+    from tagmill.serve.app import error_response  # in a worker: already imported
+
     response = error_response(error.http_status, type(error).__name__, error.message, error.hint,
                               headers={"Retry-After": str(error.retry_after_s), "Connection": "close"})
     await response(scope, receive, send)
@@ -123,6 +130,8 @@ httptools_impl.service_unavailable = _too_many_connections
 
 def app_from_env() -> FastAPI:
     """The app factory each worker process calls (uvicorn ``factory=True``)."""
+    from tagmill.serve.app import create_app
+
     return create_app(ServeConfig.from_json(os.environ[CONFIG_ENV]), exit_on_load_error=True)
 
 
@@ -148,6 +157,8 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
 def check_bundle(config: ServeConfig) -> None:
     """Fail with the bundle's own error (as ``predict`` would) before any port is bound
     or worker started: model.json, and weights that are whole and readable."""
+    from tagmill.bundle.format import verify_bundle
+    from tagmill.serve.service import check_onnx
     from tagmill.train.device import resolve_device
 
     meta = verify_bundle(config.bundle)
@@ -163,9 +174,42 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _check_in_child(config_json: str, errors: mp.Queue) -> None:
+    try:
+        check_bundle(ServeConfig.from_json(config_json))
+        errors.put(None)
+    except TagmillError as exc:
+        errors.put(exc)  # TagmillError pickles with its hint and class (exit code)
+
+
+def check_bundle_elsewhere(config: ServeConfig) -> None:
+    """:func:`check_bundle` in a short-lived process, so that the caller never imports
+    the model stack nor reads the weights (a supervisor of several workers)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    child = ctx.Process(target=_check_in_child, args=(config.to_json(), errors))
+    child.start()
+    try:
+        # a bundle on S3 may take a while; the child ending without an answer is a crash
+        while child.is_alive() or not errors.empty():
+            try:
+                found = errors.get(timeout=0.5)
+            except Exception:  # queue.Empty: still checking
+                continue
+            if found is not None:
+                raise found
+            return
+        raise TagmillError(f"checking the bundle crashed (exit code {child.exitcode})")
+    finally:
+        child.join()
+
+
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    check_bundle(config)
+    if config.workers == 1:
+        check_bundle(config)  # this process is the worker: it loads the stack anyway
+    else:
+        check_bundle_elsewhere(config)
     os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_s)  # workers inherit it
     options = uvicorn_options(config)
     if config.workers == 1:
@@ -176,6 +220,8 @@ def run_server(config: ServeConfig) -> None:
         # if killed. A stop request that was honoured is a clean exit (0).
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
         try:
+            from tagmill.serve.app import create_app
+
             uvicorn.run(create_app(config, exit_on_load_error=True), **options)
         finally:
             signal.signal(signal.SIGTERM, previous)

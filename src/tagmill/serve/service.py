@@ -21,14 +21,12 @@ from tagmill.bundle.format import ONNX_FILE, BundleMeta, read_meta
 from tagmill.bundle.predictor import Prediction, Predictor, Threshold
 from tagmill.errors import BundleError, UnreadableImageError
 from tagmill.serve.batching import Batcher
-from tagmill.serve.config import ServeConfig
+from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
 from tagmill.serve.errors import NotReadyError
 from tagmill.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 
-#: uvicorn's exit status for a server that cannot start
-STARTUP_FAILURE = 3
 EXAMPLES_DIR = "examples"
 EXAMPLE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
 MAX_EXAMPLES = 48

@@ -26,9 +26,8 @@ from dataclasses import replace
 from typing import Any
 
 from tagmill.errors import InputError, TagmillError
-from tagmill.serve.config import ServeConfig
+from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
 from tagmill.serve.metrics import MULTIPROC_ENV
-from tagmill.serve.service import STARTUP_FAILURE
 
 log = logging.getLogger("uvicorn.error")
 

@@ -61,6 +61,25 @@ def make_colour_classes(root: Path, per_class: int, classes: tuple[str, ...] = (
     return root
 
 
+def make_colour_tags(root: Path, count: int) -> Path:
+    """``count`` two-colour pictures (left half, right half) tagged with their colours,
+    one tag or two (every third image), in ``root/tags.csv``; returns the CSV."""
+    import numpy as np
+    from PIL import Image
+
+    names = list(COLOURS)
+    lines = ["id,tags"]
+    for i in range(count):
+        tags = [names[i % 4]] + ([names[(i + 1) % 4]] if i % 3 == 0 else [])
+        arr = np.zeros((40, 40, 3), np.uint8)
+        arr[:, :20] = COLOURS[tags[0]]
+        arr[:, 20:] = COLOURS[tags[-1]]
+        images.write(root / f"{i}.png", images.encode(Image.fromarray(arr), "PNG"))
+        lines.append(f'{i},"{", ".join(tags)}"')
+    (root / "tags.csv").write_text("\n".join(lines) + "\n")
+    return root / "tags.csv"
+
+
 @pytest.fixture(scope="session")
 def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A packed single-label dataset of 3 colour classes (48 train / 12 val)."""

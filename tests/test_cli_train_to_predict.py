@@ -7,25 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from tagmill.bundle import Predictor, load_bundle
-from tagmill.cli import app
 from tagmill.dataset.importer import ImportOptions, import_dataset
 from tagmill.errors import BundleError, DatasetError, InputError
 from tests import images
-from tests.conftest import COLOURS, make_colour_classes
+from tests.cli import TINY, run
+from tests.conftest import make_colour_classes, make_colour_tags
 
-runner = CliRunner()
-TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
-        "--workers", "0", "--frozen-epochs", "0", "--epochs", "2", "--lr", "0.02"]
-
-
-def run(*args: str, code: int = 0):
-    # wide enough that rich never folds a long temporary path inside a table cell
-    result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "300"})
-    assert result.exit_code == code, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +86,8 @@ def test_evaluate_a_run_and_a_bundle(trained, tmp_path):
 
 
 def test_multi_label_thresholds_travel_from_training_to_the_bundle(tmp_path):
-    src = tmp_path / "src"
-    names = list(COLOURS)
-    lines = ["id,tags"]
-    for i in range(48):
-        tags = [names[i % 4]] + ([names[(i + 1) % 4]] if i % 3 == 0 else [])
-        from PIL import Image
-        import numpy as np
-
-        arr = np.zeros((40, 40, 3), np.uint8)
-        arr[:, :20] = COLOURS[tags[0]]
-        arr[:, 20:] = COLOURS[tags[-1]]
-        images.write(src / f"{i}.png", images.encode(Image.fromarray(arr), "PNG"))
-        lines.append(f'{i},"{", ".join(tags)}"')
-    (src / "tags.csv").write_text("\n".join(lines) + "\n")
-    import_dataset(str(src / "tags.csv"), str(tmp_path / "ds"), ImportOptions(val_fraction=0.25))
+    tags_csv = make_colour_tags(tmp_path / "src", 48)
+    import_dataset(str(tags_csv), str(tmp_path / "ds"), ImportOptions(val_fraction=0.25))
     run("train", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), *TINY, "--pos-weight")
     tuned = json.loads((tmp_path / "run" / "thresholds.json").read_text())
     assert len(tuned) == 4 and all(0 < t < 1 for t in tuned)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tagmill.train.features as features_module
 import tagmill.train.head_fit as head_fit
@@ -18,8 +16,7 @@ from tagmill.train.config import TrainConfig
 from tagmill.train.features import extract_features, extract_sample
 from tagmill.train.head_fit import Population, RunningMoments, _moments, cv_rows, fit_head
 from tagmill.train.loop import train
-from tests import images
-from tests.conftest import COLOURS
+from tests.conftest import make_colour_tags
 
 
 def _multi_label(n: int, dim: int = 12, tags: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,19 +93,9 @@ def test_extract_sample_keeps_the_drawn_rows_in_key_order(monkeypatch):
 
 
 def test_fine_tuned_thresholds_from_the_sample_equal_those_from_every_row(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    names = list(COLOURS)
-    lines = ["id,tags"]
-    for i in range(64):
-        tags = [names[i % 4]] + ([names[(i + 1) % 4]] if i % 3 == 0 else [])
-        arr = np.zeros((40, 40, 3), np.uint8)
-        arr[:, :20] = COLOURS[tags[0]]
-        arr[:, 20:] = COLOURS[tags[-1]]
-        images.write(src / f"{i}.png", images.encode(Image.fromarray(arr), "PNG"))
-        lines.append(f'{i},"{", ".join(tags)}"')
-    (src / "tags.csv").write_text("\n".join(lines) + "\n")
+    tags_csv = make_colour_tags(tmp_path / "src", 64)
     dataset = str(tmp_path / "ds")
-    import_dataset(str(src / "tags.csv"), dataset, ImportOptions(val_fraction=0.25))
+    import_dataset(str(tags_csv), dataset, ImportOptions(val_fraction=0.25))
     monkeypatch.setattr(head_fit, "CV_MAX_IMAGES", 30)  # fewer than the 48 training images: the sample path
     monkeypatch.setattr(head_fit, "PROJECT_BELOW", 0.01)  # 48 rows of 848 features are not fitted on their span
     config = TrainConfig(backbone="test_efficientnet", pretrained=False, image_size=48, batch_size=8, workers=0, lr=2e-2,

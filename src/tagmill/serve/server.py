@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -32,10 +34,7 @@ import tempfile
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, fields
-from typing import Any
-
-import multiprocessing as mp
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
@@ -190,16 +189,19 @@ def check_bundle_elsewhere(config: ServeConfig) -> None:
     child = ctx.Process(target=_check_in_child, args=(config.to_json(), errors))
     child.start()
     try:
-        # a bundle on S3 may take a while; the child ending without an answer is a crash
-        while child.is_alive() or not errors.empty():
+        while True:  # no deadline: a bundle on S3 may take a while to read
             try:
                 found = errors.get(timeout=0.5)
-            except Exception:  # queue.Empty: still checking
-                continue
+            except queue.Empty:
+                if child.is_alive():
+                    continue
+                try:  # an answer sent just before it ended
+                    found = errors.get(timeout=1.0)
+                except queue.Empty:
+                    raise TagmillError(f"checking the bundle crashed (exit code {child.exitcode})") from None
             if found is not None:
                 raise found
             return
-        raise TagmillError(f"checking the bundle crashed (exit code {child.exitcode})")
     finally:
         child.join()
 

@@ -38,6 +38,7 @@ def test_sagemaker_runtime_client_against_a_two_worker_server(bundle: str, refer
         )
         check_invoke_endpoint_returns_the_probabilities(runtime, reference)
         check_invoke_endpoint_verbose_and_json_instances(runtime, reference)
+        check_batch_transform_json_lines_in_and_out(runtime, reference)
         check_bad_image_is_a_client_error_and_the_endpoint_keeps_serving(runtime)
         check_metrics_add_up_over_both_workers(server)
         check_keep_alive_responses_are_not_delayed_by_nagle(server)
@@ -65,6 +66,21 @@ def check_invoke_endpoint_verbose_and_json_instances(runtime, reference: Predict
     lists = json.loads(several["Body"].read())
     for got, want in zip(lists, reference.predict_bytes([JPEG, png]), strict=True):
         assert got == pytest.approx(want.probabilities, abs=1e-6)
+
+
+def check_batch_transform_json_lines_in_and_out(runtime, reference: Predictor) -> None:
+    """A batch transform job's request: one record per line (SplitType=Line, several
+    records per request), answered one line per record, in order (AssembleWith=Line)."""
+    png = images.png_bytes(64, 48, seed=32)
+    records = [JPEG, png, JPEG]
+    body = "".join(json.dumps({"b64": base64.b64encode(r).decode()}) + "\n" for r in records)
+    response = runtime.invoke_endpoint(EndpointName="demo", ContentType="application/jsonlines", Body=body,
+                                       Accept="application/jsonlines")
+    assert response["ContentType"] == "application/jsonlines"
+    lines = response["Body"].read().decode().splitlines()
+    assert len(lines) == 3
+    for line, want in zip(lines, reference.predict_bytes(records), strict=True):
+        assert json.loads(line) == pytest.approx(want.probabilities, abs=1e-6)
 
 
 def check_bad_image_is_a_client_error_and_the_endpoint_keeps_serving(runtime) -> None:

@@ -197,8 +197,11 @@ def _add_prediction_routes(app: FastAPI, service: Service, guard: list[Any]) -> 
         answer = payloads.choose_answer_format(request.headers.get("accept"))
         kind = payloads.require_content_type(request.headers.get("content-type"), multipart=False, json_instances=True)
         body = payloads.require_nonempty(await payloads.read_body(request, config.max_body_bytes))
-        many = kind == payloads.JSON_TYPE
-        images = payloads.images_from_json(body) if many else [body]
+        many = kind in (payloads.JSON_TYPE, payloads.JSONLINES_TYPE)
+        if kind == payloads.JSONLINES_TYPE:  # batch transform: one image per line, answered line by line
+            images = payloads.images_from_jsonlines(body)
+        else:
+            images = payloads.images_from_json(body) if many else [body]
         predictions = await service.predict(images)
         content, media_type = payloads.render_invocation(predictions, classes, answer, many=many)
         return Response(content, media_type=media_type)

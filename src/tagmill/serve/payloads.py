@@ -30,6 +30,8 @@ RAW_IMAGE_TYPES: tuple[str, ...] = ("application/x-image", "application/octet-st
 DOCUMENTED_IMAGE_TYPES: tuple[str, ...] = ("application/x-image", "image/jpeg", "image/png", "image/webp")
 JSON_TYPE = "application/json"
 JSONLINES_TYPE = "application/jsonlines"
+#: other names clients use for JSON lines, read as JSONLINES_TYPE
+JSONLINES_ALIASES = frozenset({"application/jsonl", "application/x-jsonlines", "application/x-ndjson"})
 MULTIPART_TYPE = "multipart/form-data"
 #: Images in one JSON request. Each becomes a (3, S, S) float tensor before the model
 #: runs (600 KB at 224 px), so the body limit alone would let 10 MB of tiny images
@@ -77,11 +79,13 @@ def is_image_type(kind: str) -> bool:
 def require_content_type(value: str | None, *, multipart: bool, json_instances: bool) -> str:
     """The request's media type if the route reads it, else 415."""
     kind, _ = parse_media_type(value)
-    if is_image_type(kind) or (json_instances and kind == JSON_TYPE) or (multipart and kind == MULTIPART_TYPE):
+    if kind in JSONLINES_ALIASES:
+        kind = JSONLINES_TYPE
+    if is_image_type(kind) or (json_instances and kind in (JSON_TYPE, JSONLINES_TYPE)) or (multipart and kind == MULTIPART_TYPE):
         return kind
     readable = ["application/x-image", "image/*"]
     if json_instances:
-        readable.append(JSON_TYPE)
+        readable += [JSON_TYPE, JSONLINES_TYPE]
     if multipart:
         readable.append(MULTIPART_TYPE)
     raise UnsupportedMediaTypeError(
@@ -114,7 +118,7 @@ def choose_answer_format(accept: str | None) -> AnswerFormat:
 def _answer_for(kind: str, verbose: bool) -> AnswerFormat | None:
     if kind in ("*/*", "application/*", JSON_TYPE):
         return AnswerFormat.JSON_VERBOSE if verbose else AnswerFormat.JSON
-    if kind in (JSONLINES_TYPE, "application/jsonl", "application/x-jsonlines", "application/x-ndjson"):
+    if kind == JSONLINES_TYPE or kind in JSONLINES_ALIASES:
         return AnswerFormat.JSONLINES_VERBOSE if verbose else AnswerFormat.JSONLINES
     return None
 
@@ -166,6 +170,31 @@ def images_from_json(body: bytes) -> list[bytes]:
     instances = data.get("instances") if isinstance(data, dict) else None
     if not isinstance(instances, list) or not instances:
         raise InputError('expected a JSON object {"instances": [{"b64": "<base64 image>"}, ...]} with at least one instance')
+    return _decoded(instances)
+
+
+def images_from_jsonlines(body: bytes) -> list[bytes]:
+    """One ``{"b64": "..."}`` per line (what a batch transform job sends with
+    ``SplitType=Line``, several records per request with ``BatchStrategy=MultiRecord``)
+    → the decoded image bytes, in line order. Blank lines are skipped."""
+    try:
+        lines = body.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the body is not UTF-8 JSON lines: {exc}") from exc
+    instances = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            instances.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"line {number} is not valid JSON: {exc}") from exc
+    if not instances:
+        raise InputError('expected one JSON object {"b64": "<base64 image>"} per line, and at least one line')
+    return _decoded(instances)
+
+
+def _decoded(instances: list[Any]) -> list[bytes]:
     if len(instances) > MAX_INSTANCES:
         raise PayloadTooLargeError(f"{len(instances)} instances in one request; at most {MAX_INSTANCES} are accepted",
                                    hint="split them over several requests")

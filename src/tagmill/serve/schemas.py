@@ -96,8 +96,10 @@ INSTANCES_SCHEMA: dict[str, Any] = {
 INVOCATION_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "One encoded image, or several as JSON instances.",
-        "content": {**{kind: _BINARY for kind in DOCUMENTED_IMAGE_TYPES}, JSON_TYPE: {"schema": INSTANCES_SCHEMA}},
+        "description": "One encoded image, several as JSON instances, or one {\"b64\": ...} object per line "
+                       "(JSON lines, as a batch transform job sends them).",
+        "content": {**{kind: _BINARY for kind in DOCUMENTED_IMAGE_TYPES}, JSON_TYPE: {"schema": INSTANCES_SCHEMA},
+                    JSONLINES_TYPE: {"schema": {"type": "string", "description": 'one {"b64": "<base64 image>"} per line'}}},
     }
 }
 PREDICT_BODY: dict[str, Any] = {

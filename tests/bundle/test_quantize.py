@@ -59,6 +59,11 @@ def test_export_int8_checks_it_against_fp32_and_onnx_serves_it(trained, colour_d
         Predictor.from_bundle(str(plain), backend="onnx", precision="int8")
     with pytest.raises(InputError, match="onnx backend"):
         Predictor.from_bundle(str(bundle), precision="int8")
+    from tagmill.serve.server import check_bundle  # serve refuses before it binds a port
+
+    with pytest.raises(BundleError, match="no INT8 graph"):
+        check_bundle(serve_config.ServeConfig(bundle=str(plain), backend="onnx", precision="int8"))
+    check_bundle(serve_config.ServeConfig(bundle=str(bundle), backend="onnx", precision="int8"))
     assert Predictor.from_bundle(str(plain), backend="onnx").precision == "fp32"  # auto, nothing to use
 
     # a new model.onnx makes the INT8 graph stale: model.json stops naming it

@@ -40,7 +40,7 @@ import uvicorn
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tagmill.errors import TagmillError
+from tagmill.errors import BundleError, TagmillError
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import TooManyConnectionsError
 from tagmill.serve.metrics import MULTIPROC_ENV
@@ -167,6 +167,9 @@ def check_bundle(config: ServeConfig) -> None:
 
         check_onnx(config.bundle, meta)
         onnx_providers(device, required=config.device != "auto")
+        if config.precision == "int8" and meta.int8 is None:
+            raise BundleError(f"bundle {config.bundle} has no INT8 graph, which --precision int8 needs",
+                              hint="export it with `tagmill export RUN --out BUNDLE --int8`, or leave --precision out")
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -7,21 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from tagmill.cli import app
 from tagmill.errors import InputError, StorageError
+from tests.cli import run
 from tests.conftest import make_colour_classes
 
-runner = CliRunner()
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
         "--workers", "0", "--frozen-epochs", "1", "--epochs", "1", "--cache-views", "1"]
-
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "300"})
-    assert result.exit_code == code, result.output
-    return result
 
 
 def saved(run_dir: Path) -> dict:

@@ -46,10 +46,11 @@ class _Session(torch.nn.Module):
         from tagmill.bundle.onnx_export import make_session
 
         self.session = make_session(graph)
-        self.input = self.session.get_inputs()[0].name
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: images.numpy()})[0])
+        from tagmill.bundle.onnx_export import run_session
+
+        return run_session(self.session, images)
 
 
 def calibration_batches(dataset: str, meta: BundleMeta, count: int, *, seed: int = 0) -> list[np.ndarray]:
@@ -74,11 +75,11 @@ def quantize_graph(graph: bytes, batches: list[np.ndarray]) -> bytes:
     """``graph`` statically quantized to INT8 (QDQ), ranges from ``batches``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    name = _Session(graph).input
+    from tagmill.bundle.onnx_export import INPUT_NAME
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.left: Iterator[dict[str, np.ndarray]] = iter({name: b} for b in batches)
+            self.left: Iterator[dict[str, np.ndarray]] = iter({INPUT_NAME: b} for b in batches)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.left, None)

@@ -57,8 +57,9 @@ def ids_of(dataset: str, manifest: Manifest, keys: list[str]) -> dict[str, str]:
 #: validation rows, and their cosines), whatever the split sizes. A budget rather than
 #: row counts: a whole normalised train split plus 1,024 validation rows' cosines against
 #: it grew ~7 KB per training image (848 features, bench/scale_data.py: ~1.6 GB at 225k),
-#: and a wider feature vector would scale fixed rows too. 64 MB still gives blocks of a few thousand rows a side (~1,700
-#: at 4,000 features), products large enough to keep the cores busy.
+#: and a wider feature vector would scale fixed rows too. 64 MB still gives blocks of a
+#: few thousand rows a side (~1,700 at 4,000 features), products large enough to keep
+#: the cores busy.
 LEAK_BUDGET_BYTES = 64 << 20
 
 

@@ -100,6 +100,14 @@ class Population:
     std: Tensor  #: (D,) the one overall scale over all N rows
 
 
+def fits_on_a_sample(task: Objective, rows: int, dim: int, *, views: int = 1) -> bool:
+    """Whether ``fit_head(final=False)`` over ``rows`` training images can be handed only
+    their ``cv_rows`` and a ``Population``: multi-label (a single-label fold check counts
+    every class over all rows), more rows than cross-validation draws, and too many rows
+    to project onto their span (that basis needs every row)."""
+    return not task.single and rows > CV_MAX_IMAGES and rows * views > PROJECT_BELOW * dim
+
+
 def fit_head(
     views: list[Tensor],
     targets: Tensor,
@@ -124,8 +132,10 @@ def fit_head(
     class over all rows, and the final fit reads every row."""
     device = device or torch.device("cpu")
     rows = population.rows if population is not None else len(targets)
-    if population is not None and (task.single or final or rows <= CV_MAX_IMAGES or len(targets) != CV_MAX_IMAGES):
-        raise ValueError("fit_head(population=...) takes the CV_MAX_IMAGES rows drawn from a larger multi-label set, final=False")
+    if population is not None and (final or len(targets) != CV_MAX_IMAGES
+                                   or not fits_on_a_sample(task, rows, views[0].shape[1], views=len(views))):
+        raise ValueError("fit_head(population=...) takes the CV_MAX_IMAGES rows drawn from a larger multi-label set "
+                         "of more rows than features can span, final=False")
     size = rows * len(views) * views[0].shape[1] * task.num_outputs(targets)  # as for all the rows: same threads, same sums
     threads = 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
     with _threads(threads):
@@ -144,10 +154,8 @@ def _fit_head(
     targets = targets.to(device)
     num_classes = task.num_outputs(targets)
     dim = views[0].shape[1]
-    if population is not None:
+    if population is not None:  # fits_on_a_sample: too many rows to project onto their span
         mean, std = population.mean.to(device, torch.float32), population.std.to(device, torch.float32)
-        if population.rows * len(views) <= PROJECT_BELOW * dim:  # only past 40,000 features: the basis needs every row
-            raise ValueError(f"fit_head(population=...) cannot project {population.rows} rows of {dim} features onto their span")
         basis = None
     else:
         mean, std = _moments(views)
@@ -466,5 +474,5 @@ def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit:
 
 __all__ = [
     "CV_MAX_IMAGES", "FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "Population", "RunningMoments", "choose_folds", "cv_rows",
-    "fit_head", "out_of_fold_probabilities",
+    "fit_head", "fits_on_a_sample", "out_of_fold_probabilities",
 ]

@@ -754,15 +754,14 @@ class _Run:
 
         count = self.manifest.split("train").count
         dim = getattr(head(self.model), "in_features", None)
-        # a fit on the rows' span (few rows, many features) needs every row
-        sampled = dim is not None and count > head_fit.CV_MAX_IMAGES and count > head_fit.PROJECT_BELOW * dim
+        sampled = dim is not None and head_fit.fits_on_a_sample(self.objective, count, dim)
         extract = dict(device=self.device, precision=self.config.precision, channels_last=self.config.channels_last,
                        progress=self.progress, description="training features for threshold tuning")
 
         def loader() -> DataLoader:
             return self._loader("train", eval_transform(self.preprocess), shuffle=False, across_ranks=False)
 
-        if sampled and not self.objective.single:
+        if sampled:
             sample = extract_sample(self.model, loader(), head_fit.cv_rows(count, self.config.seed), **extract)
             if sample is not None:
                 kept, moments = sample

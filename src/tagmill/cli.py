@@ -145,6 +145,7 @@ def import_command(
     label_format: Annotated[str, typer.Option(help=".lst/.rec with several labels: auto | index | onehot.")] = "auto",
     multi_label: Annotated[Optional[bool], typer.Option("--multi-label/--single-label", help="Force the task (default: inferred).")] = None,
     val_from: Annotated[Optional[str], typer.Option(help="A second source, same format, used as the validation set.")] = None,
+    val_images: Annotated[Optional[str], typer.Option(help="Folder holding --val-from's images, where it is not --images.")] = None,
     val_list: Annotated[Optional[str], typer.Option(help="Text file of ids (one per line) forming the validation set.")] = None,
     derive: Annotated[Optional[list[str]], typer.Option(help="Label rule, e.g. 'thriller = Thriller & Crime & ~Romance'; repeatable.")] = None,
     otherwise: Annotated[str, typer.Option(help="With one --derive rule: the name of the negative class.")] = "other",
@@ -196,6 +197,7 @@ def import_command(
         source=source_options,
         format=fmt,
         val_source=val_from,
+        val_images=val_images,
         val_list=val_list,
         derive=tuple(derive or ()),
         otherwise=otherwise,
@@ -611,6 +613,48 @@ def demo(
     from tagmill.demo import run_demo
 
     run_demo(workdir, out, err, serve_port=None if no_serve else port)
+
+
+sagemaker_app = typer.Typer(
+    help="SageMaker's container contract (the image's `train` and `serve`): the job's files under --root.",
+    no_args_is_help=True,
+)
+app.add_typer(sagemaker_app, name="sagemaker")
+
+
+@sagemaker_app.command("train")
+def sagemaker_train(
+    root: Annotated[str, typer.Option(help="SageMaker's folder (input/, model/, output/).")] = "/opt/ml",
+) -> None:
+    """Import the job's channels, train with its hyperparameters, write the bundle to ROOT/model;
+    on any failure, the reason goes to ROOT/output/failure and the exit code is non-zero."""
+    from tagmill.sagemaker_container import run_training, write_failure
+
+    try:
+        run_training(root, log=lambda line: out.print(line, highlight=False, markup=False))
+    except Exception as exc:  # every failure, tagmill's or not, must reach output/failure
+        if isinstance(exc, TagmillError):
+            _report(exc)
+        code = write_failure(root, exc)
+        if not isinstance(exc, TagmillError):
+            raise
+        raise typer.Exit(code) from None
+
+
+@sagemaker_app.command("serve")
+@reports_errors
+def sagemaker_serve(
+    root: Annotated[str, typer.Option(help="SageMaker's folder: the bundle is ROOT/model.")] = "/opt/ml",
+) -> None:
+    """Serve ROOT/model on port 8080 (SAGEMAKER_BIND_TO_PORT), all addresses; workers from
+    SAGEMAKER_MODEL_SERVER_WORKERS; the onnx backend when the bundle has model.onnx."""
+    from tagmill.sagemaker_container import serve_config
+    from tagmill.serve.server import run_server
+
+    config = serve_config(root)
+    out.print(f"serving {config.bundle} on port {config.port} ({config.backend}, {config.workers} worker(s))",
+              highlight=False)
+    run_server(config)
 
 
 def main() -> None:

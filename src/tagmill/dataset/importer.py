@@ -66,6 +66,9 @@ class ImportOptions:
     format: str = "auto"
     #: a second source, of the same format, that is the validation set (train.lst + val.lst)
     val_source: str | None = None
+    #: the folder holding ``val_source``'s images, where it is not the train source's
+    #: (SageMaker's ``validation`` channel beside ``train``; default: ``source.images``)
+    val_images: str | None = None
     #: a text file of ids (one per line) that form the validation set
     val_list: str | None = None
     derive: tuple[str, ...] = ()
@@ -248,7 +251,8 @@ def _read_sources(source: str, options: ImportOptions) -> ReadResult:
     read = open_reader(source, options.source, options.format).read()
     if options.val_source is None:
         return read
-    val = open_reader(options.val_source, options.source, options.format).read()
+    val_options = replace(options.source, images=options.val_images) if options.val_images else options.source
+    val = open_reader(options.val_source, val_options, options.format).read()
     val_records = [replace(r, id=f"val/{r.id}", split="val") for r in val.records]
     classes = read.classes
     if classes is not None and val.classes is not None:

@@ -90,6 +90,11 @@ class Predictor:
         self.meta = meta
         self.backend = backend
         self.precision = "fp32"  #: which graph or weights run: "fp32", or "int8" (set by from_bundle)
+        #: the bundle it was loaded from (set by from_bundle): explanations read its torch weights
+        #: when the backend is ONNX (``bundle/explain.py``)
+        self.location: str | None = None
+        #: the torch module of the torch backend (None for ONNX), for explanations
+        self.torch_model: torch.nn.Module | None = model if backend == "torch" else None
         self.batch_size = batch_size
         self.transform = eval_transform(meta.preprocess)
         self._shrink_to = _decode_size(meta.preprocess)
@@ -129,6 +134,7 @@ class Predictor:
             model, meta = load_bundle(location, device=resolve_device(str(device)))
         predictor = cls(model, meta, backend=backend, device=device, intra_op_threads=intra_op_threads,
                         batch_size=batch_size)
+        predictor.location = location
         if int8:
             predictor.precision = "int8"
             predictor.runs_on += ", INT8 graph"

@@ -479,6 +479,7 @@ def predict(
     device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     nproc: Annotated[int, typer.Option(help="Processes to spread the work over (output order is unchanged).")] = 1,
+    explain_dir: Annotated[Optional[str], typer.Option("--explain", help="Also write a Grad-CAM heatmap overlay PNG per image and explained class (the top class; each predicted tag) to this folder. Needs tagmill[explain].")] = None,
 ) -> None:
     """Predict classes or tags for images; unreadable files are reported, not fatal."""
     import itertools
@@ -489,9 +490,13 @@ def predict(
     from tagmill.summaries import prediction_table
 
     meta = read_meta(bundle)
+    if explain_dir:
+        from tagmill.bundle.explain import require_grad_cam
+
+        require_grad_cam()  # before any work
     settings = Settings(bundle, backend, top_k, threshold, batch_size, device, precision)
     predictor = None
-    if nproc == 1:  # loaded here, so the user is told what it runs on
+    if nproc == 1 or explain_dir:  # loaded here, so the user is told what it runs on
         from tagmill.bundle.predictor import Predictor
 
         predictor = Predictor.from_bundle(bundle, backend=backend, device=device, precision=precision)
@@ -518,6 +523,41 @@ def predict(
         out.print(prediction_table(shown, multi=meta.task == "multi", hidden=hidden))
     if failed:
         err.print(f"[yellow]{failed:,} inputs could not be read[/] (see the error column)")
+    if explain_dir and predictor is not None:
+        from tagmill.bundle.explain import explain_paths
+
+        summary = explain_paths(predictor, paths, explain_dir, split=split, progress=RichProgress(err))
+        out.print(f"{len(summary.written):,} heatmaps → [bold]{explain_dir}[/]", highlight=False)
+        for name, why in summary.failed:
+            err.print(f"[yellow]not explained:[/] {escape(name)}: {escape(why)}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def suggest(
+    bundle: Annotated[str, typer.Argument(help="A model bundle (from `tagmill export`).")],
+    paths: Annotated[list[str], typer.Argument(help="Unlabelled images: files, folders, packed datasets or URLs.")],
+    out_csv: Annotated[str, typer.Option("--out", "-o", help="The CSV to write (`tagmill import` reads it back); the chosen images are copied into <name>_images/ beside it.")],
+    count: Annotated[int, typer.Option(help="How many images to suggest.")] = 100,
+    split: Annotated[Optional[str], typer.Option(help="For packed datasets: only this split.")] = None,
+    device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the diversity step's clustering.")] = 0,
+) -> None:
+    """Choose the unlabelled images whose labels would help the model most: uncertain, and unlike each other."""
+    from tagmill.bundle.predictor import Predictor
+    from tagmill.bundle.suggest import import_hint, suggest as rank, write_suggestions
+    from tagmill.progress import RichProgress
+
+    predictor = Predictor.from_bundle(bundle, device=device, batch_size=batch_size)
+    found = rank(predictor, paths, count, split=split, seed=seed, progress=RichProgress(err))
+    for name, why in found.skipped:
+        err.print(f"[yellow]skipped:[/] {escape(name)}: {escape(why)}", highlight=False)
+    multi = predictor.meta.multilabel
+    folder = write_suggestions(found, out_csv, paths, split=split, multilabel=multi)
+    out.print(f"{len(found.names):,} of {found.considered:,} images suggested → [bold]{out_csv}[/] (images in {folder})"
+              + (f"; {len(found.skipped):,} unreadable skipped" if found.skipped else ""), highlight=False)
+    out.print(f"correct the labels column, then: {escape(import_hint(out_csv, multilabel=multi))}", highlight=False)
 
 
 @app.command()

@@ -304,6 +304,17 @@ def explain_to_folder(predictor: Predictor, inputs: Iterator[tuple[str, bytes | 
     return summary
 
 
+def explain_paths(predictor: Predictor, paths: list[str], out: str, *, split: str | None = None,
+                  progress: Progress = SILENT) -> ExplainSummary:
+    """``explain_to_folder`` over what ``tagmill predict`` reads from ``paths`` (files,
+    folders, packed datasets, URLs), in the same order."""
+    from tagmill.bundle.batch_predict import _inputs, plan
+
+    tasks = plan(paths, split)
+    inputs = (item for task in tasks for item in _inputs(task))
+    return explain_to_folder(predictor, inputs, out, total=sum(t.size for t in tasks), progress=progress)
+
+
 def _stem(name: str) -> str:
     base = name.rsplit(":", 1)[-1] if "://" not in name else name  # "DATASET:id" -> "id"
     base = base.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
@@ -315,4 +326,4 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "x"
 
 
-__all__ = ["Explanation", "ExplainSummary", "Heatmap", "explain", "explain_to_folder", "require_grad_cam", "target_layer"]
+__all__ = ["Explanation", "ExplainSummary", "Heatmap", "explain", "explain_paths", "explain_to_folder", "require_grad_cam", "target_layer"]

@@ -1,0 +1,317 @@
+"""What to label next: unlabelled images ranked by how much a label would teach the model.
+
+Two things make an image worth a person's time (``choose``):
+
+- **uncertainty** — single-label: the margin between the two most probable classes
+  (``1 - (p1 - p2)``: a coin toss between two classes scores 1); multi-label: how close
+  the tag nearest its decision threshold is to it (1 at the bundle's threshold, 0 at
+  certainty either way, the distance scaled by the room on that side of the threshold);
+- **diversity** — the N most uncertain images are often N views of one confusing kind
+  of picture (or copies of one image). So the ``POOL_FACTOR`` × N most uncertain are
+  clustered into N groups in backbone-feature space (k-means weighted by uncertainty,
+  as Zhdanov's "diverse mini-batch active learning", 2019) and each group gives its most
+  uncertain member.
+
+``suggest`` runs this over what ``tagmill predict`` reads (files, folders, packed
+datasets, URLs; ``batch_predict``'s input handling), and ``write_suggestions`` writes a
+CSV that ``tagmill import`` reads back — ``id`` (the copied image, beside the CSV),
+``labels`` (the model's guess, for a person to correct), then ``confidence``,
+``priority`` and ``source`` columns the importer ignores — with the chosen images
+copied into a folder next to it, so the file is a self-contained labelling job.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tagmill import storage
+from tagmill.bundle.batch_predict import WorkItem, _inputs, plan
+from tagmill.bundle.predictor import Predictor
+from tagmill.errors import InputError, UnreadableImageError
+from tagmill.formats.base import has_image_extension
+from tagmill.progress import SILENT, Progress
+
+#: how many times N of the most uncertain images the diversity step clusters. Chosen on
+#: bench/active.py's development split (Fashion-MNIST train images; the reported numbers
+#: are on the t10k images): see bench/README.md, "active learning"
+POOL_FACTOR = 10
+#: the features are projected onto their top principal directions before clustering:
+#: k-means distances over ~4,000 pooled features would cost 30x more for the same groups
+PROJECTED_DIMS = 128
+#: Lloyd iterations of the k-means; it settles in far fewer on a few thousand points
+KMEANS_ITERATIONS = 25
+#: the labels separator written for multi-label guesses (``tagmill import --tag-sep``)
+TAG_SEPARATOR = "|"
+
+
+# --- the ranking ------------------------------------------------------------------
+
+
+def uncertainty(probabilities: np.ndarray, task: str, thresholds: tuple[float, ...] | None = None) -> np.ndarray:
+    """(N, C) probabilities -> (N,) uncertainty in [0, 1] (see the module docstring)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        return np.zeros(p.shape[0] if p.ndim else 0)
+    if task == "single":
+        if p.shape[1] < 2:
+            return np.zeros(len(p))
+        top2 = -np.sort(-p, axis=1)[:, :2]
+        return 1.0 - (top2[:, 0] - top2[:, 1])
+    t = np.asarray(thresholds if thresholds is not None else (0.5,) * p.shape[1], dtype=np.float64)[None, :]
+    room = np.where(p < t, t, 1.0 - t)  # how far certainty lies on this side of the threshold
+    closeness = 1.0 - np.abs(p - t) / np.maximum(room, 1e-6)
+    return closeness.clip(0.0, 1.0).max(axis=1)
+
+
+def choose(
+    probabilities: np.ndarray,
+    features: np.ndarray,
+    count: int,
+    *,
+    task: str,
+    thresholds: tuple[float, ...] | None = None,
+    pool_factor: int = POOL_FACTOR,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` rows to label next, most uncertain first, and every row's uncertainty.
+
+    ``probabilities`` (N, C) are the model's; ``features`` (N, D) its backbone's pooled
+    features for the same rows. ``pool_factor`` 1 is plain uncertainty sampling."""
+    if count < 1:
+        raise InputError(f"--count must be at least 1, not {count}")
+    scores = uncertainty(probabilities, task, thresholds)
+    n = len(scores)
+    # stable: equal scores keep input order, so the choice never depends on sort internals
+    by_uncertainty = np.argsort(-scores, kind="stable")
+    if count >= n:
+        return by_uncertainty, scores
+    pool = by_uncertainty[: min(n, max(count, pool_factor * count))]
+    if len(pool) == count:
+        return pool, scores
+    x = _projected(np.asarray(features, dtype=np.float32)[pool])  # (P, d)
+    groups = _weighted_kmeans(x, scores[pool], count, seed)  # (P,) group of each pool row
+    picked = []
+    for group in range(count):
+        members = np.flatnonzero(groups == group)
+        if len(members):
+            picked.append(pool[members[np.argmax(scores[pool][members])]])
+    chosen = set(picked)
+    # an empty group (k-means may leave one) is made up by the next most uncertain rows
+    picked += [row for row in pool if row not in chosen][: count - len(picked)]
+    picked_array = np.array(picked)
+    return picked_array[np.argsort(-scores[picked_array], kind="stable")], scores
+
+
+def _projected(x: np.ndarray) -> np.ndarray:
+    """Rows normalised to unit length (a feature vector's direction is what the head
+    reads), centred, then onto their top ``PROJECTED_DIMS`` principal directions."""
+    t = torch.from_numpy(x)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    t = t - t.mean(0)
+    if t.shape[1] > PROJECTED_DIMS and t.shape[0] > PROJECTED_DIMS:
+        _, _, v = torch.linalg.svd(t, full_matrices=False)  # (r, D) right singular vectors
+        t = t @ v[:PROJECTED_DIMS].T  # (P, PROJECTED_DIMS)
+    return t.numpy()
+
+
+def _weighted_kmeans(x: np.ndarray, weights: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Group labels (N,) of a k-means of ``x`` (N, d), each row pulling its centre by its
+    weight; k-means++ seeding drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    points = torch.from_numpy(x).double()
+    w = torch.from_numpy(np.maximum(weights, 1e-6)).double()
+    centres = [int(rng.integers(len(x)))]
+    nearest = ((points - points[centres[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        chances = (nearest * w).numpy()
+        total = chances.sum()
+        new = int(rng.choice(len(x), p=chances / total)) if total > 0 else int(rng.integers(len(x)))
+        centres.append(new)
+        nearest = torch.minimum(nearest, ((points - points[new]) ** 2).sum(1))
+    c = points[centres].clone()  # (k, d)
+    groups = torch.zeros(len(x), dtype=torch.long)
+    for step in range(KMEANS_ITERATIONS):
+        distances = (points * points).sum(1, keepdim=True) - 2 * points @ c.T + (c * c).sum(1)[None, :]  # (N, k)
+        new_groups = distances.argmin(1)
+        if step and torch.equal(new_groups, groups):
+            break
+        groups = new_groups
+        mass = torch.zeros(k, dtype=torch.float64).index_add_(0, groups, w)
+        sums = torch.zeros_like(c).index_add_(0, groups, points * w[:, None])
+        filled = mass > 0
+        c[filled] = sums[filled] / mass[filled, None]
+    return groups.numpy()
+
+
+# --- over files, folders and datasets ---------------------------------------------
+
+
+@dataclass
+class Suggestions:
+    names: list[str]  #: the chosen inputs, most worth labelling first
+    guesses: list[list[str]]  #: the model's labels for each (top class, or tags at their thresholds)
+    confidence: list[float]  #: the model's probability of its top class for each
+    priority: list[float]  #: each one's uncertainty (see ``uncertainty``)
+    considered: int  #: readable inputs ranked
+    skipped: list[tuple[str, str]] = field(default_factory=list)  #: (input, why) of unreadable inputs
+
+
+def suggest(
+    predictor: Predictor,
+    paths: list[str],
+    count: int,
+    *,
+    split: str | None = None,
+    pool_factor: int = POOL_FACTOR,
+    seed: int = 0,
+    progress: Progress = SILENT,
+) -> Suggestions:
+    """Rank every readable image of ``paths`` and choose ``count`` (see ``choose``).
+    ``predictor`` must run the torch backend: the ranking needs the backbone's features
+    beside the probabilities, from one forward pass."""
+    if count < 1:
+        raise InputError(f"--count must be at least 1, not {count}")
+    model = predictor.torch_model
+    if model is None:
+        raise InputError("suggest needs the bundle's torch weights (the torch backend)")
+    tasks = plan(paths, split)
+    names: list[str] = []
+    probabilities, features = [], []
+    skipped: list[tuple[str, str]] = []
+    with progress.task("ranking", sum(t.size for t in tasks)) as advance:
+        for batch in _batches(_readable(tasks, skipped, advance, predictor), predictor.batch_size):
+            logits, pooled = _forward(model, torch.stack([x for _, x in batch]))
+            probabilities.append(predictor.probabilities(logits).numpy())
+            features.append(pooled.numpy())
+            names += [name for name, _ in batch]
+            advance(len(batch))
+    if not names:
+        raise InputError("no readable image to rank", hint=f"{len(skipped)} inputs could not be read")
+    probs = np.concatenate(probabilities)
+    meta = predictor.meta
+    chosen, scores = choose(probs, np.concatenate(features), count, task=meta.task, thresholds=meta.thresholds,
+                            pool_factor=pool_factor, seed=seed)
+    guesses = [[meta.classes[int(probs[row].argmax())]] if meta.task == "single"
+               else _tags(probs[row], meta.classes, meta.thresholds) for row in chosen]
+    return Suggestions([names[i] for i in chosen], guesses, [float(probs[i].max()) for i in chosen],
+                       [float(scores[i]) for i in chosen], len(names), skipped)
+
+
+def _tags(p: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...] | None) -> list[str]:
+    limits = thresholds or (0.5,) * len(classes)
+    return [c for c, value, t in zip(classes, p.tolist(), limits, strict=True) if value >= t]
+
+
+def _readable(tasks: list[WorkItem], skipped: list[tuple[str, str]], advance, predictor: Predictor
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+    for task in tasks:
+        for name, data, error in _inputs(task):
+            try:
+                if data is None:
+                    raise UnreadableImageError(error or "unreadable")
+                yield name, predictor.preprocess(data)  # (3, S, S)
+            except UnreadableImageError as exc:
+                skipped.append((name, exc.message))
+                advance(1)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def _forward(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) -> logits (B, C) and pooled features (B, D), from one backbone pass."""
+    from tagmill.models import forward_features_pooled, head
+
+    param = next(model.parameters())
+    pooled = forward_features_pooled(model, batch.to(param.device, param.dtype))  # (B, D)
+    return head(model)(pooled).float().cpu(), pooled.float().cpu()
+
+
+# --- the labelling job on disk -----------------------------------------------------
+
+
+def write_suggestions(found: Suggestions, location: str, paths: list[str], *, split: str | None = None,
+                      multilabel: bool) -> str:
+    """Write the CSV at ``location`` and copy the chosen images into ``<stem>_images/``
+    beside it (ids are paths relative to the CSV's folder, as ``tagmill import`` reads
+    them); returns the images folder. Every file is written atomically; the CSV last."""
+    folder_name = storage.basename(location).rsplit(".", 1)[0] + "_images"
+    parent = location[: len(location) - len(storage.basename(location))].rstrip("/\\") or "."
+    folder = storage.join(parent, folder_name)
+    storage.makedirs(folder)
+    wanted = {name: rank for rank, name in enumerate(found.names)}
+    ids: dict[str, str] = {}
+    for name, data in _fetch(plan(paths, split), wanted):
+        file_name = f"{wanted[name] + 1:05d}_{_file_name(name, data)}"
+        storage.write_bytes(storage.join(folder, file_name), data)
+        ids[name] = f"{folder_name}/{file_name}"
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["id", "labels", "confidence", "priority", "source"])
+    separator = TAG_SEPARATOR if multilabel else ""
+    for name, guess, confidence, priority in zip(found.names, found.guesses, found.confidence, found.priority,
+                                                  strict=True):
+        if name in ids:
+            writer.writerow([ids[name], separator.join(guess) if multilabel else guess[0], f"{confidence:.4f}",
+                             f"{priority:.4f}", name])
+    storage.write_bytes(location, text.getvalue().encode("utf-8"))
+    return folder
+
+
+def _fetch(tasks: list[WorkItem], wanted: dict[str, int]) -> Iterator[tuple[str, bytes]]:
+    """The bytes of the ``wanted`` inputs: files read one by one, shards only when they hold one."""
+    for task in tasks:
+        if task.kind == "files":
+            for location in task.items:
+                if location in wanted:
+                    yield location, storage.read_bytes(location)
+        elif any(name.startswith(f"{task.dataset}:") for name in wanted):
+            for name, data, _ in _inputs(task):
+                if name in wanted and data is not None:
+                    yield name, data
+
+
+def _file_name(name: str, data: bytes) -> str:
+    """A safe file name for an input, keeping its image extension (or the format its
+    bytes are in, for a dataset id or URL without one)."""
+    base = name.rsplit(":", 1)[-1] if "://" not in name else name
+    base = base.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:80] or "image"
+    if has_image_extension(base):
+        return base
+    return f"{base}.{_format_of(data)}"
+
+
+def _format_of(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (image.format or "png").lower().replace("jpeg", "jpg")
+    except Exception:  # noqa: BLE001 - it was readable when ranked; any name will do
+        return "img"
+
+
+def import_hint(location: str, *, multilabel: bool) -> str:
+    """The ``tagmill import`` command that reads the labelled CSV back."""
+    task = f"--multi-label --tag-sep '{TAG_SEPARATOR}'" if multilabel else "--single-label"
+    return f"tagmill import {location} {task} --out DATASET"
+
+
+__all__ = ["POOL_FACTOR", "Suggestions", "choose", "import_hint", "suggest", "uncertainty", "write_suggestions"]

@@ -32,24 +32,26 @@ SIZE = 48
 READY_TIMEOUT_S = 60.0
 
 
-def build_bundle(root: Path, *, task: str = "single") -> str:
+def build_bundle(root: Path, *, task: str = "single", seed: int = 0, size: int = SIZE,
+                 classes: tuple[str, ...] = CLASSES, name: str = "bundle") -> str:
     """A test_efficientnet bundle whose scores depend clearly on the image: a random
-    timm head gives near-equal probabilities, so its weights are scaled up."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES)).eval()
+    timm head gives near-equal probabilities, so its weights are scaled up. Another
+    ``seed`` gives other weights, so another model version."""
+    torch.manual_seed(seed)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(classes)).eval()
     with torch.no_grad():
         model.get_classifier().weight.mul_(300.0)
     meta = BundleMeta(
         architecture="test_efficientnet",
         task=task,
-        classes=CLASSES,
-        preprocess=Preprocess(input_size=SIZE),
-        thresholds=(0.6, 0.5, 0.4) if task == "multi" else None,
+        classes=classes,
+        preprocess=Preprocess(input_size=size),
+        thresholds=(0.6, 0.5, 0.4) if task == "multi" and classes == CLASSES else None,
         default_top_k=2,
         metrics={"accuracy": 0.75, "split": "val"},
     )
-    location = save_bundle(str(root / "bundle"), model, meta)
-    examples = root / "bundle" / "examples"
+    location = save_bundle(str(root / name), model, meta)
+    examples = root / name / "examples"
     images.write(examples / "red-cat.jpg", images.jpeg_bytes(64, 48, seed=11))
     images.write(examples / "owl.png", images.png_bytes(40, 40, seed=12))
     images.write(examples / "notes.txt", b"not an example image")

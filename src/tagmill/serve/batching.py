@@ -15,6 +15,10 @@ The model thread waits for more requests (at most ``max_wait_ms``) only while ot
 admitted requests are still being decoded: a lone request at concurrency 1 never
 waits, and under load batches fill without a fixed delay.
 
+Each request is decoded for, and run by, the model that was served when it was
+admitted: after a swap (``models.py``) the requests already admitted finish on the old
+model, and a forward pass never mixes the two.
+
 The model runs in one dedicated thread, which also loads it and sets the torch
 thread count there; other threads only decode. (On a 2-core CPU a model with 2
 threads next to busy Python threads runs at half speed; one thread per worker
@@ -46,6 +50,7 @@ class Job:
     """One request's images, waiting for the model."""
 
     images: torch.Tensor  #: (n, 3, S, S)
+    predictor: Predictor  #: the model the images were preprocessed for, which runs them
     top_k: int
     thresholds: list[float] | None
     future: concurrent.futures.Future[list[Prediction]] = field(default_factory=concurrent.futures.Future)
@@ -62,8 +67,13 @@ class Slot:
         self._batcher = batcher
         self.submitted = False
 
-    def submit(self, images: torch.Tensor, top_k: int, thresholds: list[float] | None) -> concurrent.futures.Future[list[Prediction]]:
-        job = Job(images, top_k, thresholds)
+    def submit(self, images: torch.Tensor, top_k: int, thresholds: list[float] | None, *,
+               predictor: Predictor | None = None) -> concurrent.futures.Future[list[Prediction]]:
+        """Queue the decoded images (n, 3, S, S) for ``predictor`` (default: the served one)."""
+        model = predictor if predictor is not None else self._batcher.predictor
+        if model is None:
+            raise NotReadyError("the model is still loading")
+        job = Job(images, model, top_k, thresholds)
         self._batcher._enqueue(job)
         self.submitted = True
         return job.future
@@ -134,6 +144,11 @@ class Batcher:
     def waiting(self) -> int:
         return self._waiting
 
+    def swap(self, predictor: Predictor) -> None:
+        """Serve ``predictor`` from now on; requests already submitted keep their own."""
+        with self._cond:
+            self.predictor = predictor
+
     # --- the request side (event loop) --------------------------------------------
 
     @contextmanager
@@ -193,7 +208,7 @@ class Batcher:
             jobs = self._next_batch()
             if not jobs:
                 return
-            self._run(self.predictor, jobs)
+            self._run(jobs[0].predictor, jobs)
 
     def _next_batch(self) -> list[Job]:
         """Block until a request is queued, then gather a batch. Empty list: stop."""
@@ -210,7 +225,10 @@ class Batcher:
                 self._cond.wait(remaining)
             jobs = [self._queue.popleft()]
             total = jobs[0].size  # a request larger than max_batch runs alone (in chunks)
-            while self._queue and total + self._queue[0].size <= self.max_batch:
+            # one model per forward pass: requests for the model swapped out come first
+            # (they were queued first) and are not mixed with the new model's
+            while (self._queue and self._queue[0].predictor is jobs[0].predictor
+                   and total + self._queue[0].size <= self.max_batch):
                 total += self._queue[0].size
                 jobs.append(self._queue.popleft())
             self._waiting -= len(jobs)

@@ -7,6 +7,7 @@ object to every worker process as JSON (see ``server.py``).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -62,10 +63,18 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     log_level: str = "info"
     access_log: bool = False  #: one log line per request (the metrics count them anyway)
+    #: the name the Open Inference Protocol routes (``/v2/models/{name}``) answer to.
+    #: Default: the bundle directory's name at start-up, kept when the model is swapped
+    #: (clients address the endpoint, not the bundle that serves it)
+    model_name: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.bundle, str) or not self.bundle:
             raise InputError("a bundle location is needed")
+        if self.model_name is None:
+            object.__setattr__(self, "model_name", bundle_name(self.bundle))
+        if not isinstance(self.model_name, str) or not self.model_name.strip() or "/" in self.model_name:
+            raise InputError(f"the model name must be a non-empty name without '/', not {self.model_name!r}")
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
@@ -105,6 +114,11 @@ class ServeConfig:
         data: dict[str, Any] = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def bundle_name(location: str) -> str:
+    """A bundle's name: the last part of its path or URL."""
+    return os.path.basename(location.rstrip("/")) or location
 
 
 def _positive_int(name: str, value: object, *, upper: int | None = None, allow_zero: bool = False) -> None:

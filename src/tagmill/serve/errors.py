@@ -16,6 +16,32 @@ class UnauthorizedError(InputError):
     http_status = 401
 
 
+class ForbiddenError(InputError):
+    """The route is closed on this server (the admin route of a server without an API key)."""
+
+    http_status = 403
+
+
+class ModelNotFoundError(InputError):
+    """The Open Inference Protocol names a model (or version) this server does not serve."""
+
+    http_status = 404
+
+
+class BundleRefusedError(InputError):
+    """A running server was asked to switch to a bundle it cannot load or check; the
+    served model keeps answering. (At start-up the same faults are a BundleError.)"""
+
+    http_status = 422
+
+
+class IncompatibleBundleError(BundleRefusedError):
+    """The new bundle loads, but its answers would mean something else to the server's
+    clients (other classes, another task)."""
+
+    http_status = 409
+
+
 class NotAcceptableError(InputError):
     """The client accepts none of the answer formats the route can give."""
 
@@ -56,11 +82,23 @@ class NotReadyError(UnavailableError):
     """The model is still loading, failed to load, or the server is shutting down."""
 
 
+class SwapUnsupportedError(TagmillError):
+    """This server cannot swap its model: several workers under uvicorn's own supervisor
+    (no SO_REUSEPORT), which has no channel to tell every worker."""
+
+    http_status = 501
+
+
 __all__ = [
+    "BundleRefusedError",
+    "ForbiddenError",
+    "IncompatibleBundleError",
+    "ModelNotFoundError",
     "NotAcceptableError",
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "SwapUnsupportedError",
     "TooManyConnectionsError",
     "UnauthorizedError",
     "UnavailableError",

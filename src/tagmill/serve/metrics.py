@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, latency, batch sizes, queue depth.
+"""Prometheus metrics: requests, latency, batch sizes, queue depth, the served model version.
 
 Each app gets its own registry, so several apps in one process (tests) do not
 collide in prometheus_client's global one. With several uvicorn workers,
@@ -54,6 +54,27 @@ class ServeMetrics:
             "tagmill_queue_depth", "Requests admitted but not yet in a forward pass.",
             multiprocess_mode="livesum", registry=self.registry,
         )
+
+        # livesum: with several workers, how many serve each version (both show while a
+        # swap rolls over the workers; a version no longer served reads 0)
+        self.model_version = Gauge(
+            "tagmill_model_version", "Worker processes serving each model version (1 with one worker).",
+            ["version"], multiprocess_mode="livesum", registry=self.registry,
+        )
+        self.answers = Counter(
+            "tagmill_model_answers", "Prediction requests answered, by the model version that answered them.",
+            ["version"], registry=self.registry,
+        )
+        self.swaps = Counter(
+            "tagmill_model_swaps", "Requests to switch the served model, by outcome (swapped, unchanged, refused).",
+            ["outcome"], registry=self.registry,
+        )
+
+    def serving(self, version: str, previous: str | None = None) -> None:
+        """This process now serves ``version`` (instead of ``previous``)."""
+        if previous is not None and previous != version:
+            self.model_version.labels(previous).set(0)
+        self.model_version.labels(version).set(1)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

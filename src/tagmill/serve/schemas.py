@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from tagmill.serve.payloads import DOCUMENTED_IMAGE_TYPES, JSON_TYPE, JSONLINES_TYPE, MULTIPART_TYPE
 
@@ -50,12 +50,14 @@ class PredictAnswer(BaseModel):
     scores: dict[str, float] = Field(description="every class's probability")
     top: list[TopEntry] = Field(description="the top-k classes, most probable first")
     task: Literal["single", "multi"]
+    model_version: str = Field(description="the version of the model that answered")
 
 
 class ModelInfo(BaseModel):
     """What the web page shows about the served model."""
 
     name: str
+    version: str | None = Field(description="the served model's version; null until it is loaded")
     architecture: str
     task: Literal["single", "multi"]
     classes: list[str]
@@ -73,6 +75,31 @@ class ModelInfo(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class ReadyStatus(Status):
+    model: str = Field(description="the model's name on the Open Inference Protocol routes")
+    model_version: str = Field(description="the version of the model that answers (a hash of its model.json)")
+    bundle: str = Field(description="where the served bundle was loaded from")
+
+
+class SwapRequest(BaseModel):
+    """``POST /admin/model``: the bundle to serve from now on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(None, min_length=1, description="a bundle directory or URL on the server's side; "
+                                                                "left out: the served bundle's location, read again")
+    allow_class_change: bool = Field(False, description="accept a bundle with other classes or another task "
+                                                        "(clients reading probabilities by position would misread them)")
+
+
+class SwapAnswer(BaseModel):
+    status: Literal["swapped", "unchanged"]
+    version: str = Field(description="the version now served")
+    previous_version: str
+    bundle: str
+    workers: int = Field(description="worker processes serving the version")
 
 
 # --- request bodies (FastAPI cannot infer them: the routes read the raw body) -------
@@ -127,11 +154,15 @@ INVOCATION_OK: dict[str, Any] = {
 _DESCRIPTIONS = {
     400: "Malformed request: empty body, bad JSON or base64, bad query value",
     401: "Missing or wrong API key",
+    403: "The admin routes are closed: the server runs without an API key",
     404: "Not found",
     406: "None of the Accept header's formats can be produced",
+    409: "The bundle's classes or task differ from the served model's",
     413: "Request body larger than the server's limit",
     415: "Content-Type the route does not read",
-    422: "The bytes are not a usable image (corrupt, truncated, decompression bomb)",
+    422: "The bytes are not a usable image (corrupt, truncated, decompression bomb); on /admin/model, "
+         "a bundle that cannot be loaded",
+    501: "This server cannot swap its model (several workers without SO_REUSEPORT)",
     503: "Model not ready, or the request queue is full; retry later",
 }
 

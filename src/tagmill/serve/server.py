@@ -40,10 +40,11 @@ import uvicorn
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tagmill.errors import BundleError, TagmillError
+from tagmill.errors import TagmillError
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import TooManyConnectionsError
 from tagmill.serve.metrics import MULTIPROC_ENV
+from tagmill.serve.models import check_bundle
 from tagmill.serve.workers import bind, reuseport_supported, run_workers
 
 # The model stack (torch, timm, onnxruntime, the app) is imported only where a process
@@ -153,25 +154,6 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
     }
 
 
-def check_bundle(config: ServeConfig) -> None:
-    """Fail with the bundle's own error (as ``predict`` would) before any port is bound
-    or worker started: model.json, and weights that are whole and readable."""
-    from tagmill.bundle.format import verify_bundle
-    from tagmill.serve.service import check_onnx
-    from tagmill.train.device import resolve_device
-
-    meta = verify_bundle(config.bundle)
-    device = resolve_device(config.device)  # a GPU asked for and absent: say so now
-    if config.backend == "onnx":
-        from tagmill.bundle.onnx_export import onnx_providers  # only the onnx backend needs it
-
-        check_onnx(config.bundle, meta)
-        onnx_providers(device, required=config.device != "auto")
-        if config.precision == "int8" and meta.int8 is None:
-            raise BundleError(f"bundle {config.bundle} has no INT8 graph, which --precision int8 needs",
-                              hint="export it with `tagmill export RUN --out BUNDLE --int8`, or leave --precision out")
-
-
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -210,7 +192,8 @@ def check_bundle_elsewhere(config: ServeConfig) -> None:
 
 
 def run_server(config: ServeConfig) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    """Serve until interrupted (Ctrl-C / SIGTERM). SIGHUP reads the bundle's location
+    again and swaps to what it holds now, if that is another version."""
     if config.workers == 1:
         check_bundle(config)  # this process is the worker: it loads the stack anyway
     else:
@@ -227,7 +210,7 @@ def run_server(config: ServeConfig) -> None:
         try:
             from tagmill.serve.app import create_app
 
-            uvicorn.run(create_app(config, exit_on_load_error=True), **options)
+            uvicorn.run(create_app(config, exit_on_load_error=True, reload_on_sighup=True), **options)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return

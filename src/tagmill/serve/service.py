@@ -1,7 +1,9 @@
-"""One worker's serving state: the bundle's metadata, the batcher, the decode pool.
+"""One worker's serving state: the served model, the batcher, the decode pool.
 
 The routes only parse and format; everything that touches images or the model goes
-through :meth:`Service.predict`.
+through :meth:`Service.predict`, which also says which model answered, and
+:meth:`Service.swap_to`, which replaces the model while requests keep being answered
+(``models.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +27,7 @@ from tagmill.serve.batching import Batcher
 from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
 from tagmill.serve.errors import NotReadyError
 from tagmill.serve.metrics import ServeMetrics
+from tagmill.serve.models import ServedModel, SwapOutcome, check_compatible, load_model, read_version
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +44,16 @@ class Service:
     ) -> None:
         self.config = config
         # model.json is read now, so a wrong bundle fails before the server binds a port
-        self.meta: BundleMeta = predictor.meta if predictor is not None else read_meta(config.bundle)
+        self._initial_meta: BundleMeta = predictor.meta if predictor is not None else read_meta(config.bundle)
         if predictor is None and config.backend == "onnx":
-            check_onnx(config.bundle, self.meta)
+            check_onnx(config.bundle, self._initial_meta)
         self.metrics = ServeMetrics()
         self.examples = find_examples(config.bundle)
+        #: the model new requests get; None until loaded
+        self._model: ServedModel | None = None
+        self._swap_lock = threading.Lock()  # one swap at a time; the next one waits
+        if predictor is not None:
+            self._serve(ServedModel.of(predictor, config.bundle))
         self.batcher = Batcher(
             (lambda: predictor) if predictor is not None else self._load,
             self.metrics,
@@ -68,8 +77,13 @@ class Service:
             precision=self.config.precision,
         )
         self.runs_on = predictor.runs_on
-        log.info("model loaded: %s, %s", self.meta.architecture, predictor.runs_on)
+        self._serve(ServedModel.of(predictor, self.config.bundle))
+        log.info("model loaded: %s, %s", predictor.meta.architecture, predictor.runs_on)
         return predictor
+
+    def _serve(self, model: ServedModel) -> None:
+        previous, self._model = self._model, model
+        self.metrics.serving(model.version, None if previous is None else previous.version)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -90,10 +104,21 @@ class Service:
     def ready(self) -> bool:
         return self.batcher.ready
 
-    def require_ready(self) -> Predictor:
-        predictor = self.batcher.predictor
-        if predictor is not None and self.batcher.ready:
-            return predictor
+    @property
+    def meta(self) -> BundleMeta:
+        """The served model's metadata (the configured bundle's until it is loaded)."""
+        model = self._model
+        return model.meta if model is not None else self._initial_meta
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The model new requests get; None until it is loaded."""
+        return self._model
+
+    def require_ready(self) -> ServedModel:
+        model = self._model
+        if model is not None and self.batcher.ready:
+            return model
         if self.batcher.load_error is not None:
             raise NotReadyError(f"the model failed to load: {self.batcher.load_error}", retry_after_s=60)
         raise NotReadyError("the model is still loading")
@@ -102,11 +127,14 @@ class Service:
 
     async def predict(
         self, images: Sequence[bytes], *, top_k: int | None = None, threshold: Threshold | None = None
-    ) -> list[Prediction]:
-        """Decode in the pool, then run in the next batch; one Prediction per image.
+    ) -> tuple[ServedModel, list[Prediction]]:
+        """Decode in the pool, then run in the next batch: the model that answered (the
+        one served when the request came, even if another was swapped in since) and
+        one Prediction per image.
 
         A bad image fails the whole request (UnreadableImageError, 422)."""
-        predictor = self.require_ready()
+        model = self.require_ready()
+        predictor = model.predictor
         pool = self._pool
         if pool is None:
             raise NotReadyError("the server is not started")
@@ -114,8 +142,45 @@ class Service:
         with self.batcher.reserve() as slot:
             loop = asyncio.get_running_loop()
             batch = await loop.run_in_executor(pool, _preprocess_all, predictor, images)
-            future = slot.submit(batch, k, thresholds)
-        return await asyncio.wrap_future(future)
+            future = slot.submit(batch, k, thresholds, predictor=predictor)
+        predictions = await asyncio.wrap_future(future)
+        self.metrics.answers.labels(model.version).inc()
+        return model, predictions
+
+    # --- swapping the model -----------------------------------------------------------
+
+    def swap_to(self, location: str | None = None, *, allow_class_change: bool = False,
+                ready_timeout_s: float | None = None) -> SwapOutcome:
+        """Load the bundle at ``location`` (None: the served model's location again,
+        e.g. a ``.../latest`` path that now holds another bundle) beside the served
+        model, check it, and serve it. Blocking: call it from a thread.
+
+        Refused (BundleRefusedError 422, IncompatibleBundleError 409) without touching
+        the served model. A bundle with the served version is not loaded again."""
+        with self._swap_lock:
+            if not self.batcher.wait_ready(ready_timeout_s):  # the first model is still loading
+                raise NotReadyError("the model is still loading; swap it once it is served")
+            served = self.require_ready()
+            target = location or served.location
+            try:
+                meta, version = read_version(target)
+                if version == served.version:
+                    if target != served.location:  # the same bundle, found elsewhere: reload from there
+                        self._serve(ServedModel(served.predictor, target, version))
+                    self.metrics.swaps.labels("unchanged").inc()
+                    return SwapOutcome("unchanged", version, version, target)
+                check_compatible(served.meta, meta, allow_class_change=allow_class_change)
+                model = load_model(self.config, target)
+            except Exception:
+                self.metrics.swaps.labels("refused").inc()
+                raise
+            self.batcher.swap(model.predictor)
+            self._serve(model)
+            self.runs_on = model.predictor.runs_on
+            self.examples = find_examples(target)
+            self.metrics.swaps.labels("swapped").inc()
+            log.info("model swapped: %s -> %s (%s)", served.version, model.version, target)
+            return SwapOutcome("swapped", model.version, served.version, target)
 
 
 def _exit_process(_: BaseException) -> None:
@@ -164,6 +229,3 @@ def find_examples(location: str) -> dict[str, Path]:
                 break
     return found
 
-
-def bundle_name(location: str) -> str:
-    return os.path.basename(location.rstrip("/")) or location

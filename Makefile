@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every optional local index folder it does not find; keep the noise out.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install browser demo test bench bench-quality bench-doctor bench-scale clean
+.PHONY: install browser demo test container container-tools container-test bench bench-quality bench-doctor bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,22 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+# tagmill's image (Dockerfile; README.md, "Container"). BASE=debian builds on a Debian
+# base bootstrapped here instead of the official slim Python image from a registry.
+container:
+	container/build.sh
+
+# podman with runc, and debootstrap for the Debian base the container test builds on
+container-tools:
+	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
+	  echo "installing podman, runc and debootstrap for the container test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; }
+
+# Builds the image and runs SageMaker's training and serving contracts in it (minutes:
+# CI runs it as its own step after `make test`)
+container-test: install container-tools
+	TAGMILL_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/container
 
 bench: install
 	$(BIN)/python bench/import_speed.py

@@ -668,8 +668,14 @@ def sagemaker_train(
 ) -> None:
     """Import the job's channels, train with its hyperparameters, write the bundle to ROOT/model;
     on any failure, the reason goes to ROOT/output/failure and the exit code is non-zero."""
+    import signal
+    import sys
+
     from tagmill.sagemaker_container import run_training, write_failure
 
+    # As a container's PID 1 the process has no default action for SIGTERM: without a
+    # handler, `docker stop` and SageMaker's StopTrainingJob would wait out their grace period.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run_training(root, log=lambda line: out.print(line, highlight=False, markup=False))
     except Exception as exc:  # every failure, tagmill's or not, must reach output/failure

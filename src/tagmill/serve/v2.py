@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -234,6 +234,8 @@ def add_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
               "headers": {"X-Model-Version": {"schema": {"type": "string"}}}},
         **_errors(400, *auth, 404, 413, 422, 503),
     }
+    # the one name the server answers to (it stays across swaps; a version does not)
+    name_doc = Path(description="the served model's name", json_schema_extra={"enum": [name_of]})
     header_doc = Header(None, alias=HEADER_LENGTH, ge=1,
                         description="binary tensor extension: the length of the JSON header at the body's start")
 
@@ -243,23 +245,23 @@ def add_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
         which = " (this version)" if versioned else ""
 
         if versioned:
-            async def get_metadata(name: str, version: str) -> dict[str, Any]:
+            async def get_metadata(version: str, name: str = name_doc) -> dict[str, Any]:
                 return metadata(name, version)
 
-            async def get_ready(name: str, version: str) -> dict[str, Any]:
+            async def get_ready(version: str, name: str = name_doc) -> dict[str, Any]:
                 return is_ready(name, version)
 
-            async def post_infer(request: Request, name: str, version: str,
+            async def post_infer(request: Request, version: str, name: str = name_doc,
                                  header_length: int | None = header_doc) -> Response:
                 return await infer(request, name, version, header_length)
         else:
-            async def get_metadata(name: str) -> dict[str, Any]:  # type: ignore[misc]
+            async def get_metadata(name: str = name_doc) -> dict[str, Any]:  # type: ignore[misc]
                 return metadata(name, None)
 
-            async def get_ready(name: str) -> dict[str, Any]:  # type: ignore[misc]
+            async def get_ready(name: str = name_doc) -> dict[str, Any]:  # type: ignore[misc]
                 return is_ready(name, None)
 
-            async def post_infer(request: Request, name: str,  # type: ignore[misc]
+            async def post_infer(request: Request, name: str = name_doc,  # type: ignore[misc]
                                  header_length: int | None = header_doc) -> Response:
                 return await infer(request, name, None, header_length)
 

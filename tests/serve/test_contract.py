@@ -38,7 +38,9 @@ def expected(reference: Predictor, *data: bytes) -> list[list[float]]:
 
 def test_health_routes(client: TestClient) -> None:
     assert client.get("/livez").json() == {"status": "alive"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    ready = client.get("/readyz")
+    assert ready.json()["status"] == "ready" and ready.json()["model"] == "bundle"
+    assert ready.json()["model_version"] == ready.headers["x-model-version"]
     assert client.get("/ping").status_code == 200
 
 
@@ -153,7 +155,7 @@ def test_predict_multipart_and_raw_bytes(client: TestClient, reference: Predicto
     assert upload.status_code == raw.status_code == three.status_code == 200, upload.text
     answer = upload.json()
     assert answer == raw.json()
-    assert set(answer) == {"labels", "scores", "top", "task"} and answer["task"] == "single"
+    assert set(answer) == {"labels", "scores", "top", "task", "model_version"} and answer["task"] == "single"
     assert answer["labels"] == [want.top[0][0]]
     assert answer["scores"] == pytest.approx(want.scores, abs=1e-6)
     assert len(answer["top"]) == 2  # the bundle's default_top_k

@@ -597,9 +597,12 @@ def serve(
     queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
     max_connections: Annotated[int, typer.Option(help="Open connections per worker, idle ones included; beyond, 503.")] = 512,
     header_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to send a request's headers.")] = 10.0,
+    model_name: Annotated[Optional[str], typer.Option(help="The model's name on the /v2 (KServe/Triton) routes; default: the bundle directory's name. Kept when the model is swapped.")] = None,
     config_file: ConfigFile = None,
 ) -> None:
-    """Serve a bundle: SageMaker-compatible endpoint, REST API and a web page."""
+    """Serve a bundle: SageMaker-compatible endpoint, KServe/Triton v2 protocol, REST API and a web page.
+
+    POST /admin/model (with the API key) or SIGHUP switches to a new bundle without downtime."""
     from tagmill.serve.config import ServeConfig
     from tagmill.serve.server import run_server
 
@@ -607,7 +610,7 @@ def serve(
         bundle=bundle, host=host, port=port, workers=workers, threads=threads, backend=backend, precision=precision, device=device,
         api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-        max_connections=max_connections, header_timeout_s=header_timeout_s,
+        max_connections=max_connections, header_timeout_s=header_timeout_s, model_name=model_name,
     )
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     out.print(f"serving {bundle} — web page: [bold]http://{shown}:{port}/[/]  (Ctrl+C to stop)", highlight=False)

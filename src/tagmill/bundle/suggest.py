@@ -41,7 +41,7 @@ from tagmill.progress import SILENT, Progress
 #: how many times N of the most uncertain images the diversity step clusters. Chosen on
 #: bench/active.py's development split (Fashion-MNIST train images; the reported numbers
 #: are on the t10k images): see bench/README.md, "active learning"
-POOL_FACTOR = 10
+POOL_FACTOR = 3
 #: the features are projected onto their top principal directions before clustering:
 #: k-means distances over ~4,000 pooled features would cost 30x more for the same groups
 PROJECTED_DIMS = 128

@@ -16,6 +16,12 @@ For each backend (torch, onnx) it measures:
 and, for torch, stock ``uvicorn --workers`` serving the same app (one shared socket,
 TCP_NODELAY off) to show what tagmill's own worker startup changes.
 
+``--swap`` measures model swaps under load instead: a server on bundle A (with 1 and
+with WORKERS workers), concurrency 32 for ``--swap-duration`` seconds, and meanwhile
+``--swaps`` admin calls switching A -> B -> A ... (B: the same network with its
+classifier's biases nudged, so other weights and another version). It counts failed
+requests and shows which version answered, in the order the answers came.
+
 Prints one table: images/s, p50/p99 latency, errors, mean batch size (from the
 server's /metrics), how the open connections were spread over the worker processes
 (seen with ``ss`` half-way through) and the ratio to the ceiling. The load generator shares the CPU
@@ -40,6 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -49,6 +56,8 @@ from tagmill.serve.config import AUTO_MAX_BATCH
 
 CONCURRENCY = (1, 8, 32)
 IMAGE_COUNT = 48
+SWAP_CONCURRENCY = 32
+API_KEY = "bench-admin"
 
 
 # --- inputs -----------------------------------------------------------------------
@@ -140,7 +149,7 @@ class Server:
     on the same app factory) in a subprocess."""
 
     def __init__(self, bundle: str, *, backend: str, max_batch: int, workers: int, stock: bool = False,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -158,7 +167,7 @@ class Server:
             self.command = [sys.executable, "-m", "tagmill.serve", bundle, "--port", str(self.port),
                             "--workers", str(workers), "--threads", "1", "--backend", backend,
                             *(["--precision", precision] if backend == "onnx" else []),
-                            "--max-batch", str(max_batch), "--log-level", "warning"]
+                            "--max-batch", str(max_batch), "--log-level", "warning", *extra]
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
@@ -225,15 +234,18 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
-async def drive(url: str, photos: list[bytes], concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+async def drive(url: str, photos: list[bytes], concurrency: int, seconds: float, max_requests: int,
+                versions: list[str] | None = None, headers: str = "") -> LoadResult:
     """``concurrency`` clients, each on its own keep-alive connection, posting JPEGs
     back to back; stops at ``seconds`` or ``max_requests``, whichever comes first.
+    ``versions`` collects each answer's X-Model-Version in the order answers arrive
+    ("failed" for a failed request); ``headers``: extra header lines.
 
     A minimal HTTP/1.1 client on asyncio streams: it shares the CPU with the server,
     so it should cost far less per request than the server does (httpx costs ~1 ms)."""
     host, port = url.removeprefix("http://").split(":")
     requests = [
-        (f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-image\r\n"
+        (f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-image\r\n{headers}"
          f"Content-Length: {len(body)}\r\n\r\n").encode() + body
         for body in photos
     ]
@@ -253,13 +265,16 @@ async def drive(url: str, photos: list[bytes], concurrency: int, seconds: float,
                 sent = time.perf_counter()
                 writer.write(requests[i % len(requests)])
                 i += concurrency
+                version = "failed"
                 try:
-                    status, body = await _read_response(reader)
+                    status, body, version = await _read_response(reader)
                     ok = status == 200 and body.startswith(b"[")
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     ok = False
                 latencies.append(time.perf_counter() - sent)
                 errors += not ok
+                if versions is not None:
+                    versions.append(version if ok else "failed")
                 if not ok:  # start over on a fresh connection
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, int(port))
@@ -270,12 +285,109 @@ async def drive(url: str, photos: list[bytes], concurrency: int, seconds: float,
     return LoadResult(len(latencies), errors, time.perf_counter() - start, latencies)
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
+    """(status, body, X-Model-Version or "")."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:"))
-    return status, await reader.readexactly(length)
+    fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return status, await reader.readexactly(int(fields["content-length"])), fields.get("x-model-version", "")
+
+
+# --- swaps under load -------------------------------------------------------------------
+
+
+def second_version(bundle: str, workdir: Path) -> str:
+    """Bundle B: ``bundle``'s network with its classifier's biases nudged, so other
+    weights and another version, and nearly the same answers; built once."""
+    out = workdir / f"{Path(bundle).name}-b"
+    if (out / "model.json").exists():
+        return str(out)
+    import torch
+
+    from tagmill.bundle.format import load_bundle, save_bundle
+
+    print(f"building bundle B in {out} (once) ...", flush=True)
+    model, meta = load_bundle(bundle)
+    with torch.no_grad():
+        model.get_classifier().bias.add_(0.01)
+    shutil.rmtree(out, ignore_errors=True)
+    return save_bundle(str(out), model, meta, onnx=meta.onnx_sha256 is not None)
+
+
+#: runs of one version shorter than this, side by side, are shown as one mixed stretch:
+#: while several workers swap one after the other, both versions answer, interleaved
+MIXED_RUN = 10
+
+
+def version_runs(versions: list[str], names: dict[str, str]) -> str:
+    """Answers in arrival order as runs: "A 412 > A/B 57 > B 380 > ..." (A/B: both
+    versions interleaved, while the workers swap one at a time)."""
+    runs: list[list[Any]] = []
+    for version in versions:
+        name = names.get(version, version)
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    merged: list[list[Any]] = []
+    for name, count in runs:
+        if count < MIXED_RUN:
+            name = "/".join(sorted(set(names.values())))
+        if merged and merged[-1][0] == name:
+            merged[-1][1] += count
+        else:
+            merged.append([name, count])
+    return " > ".join(f"{name} {count}" for name, count in merged)
+
+
+def swap_under_load(bundle_a: str, bundle_b: str, backend: str, workers: int, swaps: int, seconds: float,
+                    photos: list[bytes]) -> list[str]:
+    """One server on A, SWAP_CONCURRENCY clients for ``seconds``, ``swaps`` admin swaps
+    evenly spread over them (A -> B -> A ...). Returns the table row."""
+    kind, precision = split_variant(backend)
+    with Server(bundle_a, backend=kind, max_batch=AUTO_MAX_BATCH[kind], workers=workers, precision=precision,
+                extra=("--api-key", API_KEY)) as server:
+        asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
+        names = {httpx.get(f"{server.url}/readyz", timeout=10).json()["model_version"]: "A"}
+        done: list[tuple[int, float, str]] = []  # (status, seconds, answer)
+
+        def swapper() -> None:
+            interval = seconds / (swaps + 1)
+            with httpx.Client(base_url=server.url, headers={"X-Api-Key": API_KEY}, timeout=600) as admin:
+                for index in range(swaps):
+                    time.sleep(interval)
+                    target = bundle_b if index % 2 == 0 else bundle_a
+                    start = time.perf_counter()
+                    response = admin.post("/admin/model", json={"bundle": target})
+                    done.append((response.status_code, time.perf_counter() - start, response.text))
+                    if response.status_code == 200:
+                        names.setdefault(response.json()["version"], "B")
+
+        versions: list[str] = []
+        with ThreadPoolExecutor(1) as pool:
+            swapping = pool.submit(swapper)
+            result = asyncio.run(drive(server.url, photos, SWAP_CONCURRENCY, seconds, 10**9, versions,
+                                       headers=f"X-Api-Key: {API_KEY}\r\n"))
+            swapping.result()
+    for status, _, text in done:
+        if status != 200:
+            print(f"swap answered {status}: {text}", flush=True)
+    ok = sum(status == 200 for status, _, _ in done)
+    mean_swap = sum(s for _, s, _ in done) / len(done) if done else float("nan")
+    return [backend, str(workers), str(SWAP_CONCURRENCY), str(result.requests), str(result.errors),
+            f"{result.rate:.1f}", f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}",
+            f"{max(result.latencies) * 1000:.0f}", f"{ok}/{len(done)}", f"{mean_swap:.1f}",
+            version_runs(versions, names)]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -291,6 +403,9 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnx",
                         help="comma-separated: torch, onnx (fp32 graph), onnx-int8 (needs `tagmill export --int8`)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="load levels, comma-separated")
+    parser.add_argument("--swap", action="store_true", help="measure model swaps under load instead (see above)")
+    parser.add_argument("--swaps", type=int, default=6, help="with --swap: admin swaps per run (A -> B -> A ...)")
+    parser.add_argument("--swap-duration", type=float, default=30.0, help="with --swap: seconds of load per run")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -301,6 +416,20 @@ def main() -> None:
     print(f"bundle {bundle}; {len(photos)} JPEGs of 300-800 px (mean {kb:.0f} KB); "
           f"{args.workers} workers x 1 thread; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
           flush=True)
+
+    if args.swap:
+        bundle_b = second_version(bundle, workdir)
+        rows = []
+        for backend in args.backends.split(","):
+            for workers in sorted({1, args.workers}):
+                rows.append(swap_under_load(bundle, bundle_b, backend, workers, args.swaps, args.swap_duration, photos))
+                print(rows[-1], flush=True)
+        header = ["backend", "workers", "concurrency", "requests", "failed", "images/s", "p50 ms", "p99 ms",
+                  "max ms", "swaps ok", "s per swap", "answering version, in arrival order"]
+        print_table(header, rows)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        (workdir / "swap_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        return
 
     rows: list[list[str]] = []
     for backend in args.backends.split(","):
@@ -335,12 +464,7 @@ def main() -> None:
 
     header = ["backend", "configuration", "concurrency", "requests", "images/s", "p50 ms", "p99 ms", "errors",
               "mean batch", "conns/worker", "vs ceiling"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    print_table(header, rows)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     (workdir / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
 

@@ -36,11 +36,13 @@ ARG TORCHVISION_VERSION=0.29.1
 # The user the image runs as. SageMaker's /opt/ml mounts may be writable by root only:
 # README.md, "Container", says when to build with USER=root.
 ARG USER=tagmill
+# COLUMNS: without a terminal, the log lines would be wrapped at 80 characters
 ENV VIRTUAL_ENV=/opt/tagmill \
     PATH=/opt/tagmill/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    COLUMNS=160
 RUN python -m venv /opt/tagmill
 # torch alone in its own layer: the largest by far and the one that changes least, so a
 # change to tagmill rebuilds only the small layer below it

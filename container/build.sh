@@ -7,6 +7,7 @@
 #                            mirror and PyPI but no image registry
 #   TORCH_INDEX_URL=...      where torch's wheels come from (README.md, "Container")
 #   ENGINE=podman|docker     default: podman when installed, else docker
+#   BUILD_ARGS="..."         more arguments for the build, e.g. "--build-arg USER=root"
 # pip's own settings on this machine (index, local package folders, a proxy's CA
 # certificate: `pip config list` and PIP_* variables) are handed to the build, and with
 # podman the local folders they name are mounted into it read-only.
@@ -51,6 +52,9 @@ for key in "${!settings[@]}"; do
         mount "$item"
     done
 done
+
+# shellcheck disable=SC2206  # several words on purpose
+[[ -n ${BUILD_ARGS:-} ]] && args+=($BUILD_ARGS)
 
 echo "+ $ENGINE ${args[*]} ." >&2
 exec "$ENGINE" "${args[@]}" .

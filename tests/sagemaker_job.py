@@ -1,4 +1,4 @@
-"""A SageMaker training job's ``/opt/ml`` as seed 003's notebook lays it out: image
+"""A SageMaker training job's ``/opt/ml`` as the Caltech-256 .lst job lays it out: image
 channels ``train`` and ``validation`` (a folder per class) beside ``train_lst`` and
 ``validation_lst`` (one .lst file each), and the built-in algorithm's hyperparameters.
 
@@ -22,7 +22,7 @@ HYPERPARAMETERS = {
     "num_classes": str(len(CLASSES)),
     "num_training_samples": str(len(CLASSES) * (PER_CLASS - PER_CLASS // VALIDATION_EVERY)),
     "use_pretrained_model": "1",
-    "epochs": "1",
+    "epochs": "2",
     "image_shape": "3,64,64",
     "mini_batch_size": "8",
     "learning_rate": "0.01",

@@ -1,5 +1,5 @@
 """SageMaker's container contract, run on the host: ``tagmill sagemaker train`` on
-seed 003's channel layout, then ``tagmill sagemaker serve``'s settings. The image that
+the Caltech-256 job's channel layout, then ``tagmill sagemaker serve``'s settings. The image that
 runs these as ``train`` and ``serve`` is tested in tests/container/ (CI's own step)."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_training_job_writes_a_bundle_that_knows_the_classes(tmp_path: Path) -> 
 def test_a_stopped_job_resumes_from_its_checkpoint_folder(tmp_path: Path) -> None:
     """With a checkpoint folder (SageMaker's spot training), the dataset and the run live
     there: a second start reuses the import and continues the run."""
-    root = make_job(tmp_path / "ml")
+    root = make_job(tmp_path / "ml", hyperparameters={**HYPERPARAMETERS, "epochs": "1"})
     (root / "checkpoints").mkdir()
     run("sagemaker", "train", "--root", str(root))
     shutil.rmtree(root / "model")

@@ -137,7 +137,7 @@ def _check_job(config_dir: Path) -> None:
 
 
 def run_training(root: str | os.PathLike[str] = DEFAULT_ROOT, *, log: Callable[[str], None] = print,
-                 progress: bool = False) -> None:
+                 progress: bool = True) -> None:
     """SageMaker's ``train``: channels -> dataset -> run -> bundle in ``model/``."""
     from tagmill.api import export_bundle, import_dataset, train_model
 

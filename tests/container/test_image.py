@@ -1,5 +1,5 @@
 """The image, built from this work tree on a Debian base bootstrapped here, run as
-SageMaker runs a bring-your-own algorithm: ``IMAGE train`` on seed 003's channel layout
+SageMaker runs a bring-your-own algorithm: ``IMAGE train`` on the Caltech-256 job's channel layout
 under /opt/ml, then ``IMAGE serve`` on the /opt/ml/model it wrote, called with boto3's
 ``sagemaker-runtime`` client; a bad hyperparameter and a missing channel end in
 /opt/ml/output/failure and a non-zero exit; ``IMAGE tagmill ...`` runs any command.

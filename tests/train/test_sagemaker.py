@@ -48,3 +48,12 @@ def test_from_scratch_and_checks_against_the_data(colour_dataset, tmp_path):
                 {"num_layers": 19}, {"precision_dtype": "int8"}, {"learning_rat": 0.1}):
         with pytest.raises(InputError):
             config_from_hyperparameters(write(tmp_path, bad), colour_dataset, log=lambda m: None)
+
+
+def test_the_default_pretrained_backbone_spends_a_third_of_the_epochs_on_the_head(colour_dataset, tmp_path):
+    """use_pretrained_model=1 without num_layers: tagmill's own pretrained backbone, and
+    SageMaker's epochs split as for a named one."""
+    options = config_from_hyperparameters(write(tmp_path, {"use_pretrained_model": "1", "epochs": "3"}), colour_dataset,
+                                          log=lambda m: None)
+    assert "backbone" not in options and options.get("pretrained", True) is True
+    assert (options["frozen_epochs"], options["unfrozen_epochs"]) == (1, 2)

@@ -86,7 +86,7 @@ def config_from_hyperparameters(location: str, dataset: str, *, log: Callable[[s
         if epochs < 1:
             raise InputError("hyperparameter epochs must be >= 1")
         # SageMaker fine-tunes for `epochs` in total; spend a third on the cached-feature head stage
-        frozen = math.ceil(epochs / 3) if options.get("pretrained") and epochs > 1 else 0
+        frozen = math.ceil(epochs / 3) if pretrained and epochs > 1 else 0
         options["frozen_epochs"], options["unfrozen_epochs"] = frozen, epochs - frozen
     if "learning_rate" in params:
         options["lr"] = _float(params, "learning_rate")

@@ -353,14 +353,18 @@ def swap_under_load(bundle_a: str, bundle_b: str, backend: str, workers: int, sw
         done: list[tuple[int, float, str]] = []  # (status, seconds, answer)
 
         def swapper() -> None:
-            interval = seconds / (swaps + 1)
+            # at fixed times from the start, so the swaps' own durations do not push the
+            # last ones past the end of the load
+            start, interval = time.monotonic(), seconds / (swaps + 1)
             with httpx.Client(base_url=server.url, headers={"X-Api-Key": API_KEY}, timeout=600) as admin:
                 for index in range(swaps):
-                    time.sleep(interval)
+                    time.sleep(max(0.0, start + (index + 1) * interval - time.monotonic()))
                     target = bundle_b if index % 2 == 0 else bundle_a
-                    start = time.perf_counter()
+                    asked = time.perf_counter()
                     response = admin.post("/admin/model", json={"bundle": target})
-                    done.append((response.status_code, time.perf_counter() - start, response.text))
+                    done.append((response.status_code, time.perf_counter() - asked, response.text))
+                    print(f"  swap {index + 1} at {time.monotonic() - start:.1f} s: {response.status_code} "
+                          f"{response.text} in {done[-1][1]:.2f} s", flush=True)
                     if response.status_code == 200:
                         names.setdefault(response.json()["version"], "B")
 

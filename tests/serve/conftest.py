@@ -155,6 +155,13 @@ class ServerProcess:
             self.process.wait()
 
 
+def server_workers(parent: int) -> list[int]:
+    """The live worker processes of a ``--workers N`` server (spawned interpreters)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` whose labels include ``labels``."""
     total = 0.0

@@ -20,7 +20,7 @@ from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.app import STATIC_DIR
 from tests import images
 from tests.bundle import MULTI_THRESHOLDS, multilabel_onnx_bundle
-from tests.serve.conftest import CLASSES, X_IMAGE, ServerProcess, error_of, metric, serving
+from tests.serve.conftest import CLASSES, X_IMAGE, ServerProcess, error_of, metric, server_workers, serving
 
 JPEG = images.jpeg_bytes(80, 60, seed=1)
 PNG = images.png_bytes(50, 70, seed=2)
@@ -332,13 +332,6 @@ def test_the_supervisor_of_several_workers_holds_no_model(bundle: str) -> None:
         supervisor, worker = rss_mb(server.process.pid), max(rss_mb(pid) for pid in workers)  # a ready one
         # importing torch alone takes a process past 300 MB; bare Python with uvicorn ~40
         assert supervisor < 150 < worker, (supervisor, worker)
-
-
-def server_workers(parent: int) -> list[int]:
-    """The live worker processes of a ``--workers N`` server (spawned interpreters)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [int(pid) for pid in children
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def test_a_replaced_worker_takes_no_connection_before_its_model_is_loaded(bundle: str) -> None:

@@ -20,7 +20,8 @@ from tagmill.bundle import Predictor
 from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.models import model_version
 from tests import images
-from tests.serve.conftest import X_IMAGE, ServerProcess, ThreadedServer, build_bundle, error_of, metric
+from tests.serve.conftest import (X_IMAGE, ServerProcess, ThreadedServer, build_bundle, error_of, metric,
+                                  server_workers)
 
 KEY = "admin-key"
 AUTH = {"X-Api-Key": KEY}
@@ -296,8 +297,6 @@ def test_every_worker_swaps_under_load_and_none_loses_a_request(bundles: dict[st
         assert versions_seen(server.url, 8) == {b: 8}
 
         # a worker that dies is replaced on the bundle swapped in, not the one started with
-        from tests.serve.test_contract import server_workers
-
         assert server.process is not None
         victim = server_workers(server.process.pid)[0]
         os.kill(victim, signal.SIGKILL)
@@ -327,3 +326,13 @@ def test_sighup_reads_the_bundle_location_again(bundles: dict[str, str], tmp_pat
                  == int(workers))
         assert versions_seen(server.url, 6) == {b: 6}
         assert server.process.poll() is None  # SIGHUP did not end it
+
+
+def test_workers_under_uvicorns_own_supervisor_refuse_to_swap_alone(bundles: dict[str, str]) -> None:
+    """Without SO_REUSEPORT, uvicorn supervises the workers and no channel reaches them
+    all: one worker swapping alone would answer with another model than its siblings."""
+    app = create_app(ServeConfig(bundle=bundles["a"], workers=2, api_key=KEY))
+    with ThreadedServer(app) as server, httpx.Client(base_url=server.url) as client:
+        refused = swap(client, bundles["b"])
+        assert refused.status_code == 501 and error_of(refused)["type"] == "SwapUnsupportedError"
+        assert classify(client)[0] == version_of(bundles["a"])

@@ -350,12 +350,12 @@ def _add_admin_routes(app: FastAPI, service: Service, swap: SwapFunction, guard:
               responses={200: {"description": "the bundle is served (or was already)", "headers": _VERSION_HEADER_DOC},
                          **error_responses(400, 401, 403, 409, 422, 501, 503)},
               summary="Switch to another bundle without downtime")
-    async def swap_model(request: SwapRequest = Body(...)) -> JSONResponse:
+    async def swap_model(body: SwapRequest = Body(...)) -> JSONResponse:
         """Load the bundle beside the served model, check it, and swap: requests in flight
         finish on the old model. A broken bundle (422) or one with other classes (409)
         is refused and the old model keeps serving. With several workers, every worker
         swaps, one at a time, before this answers."""
-        outcome = await asyncio.to_thread(swap, request.bundle, request.allow_class_change)
+        outcome = await asyncio.to_thread(swap, body.bundle, body.allow_class_change)
         return JSONResponse(outcome.as_dict(), headers=_version_header(outcome.version))
 
 

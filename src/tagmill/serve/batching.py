@@ -133,6 +133,10 @@ class Batcher:
             while self._queue:
                 self._queue.popleft().future.set_exception(NotReadyError("the server is shutting down"))
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 

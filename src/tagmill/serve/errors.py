@@ -1,8 +1,9 @@
 """The HTTP-only corners of the exception tree.
 
 They subclass :mod:`tagmill.errors`, so the server answers every error the same way
-(``{"error": {"type", "message"}}`` with the class's ``http_status``). They live here,
-not in ``tagmill.errors``, because nothing but the server can raise them.
+(``{"error": {"type", "message"}}`` with the class's ``http_status``; the Open
+Inference Protocol routes as ``{"error": "message"}``, the same status). They live
+here, not in ``tagmill.errors``, because nothing but the server can raise them.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from tagmill.errors import BundleError, TagmillError
+from tagmill.errors import BundleError, StorageError, TagmillError
 from tagmill.serve.config import ServeConfig
 from tagmill.serve.errors import BundleRefusedError, IncompatibleBundleError
 
@@ -162,8 +162,8 @@ def refusing(location: str) -> Iterator[None]:
     a bundle sent to a running server is the caller's input, not the server's fault."""
     try:
         yield
-    except BundleRefusedError:
-        raise
+    except (BundleRefusedError, StorageError):
+        raise  # StorageError: the store cannot be reached (502), which says nothing of the bundle
     except TagmillError as exc:
         raise BundleRefusedError(f"bundle {location} refused: {exc.message}", hint=exc.hint) from exc
     except Exception as exc:  # onnxruntime or torch failing on the graph: the bundle, not the server

@@ -149,8 +149,7 @@ class Service:
 
     # --- swapping the model -----------------------------------------------------------
 
-    def swap_to(self, location: str | None = None, *, allow_class_change: bool = False,
-                ready_timeout_s: float | None = None) -> SwapOutcome:
+    def swap_to(self, location: str | None = None, *, allow_class_change: bool = False) -> SwapOutcome:
         """Load the bundle at ``location`` (None: the served model's location again,
         e.g. a ``.../latest`` path that now holds another bundle) beside the served
         model, check it, and serve it. Blocking: call it from a thread.
@@ -158,9 +157,9 @@ class Service:
         Refused (BundleRefusedError 422, IncompatibleBundleError 409) without touching
         the served model. A bundle with the served version is not loaded again."""
         with self._swap_lock:
-            if not self.batcher.wait_ready(ready_timeout_s):  # the first model is still loading
-                raise NotReadyError("the model is still loading; swap it once it is served")
-            served = self.require_ready()
+            if self.batcher.started:  # a worker just started loads its first model before it swaps
+                self.batcher.wait_ready()
+            served = self.require_ready()  # NotReadyError when that load failed
             target = location or served.location
             try:
                 meta, version = read_version(target)

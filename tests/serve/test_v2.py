@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 from pathlib import Path
 
 import httpx
@@ -103,6 +104,22 @@ def test_outputs_the_client_asks_for_in_the_form_it_asks(client: triton.Inferenc
     # tritonclient gives bytes for binary BYTES data and str for JSON strings
     assert [text(label) for label in result.as_numpy("labels")[0]] == \
         [label for label, _ in reference.predict_bytes([PNG], top_k=3)[0].top]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_compressed_requests(client: triton.InferenceServerClient, reference: Predictor, compression: str) -> None:
+    result = client.infer(NAME, [image_input([JPEG, PNG], binary=True)], request_compression_algorithm=compression)
+    np.testing.assert_allclose(result.as_numpy("scores"), [p.probabilities for p in reference.predict_bytes([JPEG, PNG])],
+                               atol=1e-6)
+
+
+def test_a_compressed_body_may_not_inflate_past_the_limit(bundle: str) -> None:
+    bomb = gzip.compress(b"{" + b" " * (3 * 1024 * 1024) + b"}")  # ~3 KB that inflates to 3 MB
+    with ThreadedServer(create_app(ServeConfig(bundle=bundle, max_body_mb=1))) as server:
+        response = httpx.post(f"{server.url}/v2/models/{NAME}/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+        assert response.status_code == 413 and "inflates" in response.json()["error"]
+        other = httpx.post(f"{server.url}/v2/models/{NAME}/infer", content=b"{}", headers={"Content-Encoding": "br"})
+        assert other.status_code == 415
 
 
 def test_a_versioned_request_needs_the_served_version(client: triton.InferenceServerClient, reference: Predictor) -> None:

@@ -38,7 +38,8 @@ import tagmill
 from tagmill.serve import payloads
 from tagmill.serve.errors import ModelNotFoundError
 from tagmill.serve.models import ServedModel
-from tagmill.serve.v2_tensors import HEADER_LENGTH, INPUT_NAME, OUTPUTS, output_tensors, parse_request, render_answer
+from tagmill.serve.v2_tensors import (HEADER_LENGTH, INPUT_NAME, OUTPUTS, decompress, output_tensors, parse_request,
+                                      render_answer)
 
 if TYPE_CHECKING:
     from tagmill.serve.service import Service
@@ -154,7 +155,8 @@ _DESCRIPTIONS = {
     400: "Malformed request: bad JSON, tensor, base64 or parameter",
     401: "Missing or wrong API key",
     404: "No model (or version) of that name here",
-    413: "Request body or image count larger than the server's limit",
+    413: "Request body (inflated) or image count larger than the server's limit",
+    415: "A Content-Encoding other than gzip or deflate",
     422: "An element is not a usable image",
     503: "The model is not loaded yet, or the request queue is full; retry later",
 }
@@ -217,7 +219,8 @@ def add_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
 
     async def infer(request: Request, name: str, version: str | None, header_length: int | None) -> Response:
         served(name, version)  # 404 before reading the body
-        body = payloads.require_nonempty(await payloads.read_body(request, config.max_body_bytes))
+        body = await payloads.read_body(request, config.max_body_bytes)
+        body = payloads.require_nonempty(decompress(body, request.headers.get("content-encoding"), config.max_body_bytes))
         parsed = parse_request(body, header_length)
         model, predictions = await service.predict(parsed.images, top_k=parsed.top_k)
         content, json_length = render_answer(output_tensors(predictions, model.meta.classes), parsed.outputs,
@@ -232,7 +235,7 @@ def add_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
         200: {"model": InferAnswer, "description": "the output tensors (JSON, or with binary data after the JSON header)",
               "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
               "headers": {"X-Model-Version": {"schema": {"type": "string"}}}},
-        **_errors(400, *auth, 404, 413, 422, 503),
+        **_errors(400, *auth, 404, 413, 415, 422, 503),
     }
     # the one name the server answers to (it stays across swaps; a version does not)
     name_doc = Path(description="the served model's name", json_schema_extra={"enum": [name_of]})

@@ -14,7 +14,8 @@ client):
   ``parameters.binary_data_size``. A BYTES tensor's bytes are its elements in row-major
   order, each a 4-byte little-endian length followed by the element's bytes.
 
-Answers are JSON, or binary in the same layout for every output the client asked so
+A body may come compressed (``Content-Encoding: gzip`` or ``deflate``); the header
+length counts the inflated bytes. Answers are JSON, or binary in the same layout for every output the client asked so
 (``parameters.binary_data`` on a requested output, or ``binary_data_output`` on the
 request: what tritonclient sends when it names no outputs).
 """
@@ -26,6 +27,7 @@ import binascii
 import json
 import math
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,7 @@ import numpy as np
 
 from tagmill.bundle.predictor import Prediction
 from tagmill.errors import InputError
-from tagmill.serve.errors import PayloadTooLargeError
+from tagmill.serve.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from tagmill.serve.payloads import MAX_INSTANCES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -58,6 +60,30 @@ class InferRequest:
     top_k: int | None = None
     #: output name -> answer it as binary data; all outputs when the client names none
     outputs: dict[str, bool] = field(default_factory=dict)
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent with ``Content-Encoding`` gzip or deflate (tritonclient's
+    ``request_compression_algorithm``), never more than ``limit`` bytes once inflated:
+    a small compressed body must not expand into gigabytes."""
+    kind = (encoding or "identity").strip().lower()
+    if kind == "identity":
+        return body
+    if kind not in ("gzip", "deflate"):
+        raise UnsupportedMediaTypeError(f"cannot read a body with Content-Encoding {kind!r}; send gzip, deflate "
+                                        "or none")
+    # wbits: gzip's header and trailer, or zlib's (HTTP's "deflate" is the zlib format)
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InputError(f"the {kind} body does not inflate: {exc}") from exc
+    if len(data) > limit:
+        raise PayloadTooLargeError(f"the request body inflates to more than {limit / 1024 / 1024:g} MB",
+                                   hint="send a smaller request, or start the server with a larger --max-body-mb")
+    if not inflater.eof:
+        raise InputError(f"the {kind} body is truncated")
+    return data
 
 
 def parse_request(body: bytes, header_length: int | None) -> InferRequest:
@@ -243,5 +269,5 @@ def render_answer(tensors: dict[str, np.ndarray], wanted: dict[str, bool], *, mo
     return header + b"".join(blobs), len(header)
 
 
-__all__ = ["HEADER_LENGTH", "INPUT_NAME", "OUTPUTS", "InferRequest", "join_bytes", "output_tensors",
+__all__ = ["HEADER_LENGTH", "INPUT_NAME", "OUTPUTS", "InferRequest", "decompress", "join_bytes", "output_tensors",
            "parse_request", "render_answer", "split_bytes"]

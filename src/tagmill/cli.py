@@ -598,6 +598,8 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="Open connections per worker, idle ones included; beyond, 503.")] = 512,
     header_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to send a request's headers.")] = 10.0,
     model_name: Annotated[Optional[str], typer.Option(help="The model's name on the /v2 (KServe/Triton) routes; default: the bundle directory's name. Kept when the model is swapped.")] = None,
+    explain_concurrency: Annotated[int, typer.Option(help="Explanations (POST /predict?explain=true) running at once per worker; apart from predictions.")] = 1,
+    explain_wait_s: Annotated[float, typer.Option(help="Longest an explanation waits for a slot; beyond, 503 + Retry-After.")] = 1.0,
     config_file: ConfigFile = None,
 ) -> None:
     """Serve a bundle: SageMaker-compatible endpoint, KServe/Triton v2 protocol, REST API and a web page.
@@ -611,6 +613,7 @@ def serve(
         api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_connections=max_connections, header_timeout_s=header_timeout_s, model_name=model_name,
+        explain_concurrency=explain_concurrency, explain_wait_s=explain_wait_s,
     )
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     out.print(f"serving {bundle} — web page: [bold]http://{shown}:{port}/[/]  (Ctrl+C to stop)", highlight=False)

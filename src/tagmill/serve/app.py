@@ -39,6 +39,7 @@ from tagmill.serve import v2
 from tagmill.serve.config import ServeConfig, bundle_name
 from tagmill.serve.control import SwapFunction
 from tagmill.serve.errors import ForbiddenError, SwapUnsupportedError, UnauthorizedError, UnavailableError
+from tagmill.serve.explanations import MAX_EXPLAINED, check_classes, classes_to_explain
 from tagmill.bundle.predictor import Predictor
 from tagmill.serve.metrics import MetricsMiddleware
 from tagmill.serve.models import SwapOutcome
@@ -71,7 +72,7 @@ Image classification with a tagmill model bundle.
   of every class in class order. `Accept: application/json;verbose` adds names,
   `application/jsonlines` gives one line per image.
 * `POST /predict` takes a multipart upload (`file`) or raw bytes and answers labels,
-  scores and top-k.
+  scores and top-k; `?explain=true` adds a heatmap overlay PNG per class or tag.
 * `/v2/...` is KServe's and Triton's Open Inference Protocol (v2): the image bytes as a
   BYTES tensor named `image` (base64 strings in JSON `data`, or raw bytes with the
   binary tensor extension); outputs `scores`, `labels`, `top_scores`, `predicted`.
@@ -328,20 +329,36 @@ def _add_prediction_routes(app: FastAPI, service: Service, guard: list[Any]) -> 
     @app.post("/predict", dependencies=guard, response_class=JSONResponse,
               responses={200: {"model": PredictAnswer, "description": "labels, scores and top-k",
                                "headers": _VERSION_HEADER_DOC},
-                         **error_responses(400, *auth_errors, 413, 415, 422, 503)},
+                         **error_responses(400, *auth_errors, 409, 413, 415, 422, 501, 503)},
               openapi_extra=PREDICT_BODY, tags=["predict"], summary="Labels, scores and top-k for one image")
     async def predict(
         request: Request,
         top_k: int | None = Query(None, ge=1, le=100_000, description="how many classes `top` lists (default: the bundle's)"),
         threshold: float | None = Query(None, ge=0.0, le=1.0,
                                         description="multi-label: one threshold for every tag (default: the bundle's tuned ones)"),
+        explain: bool = Query(False, description="add `explanations`: a heatmap overlay (Grad-CAM) per returned class "
+                                                 "or tag; limited per worker (--explain-concurrency), 503 when busy"),
+        explain_class: list[str] | None = Query(
+            None, max_length=MAX_EXPLAINED,
+            description=f"explain these classes instead (repeatable, at most {MAX_EXPLAINED}); implies explain=true"),
     ) -> JSONResponse:
         kind = payloads.require_content_type(request.headers.get("content-type"), multipart=True, json_instances=False)
         body = payloads.require_nonempty(await payloads.read_body(request, config.max_body_bytes))
         if kind == payloads.MULTIPART_TYPE:
             body = payloads.require_nonempty(await payloads.image_from_multipart(request, body))
-        model, (prediction,) = await service.predict([body], top_k=top_k, threshold=threshold)
-        answer = {**payloads.predict_answer(prediction, model.meta.task), "model_version": model.version}
+        if not (explain or explain_class):
+            model, (prediction,) = await service.predict([body], top_k=top_k, threshold=threshold)
+            answer = {**payloads.predict_answer(prediction, model.meta.task), "model_version": model.version}
+            return JSONResponse(answer, headers=_version_header(model.version))
+        if explain_class:
+            check_classes(explain_class, service.meta.classes)  # a wrong class: 400 before any work
+        async with service.explainer.admit():  # 503 when every slot is busy: predictions are not held up
+            model, (prediction,) = await service.predict([body], top_k=top_k, threshold=threshold)
+            # the model that answered explains, so heatmaps and scores agree across a swap
+            chosen = classes_to_explain(prediction, explain_class, model.meta.classes)
+            explanations = await service.explainer.run(model, body, chosen)
+        answer = {**payloads.predict_answer(prediction, model.meta.task), "model_version": model.version,
+                  "explanations": explanations}
         return JSONResponse(answer, headers=_version_header(model.version))
 
 

@@ -67,6 +67,15 @@ class ServeConfig:
     #: Default: the bundle directory's name at start-up, kept when the model is swapped
     #: (clients address the endpoint, not the bundle that serves it)
     model_name: str | None = None
+    #: explanations (``POST /predict?explain=true``) running at once in each worker: each
+    #: is a backward pass per class, several predictions' worth of CPU, so they get their
+    #: own budget and cannot starve plain predictions
+    explain_concurrency: int = 1
+    #: seconds an explanation waits for a slot before it is answered 503 + Retry-After:
+    #: about ten Lite0 explanations on a CPU, enough to absorb a click burst, short enough
+    #: that a client learns quickly that the server is busy
+    explain_wait_s: float = 1.0
+
 
     def __post_init__(self) -> None:
         if not isinstance(self.bundle, str) or not self.bundle:
@@ -86,7 +95,7 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("the API key must not be empty", hint="leave it out to serve without authentication")
         _positive_int("port", self.port, upper=65535, allow_zero=True)  # 0: any free port
-        for name in ("workers", "threads", "queue_size", "decode_threads", "max_connections"):
+        for name in ("workers", "threads", "queue_size", "decode_threads", "max_connections", "explain_concurrency"):
             _positive_int(name, getattr(self, name))
         if self.max_batch is not None:
             _positive_int("max_batch", self.max_batch)
@@ -94,6 +103,8 @@ class ServeConfig:
             raise InputError(f"max_body_mb must be in (0, 4096], not {self.max_body_mb!r}")
         if not 0 < self.header_timeout_s <= 3600:
             raise InputError(f"header_timeout_s must be in (0, 3600], not {self.header_timeout_s!r}")
+        if not 0 <= self.explain_wait_s <= 60:
+            raise InputError(f"explain_wait_s must be in [0, 60], not {self.explain_wait_s!r}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise InputError(f"max_wait_ms must be in [0, 10000], not {self.max_wait_ms!r}")
 

@@ -83,6 +83,25 @@ class NotReadyError(UnavailableError):
     """The model is still loading, failed to load, or the server is shutting down."""
 
 
+class ExplainBusyError(UnavailableError):
+    """Every explanation slot of the worker is busy (``explain_concurrency``); plain
+    predictions are not limited by them."""
+
+
+class ExplanationUnsupportedError(InputError):
+    """The served model cannot be explained: its bundle has no torch weights (an ONNX
+    graph has no gradients), or its backbone family has no map Grad-CAM can weigh."""
+
+    http_status = 409
+
+
+class ExplanationUnavailableError(TagmillError):
+    """This server cannot draw explanations: the grad-cam package (the ``explain``
+    extra) is not installed."""
+
+    http_status = 501
+
+
 class SwapUnsupportedError(TagmillError):
     """This server cannot swap its model: several workers under uvicorn's own supervisor
     (no SO_REUSEPORT), which has no channel to tell every worker."""
@@ -92,6 +111,9 @@ class SwapUnsupportedError(TagmillError):
 
 __all__ = [
     "BundleRefusedError",
+    "ExplainBusyError",
+    "ExplanationUnavailableError",
+    "ExplanationUnsupportedError",
     "ForbiddenError",
     "IncompatibleBundleError",
     "ModelNotFoundError",

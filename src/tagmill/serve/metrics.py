@@ -70,6 +70,16 @@ class ServeMetrics:
             ["outcome"], registry=self.registry,
         )
 
+        # explanations have their own budget (explanations.py), so their own counts
+        self.explanations = Counter(
+            "tagmill_explanations", "POST /predict?explain=true requests, by outcome: ok, refused (503: every "
+            "explanation slot busy), failed (any other error).", ["outcome"], registry=self.registry,
+        )
+        self.explain_latency = Histogram(
+            "tagmill_explanation_duration_seconds", "Time to draw one request's heatmaps (Grad-CAM and the "
+            "overlay PNGs), the wait for a slot excluded.", buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+
     def serving(self, version: str, previous: str | None = None) -> None:
         """This process now serves ``version`` (instead of ``previous``)."""
         if previous is not None and previous != version:

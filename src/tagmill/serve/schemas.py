@@ -45,12 +45,28 @@ class InvocationAnswer(
     JSON request with instances; verbose objects with ``Accept: application/json;verbose``."""
 
 
+class ExplainedClass(BaseModel):
+    """Where the evidence for one class lies in the image (Grad-CAM, from the torch
+    weights of the model that answered)."""
+
+    label: str
+    score: float = Field(description="the class's probability")
+    overlay_png: str = Field(description="base64 PNG: the image with the heat drawn over it in colour (red: the "
+                                         "strongest evidence), at most 512 px on its longer side")
+    width: int = Field(description="the overlay's width in pixels (the image's, or shrunk with its aspect ratio)")
+    height: int
+
+
 class PredictAnswer(BaseModel):
     labels: list[str] = Field(description="single-label: the top class; multi-label: tags at or above the threshold")
     scores: dict[str, float] = Field(description="every class's probability")
     top: list[TopEntry] = Field(description="the top-k classes, most probable first")
     task: Literal["single", "multi"]
     model_version: str = Field(description="the version of the model that answered")
+    explanations: list[ExplainedClass] | None = Field(
+        None, description="only with `explain=true` (or `explain_class`): one heatmap per class explained: the "
+                          "`explain_class` ones in the order asked, else each of `labels` (the most probable "
+                          "first; the top class when no tag reached its threshold)")
 
 
 class ModelInfo(BaseModel):
@@ -157,13 +173,15 @@ _DESCRIPTIONS = {
     403: "The admin routes are closed: the server runs without an API key",
     404: "Not found",
     406: "None of the Accept header's formats can be produced",
-    409: "The bundle's classes or task differ from the served model's",
+    409: "On /admin/model: the bundle's classes or task differ from the served model's; on /predict with "
+         "explain: the served model cannot be explained (no torch weights, or an unsupported backbone family)",
     413: "Request body larger than the server's limit",
     415: "Content-Type the route does not read",
     422: "The bytes are not a usable image (corrupt, truncated, decompression bomb); on /admin/model, "
          "a bundle that cannot be loaded",
-    501: "This server cannot swap its model (several workers without SO_REUSEPORT)",
-    503: "Model not ready, or the request queue is full; retry later",
+    501: "This server cannot swap its model (several workers without SO_REUSEPORT); on /predict with explain: "
+         "the grad-cam package is not installed",
+    503: "Model not ready, the request queue is full, or (explain) every explanation slot is busy; retry later",
 }
 
 

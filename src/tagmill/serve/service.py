@@ -26,6 +26,7 @@ from tagmill.errors import BundleError, UnreadableImageError
 from tagmill.serve.batching import Batcher
 from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
 from tagmill.serve.errors import NotReadyError
+from tagmill.serve.explanations import Explainer
 from tagmill.serve.metrics import ServeMetrics
 from tagmill.serve.models import ServedModel, SwapOutcome, check_compatible, load_model, read_version
 
@@ -64,6 +65,8 @@ class Service:
             on_load_error=_exit_process if exit_on_load_error else None,
         )
         self._pool: ThreadPoolExecutor | None = None
+        #: POST /predict?explain=true: its own slots and threads, apart from predictions
+        self.explainer = Explainer(config.explain_concurrency, config.explain_wait_s, self.metrics)
         #: what the model runs on ("torch on cpu", "onnxruntime CUDAExecutionProvider"); None until loaded
         self.runs_on: str | None = predictor.runs_on if predictor is not None else None
 
@@ -92,10 +95,12 @@ class Service:
         if self._pool is None:
             torch.set_num_threads(self.config.threads)  # decode threads run small torch ops too
             self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="tagmill-decode")
+        self.explainer.start()
         self.batcher.start()
 
     def stop(self) -> None:
         self.batcher.stop()
+        self.explainer.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

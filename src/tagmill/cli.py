@@ -600,6 +600,10 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option(help="The model's name on the /v2 (KServe/Triton) routes; default: the bundle directory's name. Kept when the model is swapped.")] = None,
     explain_concurrency: Annotated[int, typer.Option(help="Explanations (POST /predict?explain=true) running at once per worker; apart from predictions.")] = 1,
     explain_wait_s: Annotated[float, typer.Option(help="Longest an explanation waits for a slot; beyond, 503 + Retry-After.")] = 1.0,
+    capture: Annotated[Optional[str], typer.Option(help="Store request images the model is unsure of, with its predictions, in this folder or s3:// URL (for `tagmill suggest`).")] = None,
+    capture_below: Annotated[float, typer.Option(help="With --capture: store images whose confidence is below this (multi-label: the least sure tag's, 0.5 at its threshold).")] = 0.6,
+    capture_sample: Annotated[float, typer.Option(help="With --capture: also store this random fraction of all images.")] = 0.0,
+    capture_max_gb: Annotated[float, typer.Option(help="With --capture: stop storing when the folder holds this many GiB.")] = 5.0,
     config_file: ConfigFile = None,
 ) -> None:
     """Serve a bundle: SageMaker-compatible endpoint, KServe/Triton v2 protocol, REST API and a web page.
@@ -613,6 +617,7 @@ def serve(
         api_key=api_key,
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_connections=max_connections, header_timeout_s=header_timeout_s, model_name=model_name,
+        capture=capture, capture_below=capture_below, capture_sample=capture_sample, capture_max_gb=capture_max_gb,
         explain_concurrency=explain_concurrency, explain_wait_s=explain_wait_s,
     )
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host

@@ -36,6 +36,7 @@ import tagmill
 from tagmill.errors import TagmillError
 from tagmill.serve import payloads
 from tagmill.serve import v2
+from tagmill.serve.capture import CaptureContext
 from tagmill.serve.config import ServeConfig, bundle_name
 from tagmill.serve.control import SwapFunction
 from tagmill.serve.errors import ForbiddenError, SwapUnsupportedError, UnauthorizedError, UnavailableError
@@ -127,6 +128,8 @@ def create_app(
     app.state.service = service
     _add_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    if service.capture is not None:
+        app.add_middleware(CaptureContext)  # the request's path and content type, for the capture's sidecars
     guard = _api_key_guard(config.api_key)
     _add_health_routes(app, service)
     _add_prediction_routes(app, service, guard)

@@ -77,6 +77,18 @@ class ServeConfig:
     explain_wait_s: float = 1.0
 
 
+    #: capture from traffic (capture.py): a folder or URL where request images the model
+    #: was unsure of are stored, with their predictions, for labelling; None: off
+    capture: str | None = None
+    #: capture an image when the model's confidence is below this (single-label: the top
+    #: probability; multi-label: the least sure tag's, 0.5 at its threshold; capture.py)
+    capture_below: float = 0.6
+    capture_sample: float = 0.0  #: also capture this random fraction of all images
+    capture_max_gb: float = 5.0  #: stop capturing when the folder holds this much (GiB)
+    #: images waiting for the capture writer; beyond, they are dropped (and counted). 256:
+    #: several seconds of this machine's full throughput, so a slow write rarely drops any
+    capture_queue: int = 256
+
     def __post_init__(self) -> None:
         if not isinstance(self.bundle, str) or not self.bundle:
             raise InputError("a bundle location is needed")
@@ -105,6 +117,7 @@ class ServeConfig:
             raise InputError(f"header_timeout_s must be in (0, 3600], not {self.header_timeout_s!r}")
         if not 0 <= self.explain_wait_s <= 60:
             raise InputError(f"explain_wait_s must be in [0, 60], not {self.explain_wait_s!r}")
+        _check_capture(self)
         if not 0 <= self.max_wait_ms <= 10_000:
             raise InputError(f"max_wait_ms must be in [0, 10000], not {self.max_wait_ms!r}")
 
@@ -130,6 +143,18 @@ class ServeConfig:
 def bundle_name(location: str) -> str:
     """A bundle's name: the last part of its path or URL."""
     return os.path.basename(location.rstrip("/")) or location
+
+
+def _check_capture(config: ServeConfig) -> None:
+    if config.capture is not None and not (isinstance(config.capture, str) and config.capture.strip()):
+        raise InputError("the capture location must be a folder or URL", hint="leave --capture out to capture nothing")
+    if not 0 <= config.capture_below <= 1:
+        raise InputError(f"capture_below must be in [0, 1], not {config.capture_below!r}")
+    if not 0 <= config.capture_sample <= 1:
+        raise InputError(f"capture_sample must be in [0, 1], not {config.capture_sample!r}")
+    if not 0 < config.capture_max_gb <= 1_000_000:
+        raise InputError(f"capture_max_gb must be in (0, 1000000], not {config.capture_max_gb!r}")
+    _positive_int("capture_queue", config.capture_queue)
 
 
 def _positive_int(name: str, value: object, *, upper: int | None = None, allow_zero: bool = False) -> None:

@@ -80,6 +80,19 @@ class ServeMetrics:
             "overlay PNGs), the wait for a slot excluded.", buckets=LATENCY_BUCKETS, registry=self.registry,
         )
 
+        # capture from traffic (serve --capture; capture.py)
+        self.captured = Counter(
+            "tagmill_captured", "Request images stored by --capture, by reason (low_confidence, sample).",
+            ["reason"], registry=self.registry,
+        )
+        self.capture_dropped = Counter(
+            "tagmill_capture_dropped", "Images --capture wanted but did not store, by reason "
+            "(queue_full, cap_reached, storage_error, error).", ["reason"], registry=self.registry,
+        )
+        self.capture_bytes = Counter(
+            "tagmill_capture_bytes", "Bytes --capture stored (images and their sidecars).", registry=self.registry,
+        )
+
     def serving(self, version: str, previous: str | None = None) -> None:
         """This process now serves ``version`` (instead of ``previous``)."""
         if previous is not None and previous != version:

@@ -24,6 +24,7 @@ from tagmill.bundle.format import ONNX_FILE, BundleMeta, read_meta
 from tagmill.bundle.predictor import Prediction, Predictor, Threshold
 from tagmill.errors import BundleError, UnreadableImageError
 from tagmill.serve.batching import Batcher
+from tagmill.serve.capture import Capture
 from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
 from tagmill.serve.errors import NotReadyError
 from tagmill.serve.explanations import Explainer
@@ -67,6 +68,10 @@ class Service:
         self._pool: ThreadPoolExecutor | None = None
         #: POST /predict?explain=true: its own slots and threads, apart from predictions
         self.explainer = Explainer(config.explain_concurrency, config.explain_wait_s, self.metrics)
+        #: stores the images the model was unsure of (serve --capture); None: off
+        self.capture: Capture | None = None if config.capture is None else Capture(
+            config.capture, self.metrics, below=config.capture_below, sample=config.capture_sample,
+            max_bytes=int(config.capture_max_gb * 1024**3), queue_items=config.capture_queue, workers=config.workers)
         #: what the model runs on ("torch on cpu", "onnxruntime CUDAExecutionProvider"); None until loaded
         self.runs_on: str | None = predictor.runs_on if predictor is not None else None
 
@@ -97,9 +102,13 @@ class Service:
             self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="tagmill-decode")
         self.explainer.start()
         self.batcher.start()
+        if self.capture is not None:
+            self.capture.start()
 
     def stop(self) -> None:
         self.batcher.stop()
+        if self.capture is not None:
+            self.capture.stop()
         self.explainer.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -150,6 +159,8 @@ class Service:
             future = slot.submit(batch, k, thresholds, predictor=predictor)
         predictions = await asyncio.wrap_future(future)
         self.metrics.answers.labels(model.version).inc()
+        if self.capture is not None:  # every prediction route comes through here: one hook
+            self.capture.offer(images, predictions, model.version, model.meta)
         return model, predictions
 
     # --- swapping the model -----------------------------------------------------------

@@ -1,0 +1,356 @@
+"""Capture from traffic: keep request images the model was unsure of, for labelling.
+
+``tagmill serve --capture DIR|s3://...`` stores an image when the model's confidence in
+its answer is below ``--capture-below`` (or, with ``--capture-sample P``, a random
+fraction P of all images), with the prediction beside it. ``tagmill suggest`` reads the
+folder back as a pool of unlabelled images.
+
+Confidence (:func:`decision_confidence`):
+
+- single-label: the top class's probability;
+- multi-label: for each tag, how sure the model is of its yes/no decision at the tag's
+  own threshold ``t`` in the bundle — ``0.5 + 0.5 * |p - t| / room``, ``room`` being the
+  distance from ``t`` to certainty on that side (``t`` below it, ``1 - t`` above) — and
+  the image's confidence is its least sure tag's. It is 0.5 at the threshold and 1 at
+  0 or 1; for ``t = 0.5`` it is ``max(p, 1 - p)``, the probability of the decision
+  taken, exactly what the top probability of a two-class single-label model is. So one
+  ``--capture-below`` means the same for both tasks: at 0.6, a tag with threshold 0.5
+  is captured between 0.4 and 0.6; one with threshold 0.2, between 0.16 and 0.32.
+  It is ``1 - u / 2`` for ``bundle/suggest.py``'s uncertainty ``u``: the images this
+  captures are those ``suggest`` ranks first.
+
+It never slows or fails a request. The request path (:meth:`Capture.offer`) only
+decides and appends to a bounded in-memory queue; a writer thread stores the items.
+A full queue, the size cap reached, or a storage error (S3 down, disk full, no
+permission) drops the item, counts it in ``/metrics`` (``tagmill_capture_dropped_total``
+by reason) and logs it (rate-limited); the request never sees any of it.
+
+Layout (the same on a disk and on S3)::
+
+    DIR/capture.json                                  marks the layout (suggest reads it)
+    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.jpg   the request's bytes
+    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.json  the prediction (sidecar)
+
+``<token>`` is random per process, so every worker of ``--workers N`` (and every
+replica writing to one bucket) names its files apart without any locking. Each file is
+written atomically (``storage.write_bytes``), the image before its sidecar: a sidecar
+always has its image. The date folders keep listings short and let a person take or
+delete one day's capture.
+
+The size cap (``--capture-max-gb``) counts image and sidecar bytes. At start each
+worker adds up what the folder already holds and takes an equal share of what is left,
+so N workers together stay within the cap; it holds approximately across restarts (a
+worker restarted later shares what is left then).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import json
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from tagmill import storage
+
+if TYPE_CHECKING:
+    from tagmill.bundle.format import BundleMeta
+    from tagmill.bundle.predictor import Prediction
+    from tagmill.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+#: the file at the capture folder's root that says what the folder holds
+MARKER = "capture.json"
+LAYOUT = "tagmill-capture"
+LAYOUT_VERSION = 1
+SIDECAR_SUFFIX = ".json"
+#: why an item is stored
+LOW_CONFIDENCE, SAMPLE = "low_confidence", "sample"
+#: why an item is dropped (the reason label of tagmill_capture_dropped_total)
+QUEUE_FULL, CAP_REACHED, STORAGE_ERROR, INTERNAL_ERROR = "queue_full", "cap_reached", "storage_error", "error"
+DROP_REASONS = (QUEUE_FULL, CAP_REACHED, STORAGE_ERROR, INTERNAL_ERROR)
+#: image bytes waiting in the queue at most, whatever --capture-queue allows: 256 items
+#: of --max-body-mb's 10 MB would hold 2.5 GB; 64 MiB is still ~600 typical 100 kB photos
+QUEUE_BYTES = 64 * 1024 * 1024
+#: a storage outage fails every write: log the first failure, then a count this often
+LOG_EVERY_S = 60.0
+#: at shutdown, how long the writer may go on storing what is queued
+DRAIN_S = 5.0
+#: file extensions by PIL format name; anything else PIL reads is stored under its own name
+_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+               "PPM": ".ppm"}
+
+#: (path, content type) of the HTTP request being answered; set by CaptureContext
+_request: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "tagmill_capture_request", default=None)
+
+
+def decision_confidence(probabilities: Sequence[float], task: str, thresholds: Sequence[float] | None) -> float:
+    """How sure the model is of its answer, in [0, 1] (multi-label: [0.5, 1]); see the
+    module docstring."""
+    if not probabilities:
+        return 1.0
+    if task == "single":
+        return float(max(probabilities))
+    limits = thresholds if thresholds is not None else (0.5,) * len(probabilities)
+    least = 1.0
+    for p, t in zip(probabilities, limits):
+        room = t if p < t else 1.0 - t
+        least = min(least, 0.5 + 0.5 * min(abs(p - t) / max(room, 1e-6), 1.0))
+    return least
+
+
+@dataclass(frozen=True)
+class _Item:
+    data: bytes
+    reason: str
+    confidence: float
+    at: float  #: time.time() when the request was answered
+    version: str
+    task: str
+    classes: tuple[str, ...]
+    probabilities: list[float]
+    labels: list[str]
+    path: str | None
+    content_type: str | None
+    instance: int  #: the image's index in its request (JSON instances carry several)
+    instances: int
+
+
+class Capture:
+    """Decides on the request path, stores in a writer thread (see the module docstring).
+
+    ``workers``: processes capturing into the same location at once, each taking an
+    equal share of the cap. ``seed`` makes the random sample reproducible (tests)."""
+
+    def __init__(self, location: str, metrics: ServeMetrics, *, below: float = 0.6, sample: float = 0.0,
+                 max_bytes: int = 5 * 1024**3, queue_items: int = 256, workers: int = 1,
+                 seed: int | None = None) -> None:
+        self.location = location.rstrip("/") if "://" in location else location
+        self.metrics = metrics
+        self.below = below
+        self.sample = sample
+        self.max_bytes = max_bytes
+        self.queue_items = queue_items
+        self.workers = workers
+        self._random = random.Random(seed)
+        self._token = secrets.token_hex(4)  # 32 random bits: names apart across workers and replicas
+        self._sequence = 0
+        self._queue: deque[_Item | None] = deque()
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop_by: float | None = None
+        self._budget: int | None = None  #: bytes this process may still write; None until scanned
+        self._failures = 0  #: storage errors not yet logged
+        self._logged_at = float("-inf")
+        for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
+            metrics.capture_dropped.labels(reason)
+        for reason in (LOW_CONFIDENCE, SAMPLE):
+            metrics.captured.labels(reason)
+
+    # --- the request path ---------------------------------------------------------
+
+    def offer(self, images: Sequence[bytes], predictions: Sequence[Prediction], version: str,
+              meta: BundleMeta) -> None:
+        """Queue the images worth keeping. Cheap, never blocks, never raises."""
+        try:
+            request = _request.get()
+            now = time.time()
+            for index, (data, prediction) in enumerate(zip(images, predictions)):
+                if not prediction.ok:
+                    continue
+                confidence = decision_confidence(prediction.probabilities, meta.task, meta.thresholds)
+                reason = self._reason(confidence)
+                if reason is None:
+                    continue
+                self._enqueue(_Item(
+                    data, reason, confidence, now, version, meta.task, meta.classes, prediction.probabilities, prediction.labels,
+                    request[0] if request else None, request[1] if request else None, index, len(images)))
+        except Exception:  # noqa: BLE001 - capture must never fail the request it watches
+            log.exception("capture: could not queue an image")
+            self.metrics.capture_dropped.labels(INTERNAL_ERROR).inc()
+
+    def _reason(self, confidence: float) -> str | None:
+        if confidence < self.below:
+            return LOW_CONFIDENCE
+        if self.sample > 0 and self._random.random() < self.sample:
+            return SAMPLE
+        return None
+
+    def _enqueue(self, item: _Item) -> None:
+        with self._lock:
+            if len(self._queue) >= self.queue_items or self._queued_bytes + len(item.data) > QUEUE_BYTES:
+                full = True
+            else:
+                full = False
+                self._queue.append(item)
+                self._queued_bytes += len(item.data)
+                self._ready.notify()
+        if full:
+            self.metrics.capture_dropped.labels(QUEUE_FULL).inc()
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop_by = None
+            self._thread = threading.Thread(target=self._run, name="tagmill-capture", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain_s: float = DRAIN_S) -> None:
+        """Store what is queued for at most ``drain_s`` seconds, then end the writer."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._stop_by = time.monotonic() + drain_s
+            self._queue.append(None)  # wakes the writer when the queue is empty
+            self._ready.notify()
+        thread.join(drain_s + 1.0)  # a write stuck on a dead endpoint is left behind (daemon)
+        self._thread = None
+
+    @property
+    def pending(self) -> int:
+        """Items queued, not yet stored or dropped."""
+        with self._lock:
+            return sum(item is not None for item in self._queue)
+
+    # --- the writer thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._ready.wait()
+                item = self._queue.popleft()
+                if item is not None:
+                    self._queued_bytes -= len(item.data)
+                late = self._stop_by is not None and time.monotonic() > self._stop_by
+            if item is None or late:
+                return
+            self._store(item)
+
+    def _store(self, item: _Item) -> None:
+        try:
+            if self._budget is None:
+                self._budget = self._scan()
+            image, sidecar = self._files(item)
+            size = len(item.data) + len(sidecar[1])
+            if size > self._budget:
+                self.metrics.capture_dropped.labels(CAP_REACHED).inc()
+                return
+            storage.write_bytes(*image)
+            storage.write_bytes(*sidecar)
+            self._budget -= size
+            self.metrics.captured.labels(item.reason).inc()
+            self.metrics.capture_bytes.inc(size)
+        except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
+            self.metrics.capture_dropped.labels(STORAGE_ERROR).inc()
+            self._log_failure(exc)
+
+    def _scan(self) -> int:
+        """What this process may write: its share of what the cap leaves. Also creates
+        the folder and its marker. Raises StorageError/OSError when the target is unusable
+        (the item is dropped and the scan is tried again with the next one)."""
+        storage.makedirs(self.location)
+        fs, path = storage.filesystem(self.location)
+        found = fs.find(path, detail=True)
+        used = sum(int(info.get("size") or 0) for info in found.values())
+        marker = storage.join(self.location, MARKER)
+        if not any(name.rstrip("/").endswith("/" + MARKER) or name == MARKER for name in found):
+            storage.write_bytes(marker, json.dumps({"layout": LAYOUT, "version": LAYOUT_VERSION}).encode())
+        budget = max(0, self.max_bytes - used) // self.workers
+        log.info("capture: %s holds %.1f MB; this process may add %.1f MB", self.location, used / 1e6, budget / 1e6)
+        return budget
+
+    def _files(self, item: _Item) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
+        """(location, bytes) of the image and of its sidecar."""
+        moment = datetime.fromtimestamp(item.at, tz=timezone.utc)
+        self._sequence += 1
+        stem = f"{moment:%Y%m%dT%H%M%S.%f}Z-{self._token}-{self._sequence:06d}"
+        folder = storage.join(self.location, f"{moment:%Y-%m-%d}")
+        image_name = stem + image_extension(item.data)
+        sidecar: dict[str, Any] = {
+            "image": image_name,
+            "captured_at": moment.isoformat().replace("+00:00", "Z"),
+            "reason": item.reason,
+            "confidence": round(item.confidence, 6),
+            "model_version": item.version,
+            "task": item.task,
+            "classes": list(item.classes),
+            "probabilities": [round(p, 6) for p in item.probabilities],
+            "labels": list(item.labels),
+            "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
+                        "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
+        }
+        return ((storage.join(folder, image_name), item.data),
+                (storage.join(folder, stem + SIDECAR_SUFFIX), json.dumps(sidecar, indent=1).encode()))
+
+    def _log_failure(self, exc: BaseException) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            log.error("capture: cannot store into %s (%d item(s) dropped since the last report): %s",
+                      self.location, self._failures, exc)
+            self._failures = 0
+            self._logged_at = now
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension for an image's bytes (only the header is read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format or ""
+    except Exception:  # noqa: BLE001 - the model read it; a name is all that is wanted here
+        kind = ""
+    return _EXTENSIONS.get(kind, f".{kind.lower()}" if kind.isalnum() else ".img")
+
+
+class CaptureContext:
+    """Pure ASGI middleware: remembers each request's path and content type for
+    :meth:`Capture.offer`, which runs deep inside the route (``Service.predict``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        content_type = next((value.decode("latin-1") for key, value in scope.get("headers", ())
+                             if key == b"content-type"), None)
+        token = _request.set((scope.get("path", ""), content_type))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request.reset(token)
+
+
+# --- reading a capture folder (tagmill suggest) -------------------------------------
+
+
+def is_capture(location: str) -> bool:
+    """Whether a folder (local or URL) is a capture folder."""
+    return storage.exists(storage.join(location, MARKER))
+
+
+def sidecar_of(image: str) -> str:
+    """The sidecar location of a captured image's location."""
+    return image.rsplit(".", 1)[0] + SIDECAR_SUFFIX  # captured images always have an extension
+
+
+__all__ = ["Capture", "CaptureContext", "MARKER", "decision_confidence", "image_extension", "is_capture", "sidecar_of"]

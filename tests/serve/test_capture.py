@@ -1,0 +1,274 @@
+"""``serve --capture``: request images the model was unsure of are stored with their
+prediction, off the request path; full queues, the size cap and storage outages drop
+items (counted), never requests. Real servers, a real disk, a real S3 endpoint (moto)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tagmill import storage
+from tagmill.bundle import Predictor
+from tagmill.bundle.suggest import uncertainty
+from tagmill.serve import ServeConfig, create_app
+from tagmill.serve.capture import MARKER, Capture, decision_confidence
+from tagmill.serve.metrics import ServeMetrics
+from tagmill.bundle.predictor import Prediction
+from tagmill.bundle.format import BundleMeta
+from tagmill.dataset.transforms import Preprocess
+from tests import images
+from tests.s3.conftest import MotoServer, closed_port, new_bucket, point_at, s3_client, start_moto, stop_moto
+from tests.serve.conftest import X_IMAGE, ServerProcess, metric, serving
+
+WAIT_S = 60.0  # the writer is a thread: tests wait for what it did, up to this
+
+
+def photos(count: int, seed: int = 0) -> list[bytes]:
+    return [images.jpeg_bytes(64, 48, seed=seed + i) for i in range(count)]
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def captured_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(images, sidecars) under a local capture folder, temporary files excluded."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".")]
+    return sorted(p for p in files if p.suffix != ".json"), sorted(p for p in files if p.suffix == ".json")
+
+
+# --- what is captured --------------------------------------------------------------
+
+
+def test_images_below_the_confidence_bound_are_stored_with_their_prediction(bundle: str, reference: Predictor,
+                                                                            tmp_path: Path) -> None:
+    sent = photos(12)
+    confidence = [max(p.probabilities) for p in reference.predict_bytes(sent)]
+    bound = float(np.median(confidence))
+    unsure = {data for data, c in zip(sent, confidence) if c < bound}
+    assert 0 < len(unsure) < len(sent)
+    with serving(create_app(ServeConfig(bundle=bundle, capture=str(tmp_path), capture_below=bound))) as client:
+        for data in sent:
+            assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") >= len(unsure), "captures")
+        text = client.get("/metrics").text
+    stored, sidecars = captured_files(tmp_path)
+    assert {p.read_bytes() for p in stored} == unsure  # exactly the unsure ones, byte for byte
+    assert metric(text, "tagmill_captured_total", reason="low_confidence") == len(unsure)
+    assert metric(text, "tagmill_capture_bytes_total") == sum(p.stat().st_size for p in stored + sidecars)
+    assert json.loads((tmp_path / MARKER).read_text())["layout"] == "tagmill-capture"
+    for image in stored:
+        sidecar = json.loads(image.with_suffix(".json").read_text())
+        assert sidecar["image"] == image.name and image.parent.name == sidecar["captured_at"][:10]
+        assert sidecar["reason"] == "low_confidence" and sidecar["confidence"] < bound
+        expected = reference.predict_bytes([image.read_bytes()])[0]
+        assert np.allclose(sidecar["probabilities"], expected.probabilities, atol=1e-5)
+        assert sidecar["labels"] == expected.labels and sidecar["classes"] == ["cat", "dog", "owl"]
+        assert sidecar["request"]["path"] == "/invocations"
+        assert sidecar["request"]["content_type"] == "application/x-image"
+        assert len(sidecar["model_version"]) > 8
+
+
+def test_every_prediction_route_captures_and_a_sample_is_marked_as_such(bundle: str, tmp_path: Path) -> None:
+    config = ServeConfig(bundle=bundle, capture=str(tmp_path), capture_below=0.0, capture_sample=1.0)
+    a, b, c, d = photos(4, seed=20)
+    with serving(create_app(config)) as client:
+        assert client.post("/invocations", content=a, headers=X_IMAGE).status_code == 200
+        assert client.post("/predict", files={"file": ("b.jpg", b, "image/jpeg")}).status_code == 200
+        instances = {"instances": [{"b64": base64.b64encode(x).decode()} for x in (c, d)]}
+        assert client.post("/endpoints/x/invocations", json=instances).status_code == 200
+        v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(a).decode()]}]}
+        assert client.post("/v2/models/bundle/infer", json=v2).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total", reason="sample") == 5, "captures")
+    stored, _ = captured_files(tmp_path)
+    requests = [json.loads(p.with_suffix(".json").read_text())["request"] for p in stored]
+    assert sorted(r["path"] for r in requests) == sorted(
+        ["/invocations", "/predict", "/endpoints/x/invocations", "/endpoints/x/invocations", "/v2/models/bundle/infer"])
+    assert {r["content_type"].split(";")[0] for r in requests} == {
+        "application/x-image", "multipart/form-data", "application/json"}
+    assert sorted((r["instance"], r["instances"]) for r in requests if r["path"].startswith("/endpoints")) == [(0, 2), (1, 2)]
+    assert sorted(p.read_bytes() for p in stored) == sorted([a, b, c, d, a])
+    assert {p.suffix for p in stored} == {".jpg"}
+
+
+def test_the_random_sample_takes_about_its_fraction_and_confident_images_are_not_captured(tmp_path: Path) -> None:
+    metrics = ServeMetrics()
+    capture = Capture(str(tmp_path), metrics, below=0.6, sample=0.25, queue_items=10_000, seed=3)
+    meta = BundleMeta(architecture="x", task="single", classes=("a", "b"), preprocess=Preprocess(input_size=16))
+    sure = Prediction(probabilities=[0.9, 0.1], labels=["a"])
+    unsure = Prediction(probabilities=[0.55, 0.45], labels=["a"])
+    capture.offer([b"x"] * 1000, [sure] * 1000, "v1", meta)  # not started: the queue keeps what it takes
+    assert 200 <= capture.pending <= 300  # 25% of 1,000, give or take four standard deviations
+    taken = capture.pending
+    capture.offer([b"y"] * 10, [unsure] * 10, "v1", meta)
+    assert capture.pending == taken + 10  # every unsure one
+
+
+def test_multi_label_confidence_is_the_least_sure_tags_decision_at_its_threshold() -> None:
+    thresholds = (0.5, 0.2)
+    assert decision_confidence([1.0, 0.9], "multi", thresholds) == pytest.approx(0.9375)  # 0.7 of 0.8 of room
+    assert decision_confidence([0.55, 0.0], "multi", thresholds) == pytest.approx(0.55)  # at t=0.5: max(p, 1-p)
+    assert decision_confidence([1.0, 0.2], "multi", thresholds) == pytest.approx(0.5)  # a tag at its threshold
+    assert decision_confidence([0.3, 0.1], "multi", thresholds) == pytest.approx(0.7)  # min(0.7, 0.75)
+    probs = np.random.default_rng(0).uniform(size=(50, 2))
+    ours = [decision_confidence(row.tolist(), "multi", thresholds) for row in probs]
+    np.testing.assert_allclose(ours, 1 - uncertainty(probs, "multi", thresholds) / 2)  # what suggest ranks first
+    assert decision_confidence([0.2, 0.7, 0.1], "single", None) == pytest.approx(0.7)
+
+
+# --- what is dropped, never failing a request ----------------------------------------
+
+
+def test_the_size_cap_drops_and_counts_and_holds_across_a_restart(bundle: str, tmp_path: Path) -> None:
+    cap_gb = 12_000 / 1024**3  # room for a few of these 64x48 photos and their sidecars
+    config = ServeConfig(bundle=bundle, capture=str(tmp_path), capture_below=0.0, capture_sample=1.0,
+                         capture_max_gb=cap_gb)
+    sent = photos(20, seed=40)
+    with serving(create_app(config)) as client:
+        assert all(client.post("/invocations", content=x, headers=X_IMAGE).status_code == 200 for x in sent)
+        def done() -> bool:
+            text = client.get("/metrics").text
+            return metric(text, "tagmill_captured_total") + metric(text, "tagmill_capture_dropped_total") == 20
+        wait_for(done, "every image stored or dropped")
+        text = client.get("/metrics").text
+    stored, sidecars = captured_files(tmp_path)
+    assert 0 < len(stored) == len(sidecars) == metric(text, "tagmill_captured_total") < 20
+    assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") == 20 - len(stored)
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 12_000 + 200  # + the marker
+    with serving(create_app(config)) as client:  # a restart finds the folder full
+        assert client.post("/invocations", content=sent[0], headers=X_IMAGE).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_capture_dropped_total", reason="cap_reached") == 1,
+                 "the drop")
+    assert len(captured_files(tmp_path)[0]) == len(stored)
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def capture_errors() -> Iterator[_Errors]:
+    handler = _Errors()
+    logger = logging.getLogger("tagmill.serve.capture")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_an_unwritable_folder_fails_no_request_and_shows_in_metrics_and_log(bundle: str, tmp_path: Path,
+                                                                            capture_errors: _Errors) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"not a folder")
+    config = ServeConfig(bundle=bundle, capture=str(blocker / "capture"), capture_sample=1.0)
+    with serving(create_app(config)) as client:
+        for data in photos(3):
+            assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_capture_dropped_total",
+                                reason="storage_error") == 3, "the storage errors")
+    assert any("cannot store into" in m and "a-file" in m for m in capture_errors.messages)
+
+
+# --- on S3 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """tests/s3's moto server (its conftest's fixtures reach only tests/s3)."""
+    server = start_moto(tmp_path_factory.mktemp("moto") / "server.log")
+    yield server
+    stop_moto(server)
+
+
+@pytest.fixture
+def s3(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh bucket on the moto server, botocore pointed at it."""
+    point_at(monkeypatch, moto.endpoint, tmp_path_factory.getbasetemp())
+    storage.set_storage_options({})
+    yield new_bucket()
+
+
+def test_capture_into_s3(bundle: str, s3: str) -> None:
+    config = ServeConfig(bundle=bundle, capture=f"s3://{s3}/capture", capture_below=0.0, capture_sample=1.0)
+    sent = photos(3, seed=60)
+    with serving(create_app(config)) as client:
+        for data in sent:
+            assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") == 3, "captures")
+    client_s3 = s3_client()
+    keys = [o["Key"] for o in client_s3.list_objects_v2(Bucket=s3, Prefix="capture/")["Contents"]]
+    assert f"capture/{MARKER}" in keys
+    jpgs = [k for k in keys if k.endswith(".jpg")]
+    assert len(jpgs) == 3 and len([k for k in keys if k.endswith(".json")]) == 4  # 3 sidecars + the marker
+    assert sorted(client_s3.get_object(Bucket=s3, Key=k)["Body"].read() for k in jpgs) == sorted(sent)
+
+
+def test_an_unreachable_s3_endpoint_fails_no_request_and_is_counted(bundle: str, monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path, capture_errors: _Errors) -> None:
+    point_at(monkeypatch, f"http://127.0.0.1:{closed_port()}", tmp_path)
+    storage.set_storage_options({})
+    config = ServeConfig(bundle=bundle, capture="s3://nowhere/capture", capture_sample=1.0)
+    with serving(create_app(config)) as client:
+        for data in photos(2):
+            assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
+        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_capture_dropped_total",
+                                reason="storage_error") == 2, "the storage errors")
+    assert any("cannot store into s3://nowhere/capture" in m for m in capture_errors.messages)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers: storage that hangs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)  # the kernel completes handshakes; nothing ever reads
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_full_queue_drops_and_counts_while_every_request_is_answered(bundle: str, black_hole: str,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    point_at(monkeypatch, black_hole, tmp_path)  # the server process inherits it
+    with ServerProcess(bundle, "--capture", "s3://stuck/capture", "--capture-sample", "1",
+                       "--capture-queue", "1") as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        answers = [client.post("/invocations", content=x, headers=X_IMAGE).status_code for x in photos(8)]
+        text = client.get("/metrics").text
+    assert answers == [200] * 8
+    # the writer holds one item (stuck), the queue one more: the rest were dropped
+    assert metric(text, "tagmill_capture_dropped_total", reason="queue_full") >= 6
+    assert metric(text, "tagmill_captured_total") == 0
+
+
+def test_workers_write_apart_under_unique_names(bundle: str, tmp_path: Path) -> None:
+    with ServerProcess(bundle, "--workers", "2", "--capture", str(tmp_path), "--capture-sample", "1",
+                       "--capture-below", "0") as server:
+        sent = photos(24, seed=80)
+        for data in sent:  # a new connection each: the kernel spreads them over the workers
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") == 24, "captures")
+    stored, sidecars = captured_files(tmp_path)
+    assert len(stored) == len(sidecars) == 24 and sorted(p.read_bytes() for p in stored) == sorted(sent)
+    pids = {json.loads(p.read_text())["request"]["pid"] for p in sidecars}
+    tokens = {p.stem.split("-")[1] for p in stored}
+    assert len(pids) == len(tokens) == 2  # both workers captured, each under its own names
+    assert not [p for p in tmp_path.rglob(".tmp-*")]  # no temporary file left behind
+    assert os.path.getsize(tmp_path / MARKER) > 0

@@ -1,13 +1,23 @@
 """The ranking behind ``tagmill suggest``: uncertainty by margin or by distance to each
-tag's threshold, and diversity that keeps near-copies out of one batch."""
+tag's threshold, and diversity that keeps near-copies out of one batch; and a folder
+that ``serve --capture`` filled, read as its images with what the server answered."""
 
 from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tagmill.bundle.suggest import choose, uncertainty
+from tagmill.bundle import Predictor
+from tagmill.bundle.suggest import SERVED_COLUMNS, choose, suggest, uncertainty, write_suggestions
 from tagmill.errors import InputError
+from tagmill.serve.capture import Capture
+from tagmill.serve.metrics import ServeMetrics
+from tests import images
+from tests.serve.conftest import build_bundle
 
 
 def test_single_label_uncertainty_is_the_margin_between_the_two_best_classes() -> None:
@@ -58,3 +68,39 @@ def test_asking_for_everything_returns_everything_most_uncertain_first_and_bad_c
     assert list(scores[chosen]) == sorted(scores, reverse=True)
     with pytest.raises(InputError, match="at least 1"):
         choose(probs, features, 0, task="single")
+
+
+# --- a folder that `serve --capture` filled --------------------------------------------
+
+
+def _capture_folder(root: Path, bundle: str, count: int) -> list[bytes]:
+    """What `serve --capture --capture-sample 1` writes for ``count`` photos, through the
+    server's own writer (Capture), plus the leftovers of an interrupted write."""
+    predictor = Predictor.from_bundle(bundle)
+    sent = [images.jpeg_bytes(64, 48, seed=100 + i) for i in range(count)]
+    capture = Capture(str(root), ServeMetrics(), below=0.0, sample=1.0)
+    capture.start()
+    capture.offer(sent, predictor.predict_bytes(sent), "v-test", predictor.meta)
+    capture.stop(drain_s=60)
+    day = next(p for p in root.iterdir() if p.is_dir())
+    images.write(day / ".tmp-abc-20261129T000000Z-x-000001.jpg", images.truncated_jpeg_bytes())
+    return sent
+
+
+def test_suggest_reads_a_capture_folder_as_its_images_and_carries_what_the_server_answered(tmp_path: Path) -> None:
+    bundle = build_bundle(tmp_path / "model")
+    sent = _capture_folder(tmp_path / "capture", bundle, 6)
+    folder = str(tmp_path / "capture")
+    found = suggest(Predictor.from_bundle(bundle), [folder], 3)
+    assert found.considered == 6 and not found.skipped  # no sidecar, marker or temporary file is an input
+    assert all(entry is not None and entry["model_version"] == "v-test" for entry in found.served)
+    out = tmp_path / "job" / "to_label.csv"
+    write_suggestions(found, str(out), [folder], multilabel=False)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["id", "labels", "confidence", "priority", "source", *SERVED_COLUMNS]
+    for row in rows:
+        sidecar = json.loads(Path(row["source"]).with_suffix(".json").read_text())
+        assert row["served_labels"] == "|".join(sidecar["labels"]) and row["served_version"] == "v-test"
+        assert row["served_labels"] == row["labels"]  # the same model: the guess is what was served
+        assert row["captured_at"] == sidecar["captured_at"]
+        assert (out.parent / row["id"]).read_bytes() in sent

@@ -19,7 +19,7 @@ import pytest
 
 from tagmill import storage
 from tagmill.bundle import Predictor
-from tagmill.bundle.suggest import uncertainty
+from tagmill.bundle.suggest import suggest, uncertainty
 from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.capture import MARKER, Capture, decision_confidence
 from tagmill.serve.metrics import ServeMetrics
@@ -218,6 +218,11 @@ def test_capture_into_s3(bundle: str, s3: str) -> None:
     jpgs = [k for k in keys if k.endswith(".jpg")]
     assert len(jpgs) == 3 and len([k for k in keys if k.endswith(".json")]) == 4  # 3 sidecars + the marker
     assert sorted(client_s3.get_object(Bucket=s3, Key=k)["Body"].read() for k in jpgs) == sorted(sent)
+    # and `tagmill suggest` takes the capture URL as it is: the images, with what was served
+    found = suggest(Predictor.from_bundle(bundle), [f"s3://{s3}/capture"], 2)
+    assert found.considered == 3 and not found.skipped and len(found.names) == 2
+    assert all(name.endswith(".jpg") and entry is not None and entry["image"] == name.rsplit("/", 1)[1]
+               for name, entry in zip(found.names, found.served))
 
 
 def test_an_unreachable_s3_endpoint_fails_no_request_and_is_counted(bundle: str, monkeypatch: pytest.MonkeyPatch,

@@ -18,12 +18,20 @@ CSV that ``tagmill import`` reads back — ``id`` (the copied image, beside the 
 ``labels`` (the model's guess, for a person to correct), then ``confidence``,
 ``priority`` and ``source`` columns the importer ignores — with the chosen images
 copied into a folder next to it, so the file is a self-contained labelling job.
+
+A folder that ``tagmill serve --capture`` fills (``serve/capture.py``; its root holds
+``capture.json``) is read as its images only — the JSON sidecar beside each image and
+any temporary file of an interrupted write are not inputs — and each chosen image's
+sidecar gives the CSV what the server answered for it (``served_labels``,
+``served_confidence``, ``served_version``, ``captured_at``): one small read per chosen
+image, none per ranked one.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,9 +40,9 @@ import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.bundle.batch_predict import WorkItem, _inputs, plan
+from tagmill.bundle.batch_predict import FILES_PER_TASK, WorkItem, _inputs, plan
 from tagmill.bundle.predictor import Predictor
-from tagmill.errors import InputError, UnreadableImageError
+from tagmill.errors import InputError, StorageError, UnreadableImageError
 from tagmill.formats.base import has_image_extension
 from tagmill.progress import SILENT, Progress
 
@@ -49,6 +57,13 @@ PROJECTED_DIMS = 128
 KMEANS_ITERATIONS = 25
 #: the labels separator written for multi-label guesses (``tagmill import --tag-sep``)
 TAG_SEPARATOR = "|"
+#: the layout of ``serve --capture`` folders, defined here because data flows from
+#: bundle/ to serve/ (``serve/capture.py`` imports these): the marker file at the root,
+#: and the prediction beside each image, under the image's name with this suffix
+CAPTURE_MARKER = "capture.json"
+SIDECAR_SUFFIX = ".json"
+#: CSV columns for a captured image: what the server answered when it was captured
+SERVED_COLUMNS = ("served_labels", "served_confidence", "served_version", "captured_at")
 
 
 # --- the ranking ------------------------------------------------------------------
@@ -161,6 +176,8 @@ class Suggestions:
     priority: list[float]  #: each one's uncertainty (see ``uncertainty``)
     considered: int  #: readable inputs ranked
     skipped: list[tuple[str, str]] = field(default_factory=list)  #: (input, why) of unreadable inputs
+    #: for inputs from a capture folder, their sidecar (what the server answered); else None
+    served: list[dict | None] = field(default_factory=list)
 
 
 def suggest(
@@ -181,7 +198,7 @@ def suggest(
     model = predictor.torch_model
     if model is None:
         raise InputError("suggest needs the bundle's torch weights (the torch backend)")
-    tasks = plan(paths, split)
+    tasks, sidecars = plan_with_captures(paths, split)
     names: list[str] = []
     probabilities, features = [], []
     skipped: list[tuple[str, str]] = []
@@ -200,8 +217,48 @@ def suggest(
                             pool_factor=pool_factor, seed=seed)
     guesses = [[meta.classes[int(probs[row].argmax())]] if meta.task == "single"
                else _tags(probs[row], meta.classes, meta.thresholds) for row in chosen]
-    return Suggestions([names[i] for i in chosen], guesses, [float(probs[i].max()) for i in chosen],
-                       [float(scores[i]) for i in chosen], len(names), skipped)
+    chosen_names = [names[i] for i in chosen]
+    return Suggestions(chosen_names, guesses, [float(probs[i].max()) for i in chosen],
+                       [float(scores[i]) for i in chosen], len(names), skipped,
+                       [_read_sidecar(sidecars[name]) if name in sidecars else None for name in chosen_names])
+
+
+def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, str]]:
+    """``batch_predict.plan``, with capture folders read as their images only; also
+    each captured image's sidecar location, by the image's input name."""
+    tasks: list[WorkItem] = []
+    sidecars: dict[str, str] = {}
+    others: list[str] = []
+    for path in paths:
+        if storage.isdir(path) and storage.exists(storage.join(path, CAPTURE_MARKER)):
+            tasks += plan(others, split) if others else []
+            others = []
+            files = storage.list_files(path)
+            present = set(files)
+            found = []
+            for rel in files:
+                # temporary files of interrupted atomic writes start with a dot (storage.AtomicFile)
+                if has_image_extension(rel) and not rel.rsplit("/", 1)[-1].startswith("."):
+                    name = storage.join(path, *rel.split("/"))
+                    found.append(name)
+                    sidecar = rel.rsplit(".", 1)[0] + SIDECAR_SUFFIX
+                    if sidecar in present:
+                        sidecars[name] = storage.join(path, *sidecar.split("/"))
+            tasks += [WorkItem("files", tuple(found[i : i + FILES_PER_TASK]), size=len(found[i : i + FILES_PER_TASK]))
+                      for i in range(0, len(found), FILES_PER_TASK)]
+        else:
+            others.append(path)
+    return tasks + (plan(others, split) if others else []), sidecars
+
+
+def _read_sidecar(location: str) -> dict | None:
+    """What the server answered for a captured image; None when the sidecar cannot be
+    read (the image is still worth labelling)."""
+    try:
+        data = json.loads(storage.read_bytes(location))
+    except (StorageError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _tags(p: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...] | None) -> list[str]:
@@ -257,21 +314,33 @@ def write_suggestions(found: Suggestions, location: str, paths: list[str], *, sp
     storage.makedirs(folder)
     wanted = {name: rank for rank, name in enumerate(found.names)}
     ids: dict[str, str] = {}
-    for name, data in _fetch(plan(paths, split), wanted):
+    for name, data in _fetch(plan_with_captures(paths, split)[0], wanted):
         file_name = f"{wanted[name] + 1:05d}_{_file_name(name, data)}"
         storage.write_bytes(storage.join(folder, file_name), data)
         ids[name] = f"{folder_name}/{file_name}"
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["id", "labels", "confidence", "priority", "source"])
+    served = found.served or [None] * len(found.names)
+    with_served = any(entry is not None for entry in served)
+    writer.writerow(["id", "labels", "confidence", "priority", "source", *(SERVED_COLUMNS if with_served else ())])
     separator = TAG_SEPARATOR if multilabel else ""
-    for name, guess, confidence, priority in zip(found.names, found.guesses, found.confidence, found.priority,
-                                                  strict=True):
+    for name, guess, confidence, priority, entry in zip(found.names, found.guesses, found.confidence, found.priority,
+                                                         served, strict=True):
         if name in ids:
             writer.writerow([ids[name], separator.join(guess) if multilabel else guess[0], f"{confidence:.4f}",
-                             f"{priority:.4f}", name])
+                             f"{priority:.4f}", name, *(_served_cells(entry) if with_served else ())])
     storage.write_bytes(location, text.getvalue().encode("utf-8"))
     return folder
+
+
+def _served_cells(entry: dict | None) -> list[str]:
+    if entry is None:
+        return [""] * len(SERVED_COLUMNS)
+    labels = entry.get("labels")
+    confidence = entry.get("confidence")
+    return [TAG_SEPARATOR.join(str(x) for x in labels) if isinstance(labels, list) else "",
+            f"{confidence:.4f}" if isinstance(confidence, (int, float)) else "",
+            str(entry.get("model_version") or ""), str(entry.get("captured_at") or "")]
 
 
 def _fetch(tasks: list[WorkItem], wanted: dict[str, int]) -> Iterator[tuple[str, bytes]]:
@@ -314,4 +383,5 @@ def import_hint(location: str, *, multilabel: bool) -> str:
     return f"tagmill import {location} {task} --out DATASET"
 
 
-__all__ = ["POOL_FACTOR", "Suggestions", "choose", "import_hint", "suggest", "uncertainty", "write_suggestions"]
+__all__ = ["CAPTURE_MARKER", "POOL_FACTOR", "SIDECAR_SUFFIX", "Suggestions", "choose", "import_hint", "plan_with_captures",
+           "suggest", "uncertainty", "write_suggestions"]

@@ -61,6 +61,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from tagmill import storage
+from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER, SIDECAR_SUFFIX
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -69,11 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the file at the capture folder's root that says what the folder holds
-MARKER = "capture.json"
+#: what the marker file (MARKER, at the folder's root) says the folder holds
 LAYOUT = "tagmill-capture"
 LAYOUT_VERSION = 1
-SIDECAR_SUFFIX = ".json"
 #: why an item is stored
 LOW_CONFIDENCE, SAMPLE = "low_confidence", "sample"
 #: why an item is dropped (the reason label of tagmill_capture_dropped_total)
@@ -340,17 +339,4 @@ class CaptureContext:
             _request.reset(token)
 
 
-# --- reading a capture folder (tagmill suggest) -------------------------------------
-
-
-def is_capture(location: str) -> bool:
-    """Whether a folder (local or URL) is a capture folder."""
-    return storage.exists(storage.join(location, MARKER))
-
-
-def sidecar_of(image: str) -> str:
-    """The sidecar location of a captured image's location."""
-    return image.rsplit(".", 1)[0] + SIDECAR_SUFFIX  # captured images always have an extension
-
-
-__all__ = ["Capture", "CaptureContext", "MARKER", "decision_confidence", "image_extension", "is_capture", "sidecar_of"]
+__all__ = ["Capture", "CaptureContext", "MARKER", "decision_confidence", "image_extension"]

@@ -9,6 +9,7 @@ real ``tagmill.serve.app`` with a tiny bundle. Screenshots land in ``test-artifa
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import socket
@@ -24,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
+from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import tagmill
@@ -96,6 +97,7 @@ class Stub:
     model: dict[str, Any]
     scores: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    explain_busy: bool = False  #: answer explanations 503, as a server whose slots are all busy
 
 
 def _error(status: int, type_: str, message: str) -> JSONResponse:
@@ -121,14 +123,18 @@ def stub_app(stub: Stub) -> FastAPI:
         return Response(images.png_bytes(96, 64, seed=3), media_type="image/png")
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None, threshold: float | None = None) -> JSONResponse:
+    async def predict(request: Request, top_k: int | None = None, threshold: float | None = None,
+                      explain: bool = False) -> JSONResponse:
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             return _error(400, "bad_request", "send the image as the multipart field 'file'")
         data = await upload.read()
         stub.predictions.append({"filename": upload.filename, "size": len(data),
-                                 "top_k": top_k, "threshold": threshold})
+                                 "top_k": top_k, "threshold": threshold, "explain": explain})
+        if explain and stub.explain_busy:
+            return JSONResponse({"error": {"type": "ExplainBusyError", "message": "every explanation slot is busy"}},
+                                status_code=503, headers={"Retry-After": "0"})
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
@@ -144,10 +150,26 @@ def stub_app(stub: Stub) -> FastAPI:
             labels = ranked[:1]
         k = top_k or model["default_top_k"]
         top = [{"label": c, "score": scores[c]} for c in ranked[:k]]
-        return JSONResponse({"labels": labels, "scores": scores, "top": top, "task": model["task"]})
+        answer = {"labels": labels, "scores": scores, "top": top, "task": model["task"]}
+        if explain:
+            answer["explanations"] = [{"label": c, "score": scores[c], **stub_overlay(data, i)}
+                                      for i, c in enumerate(labels or ranked[:1])]
+        return JSONResponse(answer)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def stub_overlay(data: bytes, position: int) -> dict[str, Any]:
+    """A stand-in heatmap overlay: the picture with a red patch, placed by the class's position."""
+    with Image.open(io.BytesIO(data)) as img:
+        picture = img.convert("RGB")
+    w, h = picture.size
+    left = (position % 3) * w // 3
+    ImageDraw.Draw(picture).rectangle((left, h // 4, left + w // 3, 3 * h // 4), fill=(230, 30, 20))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return {"overlay_png": base64.b64encode(buffer.getvalue()).decode(), "width": w, "height": h}
 
 
 # ---------------------------------------------------------------- servers and browser
@@ -407,6 +429,77 @@ def test_phone_width_has_no_horizontal_scroll(
     page.context.close()
 
 
+def overlay_shown(page: Page) -> dict[str, Any]:
+    """The heatmap overlay as the browser has it: decoded, over the picture, in its box."""
+    overlay = page.locator("#why-overlay")
+    expect(overlay).to_be_visible()
+    expect(overlay).to_have_attribute("src", re.compile(r"^data:image/png;base64,[A-Za-z0-9+/]{100,}"))
+    page.wait_for_function("document.getElementById('why-overlay').complete "
+                           "&& document.getElementById('why-overlay').naturalWidth > 0")
+    box, under = overlay.bounding_box(), page.locator("#preview-img").bounding_box()
+    assert box is not None and under is not None
+    assert all(abs(box[k] - under[k]) <= 1 for k in ("x", "y", "width", "height")), (box, under)
+    return page.evaluate("(() => { const o = document.getElementById('why-overlay');"
+                         " return {src: o.src, label: o.dataset.label, width: o.naturalWidth, height: o.naturalHeight}; })()")
+
+
+def test_why_overlays_each_tags_heatmap_on_the_picture(browser: Browser, multi_stub: tuple[Stub, str]) -> None:
+    stub, url = multi_stub
+    page = open_page(browser, url)
+    expect(page.locator("#why")).to_be_hidden()  # nothing to explain before an answer
+    upload(page, "street.png", images.png_bytes(120, 90, seed=2), "image/png")
+    expect(page.locator("#result .row[data-over='true']")).to_have_count(len(MULTI_OVER))
+    toggle = page.get_by_role("button", name="why?")
+    expect(toggle).to_have_attribute("aria-pressed", "false")
+    expect(page.locator("#why-overlay")).to_be_hidden()
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+    first = overlay_shown(page)
+    assert stub.predictions[-1]["explain"] is True
+    assert (first["label"], first["width"], first["height"]) == (MULTI_OVER[0], 120, 90)
+    chooser = page.locator("#why-classes .why-class")
+    expect(chooser).to_have_count(len(MULTI_OVER))
+    expect(chooser.first).to_have_attribute("aria-pressed", "true")
+    screenshot(page, "web_page_why_multi.png")
+    chooser.nth(1).click()
+    expect(chooser.nth(1)).to_have_attribute("aria-pressed", "true")
+    second = overlay_shown(page)
+    assert second["label"] == MULTI_OVER[1] and second["src"] != first["src"]
+
+    toggle.click()  # off: the picture alone again
+    expect(page.locator("#why-overlay")).to_be_hidden()
+    expect(chooser.first).to_be_hidden()
+    toggle.click()  # on again: the heatmaps already fetched, no new request
+    asked = len(stub.predictions)
+    expect(page.locator("#why-overlay")).to_be_visible()
+    assert len(stub.predictions) == asked
+    # a new picture while "why?" is on: its own heatmap follows its answer
+    upload(page, "other.png", images.png_bytes(60, 80, seed=8), "image/png")
+    expect(page.locator("#preview-img")).to_have_attribute("alt", "Preview of other.png")
+    page.wait_for_function("document.getElementById('why-overlay').naturalWidth === 60")
+    assert overlay_shown(page)["height"] == 80
+    assert page.problems == []  # type: ignore[attr-defined]
+    page.context.close()
+
+
+def test_why_says_when_the_server_is_busy(browser: Browser, binary_stub: tuple[Stub, str]) -> None:
+    stub, url = binary_stub
+    stub.explain_busy = True
+    try:
+        page = open_page(browser, url)
+        upload(page, "poster.png", images.png_bytes(80, 60, seed=1), "image/png")
+        expect(page.locator("#result .question")).to_have_text("Is it thriller?")
+        page.get_by_role("button", name="why?").click()
+        status = page.locator("#why-status")
+        expect(status).to_contain_text("every explanation slot is busy", timeout=15_000)
+        expect(status).to_contain_text("HTTP 503")
+        expect(page.locator("#why-overlay")).to_be_hidden()
+        expect(page.locator("#result .question")).to_have_text("Is it thriller?")  # the answer stays
+        page.context.close()
+    finally:
+        stub.explain_busy = False
+
+
 # ---------------------------------------------------------------- the real app
 
 
@@ -448,6 +541,14 @@ def test_the_page_against_the_real_app(browser: Browser, real_app_url: str) -> N
     expect(result.locator(".big-pct")).to_have_text(re.compile(r"^[<>]?\d+(\.\d)?%$"))
     expect(result.locator(".row")).to_have_count(2)
     screenshot(page, "web_page_real_app.png")
+
+    # "why?": the server's Grad-CAM overlay of the top class, over the picture
+    page.get_by_role("button", name="why?").click()
+    shown = overlay_shown(page)
+    picked = result.locator(".verdict strong").inner_text()
+    assert shown["label"] == picked and (shown["width"], shown["height"]) == (80, 60)
+    screenshot(page, "web_page_real_app_why.png")
+    page.get_by_role("button", name="why?").click()
 
     # the bundle's example, fetched from the same server and classified
     page.get_by_role("button", name="Classify the example poster.png").click()

@@ -6,6 +6,8 @@
  *   POST /predict?top_k=&threshold=  (multipart field "file")
  *                              -> {labels, scores, top, task}  or  {error: {type, message}}
  *   GET  /examples/{name}      -> example images of this server
+ *   POST /predict?explain=true (same query)  -> the answer plus
+ *                                 explanations: [{label, score, overlay_png (base64), width, height}]
  *
  * No framework, no external resources: the page works offline. Server strings are
  * always inserted as text, never as HTML.
@@ -16,6 +18,9 @@
   const NOT_READY_RETRIES = 30; // 503 while the model loads: ask again, up to this often
   const BELOW_DEFAULT = 3; // multi-label: how many tags under their threshold to list
   const CLASS_CHIPS = 24; // class names shown before "show all"
+  // "why?" asks again on 503 (every explanation slot busy) this often: a few seconds of
+  // patience, then the reason is shown; the answer itself is already on the page
+  const EXPLAIN_RETRIES = 5;
 
   const $ = (id) => document.getElementById(id);
   const els = {
@@ -46,6 +51,11 @@
     modelBody: $("model-body"),
     apikeyField: $("apikey-field"),
     apikeyInput: $("apikey-input"),
+    why: $("why"),
+    whyToggle: $("why-toggle"),
+    whyClasses: $("why-classes"),
+    whyStatus: $("why-status"),
+    whyOverlay: $("why-overlay"),
   };
 
   const state = {
@@ -54,6 +64,9 @@
     answer: null, // the last /predict answer
     seq: 0, // guards against a slow answer overwriting a newer one
     previewUrl: null,
+    why: false, // the "why?" toggle is on
+    explanations: null, // the explanations of the current answer, once fetched
+    shownLabel: null, // the class whose heatmap is over the picture
   };
 
   // ---------------------------------------------------------------- helpers
@@ -338,6 +351,7 @@
 
   function useImage(blob, name) {
     state.image = { blob, name: name || "image" };
+    clearHeatmaps();
     showPreview(blob, state.image.name);
     predict();
   }
@@ -420,17 +434,11 @@
     if (!state.image) return;
     const seq = ++state.seq;
     clearError();
+    clearHeatmaps(); // they belong to the previous answer (its threshold may differ)
     setBusy("Classifying…");
 
-    const params = new URLSearchParams();
-    if (!state.model || state.model.task !== "multi") params.set("top_k", String(topK()));
-    const thr = customThreshold();
-    if (thr !== null) params.set("threshold", String(thr));
-
-    const headers = { Accept: "application/json" };
-    const key = els.apikeyInput.value.trim();
-    if (key) headers["X-Api-Key"] = key;
-    const query = params.toString();
+    const query = predictParams().toString();
+    const headers = requestHeaders();
     const started = performance.now();
     let res;
     for (let attempt = 0; ; attempt += 1) {
@@ -454,6 +462,7 @@
       const err = await responseError(res);
       if (seq !== state.seq) return;
       state.answer = null;
+      els.why.hidden = true;
       els.result.replaceChildren(h("p", { class: "placeholder" }, "No answer for this file."));
       showError(errorTitle(err.status, err.type), err.message,
         ` ${err.type ? `${err.type} · ` : ""}HTTP ${err.status}`, err.hint);
@@ -475,7 +484,117 @@
     renderAnswer(answer);
     const ms = Math.round(performance.now() - started);
     setIdle(`Answered in ${ms} ms`);
+    els.why.hidden = false;
     revealAnswer();
+    if (state.why) explain(seq);
+  }
+
+  function predictParams() {
+    const params = new URLSearchParams();
+    if (!state.model || state.model.task !== "multi") params.set("top_k", String(topK()));
+    const thr = customThreshold();
+    if (thr !== null) params.set("threshold", String(thr));
+    return params;
+  }
+
+  function requestHeaders() {
+    const headers = { Accept: "application/json" };
+    const key = els.apikeyInput.value.trim();
+    if (key) headers["X-Api-Key"] = key;
+    return headers;
+  }
+
+  // ---------------------------------------------------------------- "why?": heatmaps
+
+  function clearHeatmaps() {
+    state.explanations = null;
+    state.shownLabel = null;
+    els.whyOverlay.hidden = true;
+    els.whyOverlay.removeAttribute("src");
+    els.whyClasses.hidden = true;
+    els.whyClasses.replaceChildren();
+    els.whyStatus.textContent = "";
+  }
+
+  function setWhy(on) {
+    state.why = on;
+    els.whyToggle.setAttribute("aria-pressed", on ? "true" : "false");
+    if (!on) {
+      els.whyOverlay.hidden = true;
+      els.whyClasses.hidden = true;
+      els.whyStatus.textContent = "";
+    } else if (state.explanations) {
+      renderHeatmaps();
+    } else if (state.answer) {
+      explain(state.seq);
+    }
+  }
+
+  /** Ask the server for the heatmaps of the answer shown (the same image and options). */
+  async function explain(seq) {
+    if (!state.image || seq !== state.seq) return;
+    els.whyStatus.textContent = "Drawing the heatmap…";
+    const params = predictParams();
+    params.set("explain", "true");
+    let res;
+    for (let attempt = 0; ; attempt += 1) {
+      const form = new FormData();
+      form.append("file", state.image.blob, state.image.name);
+      try {
+        res = await fetch(`/predict?${params}`, { method: "POST", body: form, headers: requestHeaders() });
+      } catch {
+        if (seq === state.seq) els.whyStatus.textContent = "Could not reach the server for the heatmap.";
+        return;
+      }
+      if (seq !== state.seq) return;
+      const wait = Number(res.headers.get("Retry-After"));
+      if (res.status !== 503 || attempt >= EXPLAIN_RETRIES || !(wait >= 0 && wait <= 5)) break;
+      els.whyStatus.textContent = "The server is busy drawing other heatmaps; waiting…";
+      await new Promise((resolve) => setTimeout(resolve, Math.max(wait, 0.5) * 1000));
+      if (seq !== state.seq) return;
+    }
+    if (!res.ok) {
+      const err = await responseError(res);
+      if (seq === state.seq) els.whyStatus.textContent = `No heatmap: ${err.message} (HTTP ${err.status})`;
+      return;
+    }
+    let answer;
+    try {
+      answer = await res.json();
+    } catch {
+      answer = null;
+    }
+    if (seq !== state.seq) return;
+    const found = answer && Array.isArray(answer.explanations) ? answer.explanations : [];
+    if (!found.length) {
+      els.whyStatus.textContent = "The server sent no heatmap for this answer.";
+      return;
+    }
+    state.explanations = found;
+    state.shownLabel = found[0].label;
+    if (state.why) renderHeatmaps();
+  }
+
+  function renderHeatmaps() {
+    const found = state.explanations || [];
+    els.whyStatus.textContent = "";
+    // one button per class explained; with one class there is nothing to choose
+    els.whyClasses.replaceChildren(...found.map((e) =>
+      h("button", {
+        type: "button", class: "why-class", "data-label": e.label,
+        "aria-pressed": e.label === state.shownLabel ? "true" : "false",
+        onclick: () => { state.shownLabel = e.label; renderHeatmaps(); },
+      }, `${readable(e.label)} · ${pct(e.score)}`)));
+    els.whyClasses.hidden = found.length < 2;
+    const shown = found.find((e) => e.label === state.shownLabel) || found[0];
+    if (!shown) return;
+    els.whyOverlay.src = `data:image/png;base64,${shown.overlay_png}`;
+    els.whyOverlay.alt = `Heatmap: where the model saw ${readable(shown.label)} in ${state.image ? state.image.name : "the image"}`;
+    els.whyOverlay.setAttribute("data-label", shown.label);
+    els.whyOverlay.hidden = false;
+    els.whyStatus.textContent = found.length < 2
+      ? `Red: where the model found the most evidence for ${readable(shown.label)}.`
+      : `Red: where the model found the most evidence for ${readable(shown.label)}. Pick a class to see its heatmap.`;
   }
 
   // ---------------------------------------------------------------- answers
@@ -708,6 +827,9 @@
     });
     els.thresholdInput.addEventListener("change", rerunSoon);
     els.apikeyInput.addEventListener("change", rerunSoon);
+
+    // "why?": the heatmaps of the answer, over the picture
+    els.whyToggle.addEventListener("click", () => setWhy(!state.why));
   }
 
   wire();

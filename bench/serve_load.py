@@ -22,6 +22,19 @@ with WORKERS workers), concurrency 32 for ``--swap-duration`` seconds, and meanw
 classifier's biases nudged, so other weights and another version). It counts failed
 requests and shows which version answered, in the order the answers came.
 
+``--capture`` measures ``serve --capture`` instead: the same server (WORKERS workers,
+the backends' default batching) at concurrency 32 without capture, capturing into a
+local folder, and capturing into S3 (a moto server started on loopback, which shares
+the CPU too), alternated ``--capture-rounds`` times so that drift in the machine's load
+falls on every configuration alike. The bundle's random head makes every answer
+unsure, so with the default ``--capture-below 0.6`` every image is captured: the worst
+case. It reports images/s, p50/p99, errors, and the captured and dropped counts and
+bytes from /metrics (counted over the measured load: a few warm-up items still queued
+when it starts are among them), and the CPU moto's process used meanwhile (in cores):
+on this machine the S3 endpoint competes with the server for the same two cores.
+``--capture-below``/``--capture-sample`` set the server's: ``--capture-below 0
+--capture-sample 0.05`` is a realistic 5% capture.
+
 Prints one table: images/s, p50/p99 latency, errors, mean batch size (from the
 server's /metrics), how the open connections were spread over the worker processes
 (seen with ``ss`` half-way through) and the ratio to the ceiling. The load generator shares the CPU
@@ -149,10 +162,10 @@ class Server:
     on the same app factory) in a subprocess."""
 
     def __init__(self, bundle: str, *, backend: str, max_batch: int, workers: int, stock: bool = False,
-                 precision: str = "fp32", extra: tuple[str, ...] = ()) -> None:
+                 precision: str = "fp32", extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.metrics_dir: str | None = None
         if stock:
             from tagmill.serve.config import ServeConfig
@@ -206,6 +219,15 @@ class Server:
         for pid in re.findall(r"pid=(\d+)", out):
             counts[pid] = counts.get(pid, 0) + 1
         return "/".join(str(n) for n in sorted(counts.values(), reverse=True)) or "-"
+
+    def metric_totals(self, *names: str) -> dict[str, float]:
+        """The sum of every sample of each metric (all labels, all workers)."""
+        totals = dict.fromkeys(names, 0.0)
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            name = re.split(r"[{ ]", line, maxsplit=1)[0]
+            if name in totals:
+                totals[name] += float(line.split()[-1])
+        return totals
 
     def batch_totals(self) -> tuple[float, float]:
         """(forward passes, images) so far, over every worker."""
@@ -385,6 +407,104 @@ def swap_under_load(bundle_a: str, bundle_b: str, backend: str, workers: int, sw
             version_runs(versions, names)]
 
 
+# --- capture under load -----------------------------------------------------------------
+
+CAPTURE_CONCURRENCY = 32
+CAPTURE_METRICS = ("tagmill_captured_total", "tagmill_capture_dropped_total", "tagmill_capture_bytes_total")
+#: botocore pointed at the moto server with dummy keys, away from any AWS config here
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+class MotoS3:
+    """moto's S3 server on a loopback port, in a subprocess (``moto[server]``, a dev dependency)."""
+
+    def __enter__(self) -> MotoS3:
+        executable = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+        if executable is None:
+            raise SystemExit("moto_server is not installed (make install: moto[server] is a dev dependency)")
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **self.env},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise TimeoutError("moto_server did not start")
+
+    def bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                     region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    def cpu_seconds(self) -> float:
+        """CPU time moto's process has used so far (user + system, Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def capture_run(bundle: str, backend: str, workers: int, target: str | None, seconds: float, max_requests: int,
+                photos: list[bytes], s3: MotoS3, options: tuple[str, ...] = ()) -> list[str]:
+    """One server (capturing into ``target`` with ``options``, or not), CAPTURE_CONCURRENCY
+    clients: the table row."""
+    kind, precision = split_variant(backend)
+    extra = ("--capture", target, *options) if target else ()
+    with Server(bundle, backend=kind, max_batch=AUTO_MAX_BATCH[kind], workers=workers, precision=precision,
+                extra=extra, env=s3.env) as server:
+        asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
+        before = server.metric_totals(*CAPTURE_METRICS)
+        moto_before = s3.cpu_seconds()
+        result = asyncio.run(drive(server.url, photos, CAPTURE_CONCURRENCY, seconds, max_requests))
+        moto_cpu = s3.cpu_seconds() - moto_before
+        after = server.metric_totals(*CAPTURE_METRICS)
+    captured, dropped, stored = (after[name] - before[name] for name in CAPTURE_METRICS)
+    where = "no capture" if target is None else ("capture to S3 (moto)" if target.startswith("s3://") else "capture to local dir")
+    return [backend, where, str(workers), str(CAPTURE_CONCURRENCY), str(result.requests), f"{result.rate:.1f}",
+            f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
+            "-" if target is None else f"{captured:.0f}", "-" if target is None else f"{dropped:.0f}",
+            "-" if target is None else f"{stored / 1e6:.1f}", f"{moto_cpu / result.seconds:.2f}"]
+
+
+def capture_under_load(bundle: str, backends: list[str], workers: int, rounds: int, seconds: float,
+                       max_requests: int, photos: list[bytes], workdir: Path,
+                       options: tuple[str, ...] = ()) -> list[list[str]]:
+    rows = []
+    with MotoS3() as s3:
+        for round_ in range(rounds):
+            for backend in backends:
+                for target in ("none", "local", "s3"):
+                    folder = None
+                    if target == "local":
+                        folder = tempfile.mkdtemp(prefix="capture-", dir=workdir)
+                        where: str | None = folder
+                    elif target == "s3":
+                        where = f"s3://{s3.bucket(f'capture-{round_}-{backend}')}/capture"
+                    else:
+                        where = None
+                    try:
+                        rows.append(capture_run(bundle, backend, workers, where, seconds, max_requests, photos,
+                                                s3, options))
+                    finally:
+                        if folder:
+                            shutil.rmtree(folder, ignore_errors=True)
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print()
@@ -410,6 +530,11 @@ def main() -> None:
     parser.add_argument("--swap", action="store_true", help="measure model swaps under load instead (see above)")
     parser.add_argument("--swaps", type=int, default=6, help="with --swap: admin swaps per run (A -> B -> A ...)")
     parser.add_argument("--swap-duration", type=float, default=30.0, help="with --swap: seconds of load per run")
+    parser.add_argument("--capture", action="store_true", help="measure serve --capture under load instead (see above)")
+    parser.add_argument("--capture-rounds", type=int, default=2,
+                        help="with --capture: times the three configurations are run, alternated")
+    parser.add_argument("--capture-below", type=float, default=0.6, help="with --capture: the server's --capture-below")
+    parser.add_argument("--capture-sample", type=float, default=0.0, help="with --capture: the server's --capture-sample")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -420,6 +545,18 @@ def main() -> None:
     print(f"bundle {bundle}; {len(photos)} JPEGs of 300-800 px (mean {kb:.0f} KB); "
           f"{args.workers} workers x 1 thread; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
           flush=True)
+
+    if args.capture:
+        options = ("--capture-below", str(args.capture_below), "--capture-sample", str(args.capture_sample))
+        print(f"capture options: {' '.join(options)}", flush=True)
+        rows = capture_under_load(bundle, args.backends.split(","), args.workers, args.capture_rounds, args.duration,
+                                  args.max_requests, photos, workdir, options)
+        header = ["backend", "configuration", "workers", "concurrency", "requests", "images/s", "p50 ms", "p99 ms",
+                  "errors", "captured", "dropped", "MB stored", "moto CPU (cores)"]
+        print_table(header, rows)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        (workdir / "capture_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        return
 
     if args.swap:
         bundle_b = second_version(bundle, workdir)

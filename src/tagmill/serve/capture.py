@@ -33,7 +33,7 @@ Layout (the same on a disk and on S3)::
 
 ``<token>`` is random per process, so every worker of ``--workers N`` (and every
 replica writing to one bucket) names its files apart without any locking. Each file is
-written atomically (``storage.write_bytes``), the image before its sidecar: a sidecar
+written atomically (renamed into place; on S3 one PUT), the image before its sidecar: a sidecar
 always has its image. The date folders keep listings short and let a person take or
 delete one day's capture.
 
@@ -250,8 +250,8 @@ class Capture:
             if size > self._budget:
                 self.metrics.capture_dropped.labels(CAP_REACHED).inc()
                 return
-            storage.write_bytes(*image)
-            storage.write_bytes(*sidecar)
+            _put(*image)
+            _put(*sidecar)
             self._budget -= size
             self.metrics.captured.labels(item.reason).inc()
             self.metrics.capture_bytes.inc(size)
@@ -305,6 +305,16 @@ class Capture:
                       self.location, self._failures, exc)
             self._failures = 0
             self._logged_at = now
+
+
+def _put(location: str, data: bytes) -> None:
+    """Write a file atomically. On S3 one PUT is atomic already (an object appears whole
+    or not at all): no local temporary file and fsync as ``storage.write_bytes`` makes."""
+    if storage.is_s3(location):
+        fs, path = storage.filesystem(location)
+        fs.pipe_file(path, data)
+    else:
+        storage.write_bytes(location, data)
 
 
 def image_extension(data: bytes) -> str:

@@ -30,7 +30,9 @@ falls on every configuration alike. The bundle's random head makes every answer
 unsure, so with the default ``--capture-below 0.6`` every image is captured: the worst
 case. It reports images/s, p50/p99, errors, and the captured and dropped counts and
 bytes from /metrics (counted over the measured load: a few warm-up items still queued
-when it starts are among them), and the CPU moto's process used meanwhile (in cores):
+when it starts are among them), the server's CPU time per request (all its processes:
+a shared machine blurs it far less than throughput), and the CPU moto's process used
+meanwhile (in cores):
 on this machine the S3 endpoint competes with the server for the same two cores.
 ``--capture-below``/``--capture-sample`` set the server's: ``--capture-below 0
 --capture-sample 0.05`` is a realistic 5% capture.
@@ -416,6 +418,19 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_D
           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
+def process_cpu_seconds(pid: int, tree: bool = True) -> float:
+    """CPU time (user + system) a process has used so far, with its live descendants'
+    (Linux /proc): the server's cost per image, which a busy shared machine blurs far
+    less than it blurs throughput."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if tree else []
+    except OSError:
+        return 0.0
+    return total + sum(process_cpu_seconds(int(child)) for child in children)
+
+
 class MotoS3:
     """moto's S3 server on a loopback port, in a subprocess (``moto[server]``, a dev dependency)."""
 
@@ -445,12 +460,7 @@ class MotoS3:
         return name
 
     def cpu_seconds(self) -> float:
-        """CPU time moto's process has used so far (user + system, Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
@@ -467,14 +477,17 @@ def capture_run(bundle: str, backend: str, workers: int, target: str | None, sec
                 extra=extra, env=s3.env) as server:
         asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
         before = server.metric_totals(*CAPTURE_METRICS)
-        moto_before = s3.cpu_seconds()
+        assert server.process is not None
+        moto_before, server_before = s3.cpu_seconds(), process_cpu_seconds(server.process.pid)
         result = asyncio.run(drive(server.url, photos, CAPTURE_CONCURRENCY, seconds, max_requests))
         moto_cpu = s3.cpu_seconds() - moto_before
+        server_cpu = process_cpu_seconds(server.process.pid) - server_before
         after = server.metric_totals(*CAPTURE_METRICS)
     captured, dropped, stored = (after[name] - before[name] for name in CAPTURE_METRICS)
     where = "no capture" if target is None else ("capture to S3 (moto)" if target.startswith("s3://") else "capture to local dir")
     return [backend, where, str(workers), str(CAPTURE_CONCURRENCY), str(result.requests), f"{result.rate:.1f}",
             f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
+            f"{server_cpu / max(result.requests, 1) * 1000:.1f}",
             "-" if target is None else f"{captured:.0f}", "-" if target is None else f"{dropped:.0f}",
             "-" if target is None else f"{stored / 1e6:.1f}", f"{moto_cpu / result.seconds:.2f}"]
 
@@ -552,7 +565,7 @@ def main() -> None:
         rows = capture_under_load(bundle, args.backends.split(","), args.workers, args.capture_rounds, args.duration,
                                   args.max_requests, photos, workdir, options)
         header = ["backend", "configuration", "workers", "concurrency", "requests", "images/s", "p50 ms", "p99 ms",
-                  "errors", "captured", "dropped", "MB stored", "moto CPU (cores)"]
+                  "errors", "server CPU ms/image", "captured", "dropped", "MB stored", "moto CPU (cores)"]
         print_table(header, rows)
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         (workdir / "capture_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

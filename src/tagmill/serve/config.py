@@ -76,7 +76,6 @@ class ServeConfig:
     #: that a client learns quickly that the server is busy
     explain_wait_s: float = 1.0
 
-
     #: capture from traffic (capture.py): a folder or URL where request images the model
     #: was unsure of are stored, with their predictions, for labelling; None: off
     capture: str | None = None

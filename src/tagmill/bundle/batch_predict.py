@@ -90,7 +90,7 @@ def _dataset_tasks(dataset: str, split: str | None) -> list[WorkItem]:
     return tasks
 
 
-def _inputs(task: WorkItem) -> Iterator[tuple[str, bytes | None, str | None]]:
+def task_inputs(task: WorkItem) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(name, bytes or None, error) for every input of a task, in order."""
     if task.kind == "shard":
         for sample in iter_shard(task.items[0]):
@@ -103,7 +103,8 @@ def _inputs(task: WorkItem) -> Iterator[tuple[str, bytes | None, str | None]]:
             yield location, None, str(exc)
 
 
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last may be shorter), read lazily."""
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -116,7 +117,7 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def run_task(predictor: Predictor, task: WorkItem, settings: Settings) -> list[Row]:
     rows: list[Row] = []
-    for batch in _batches(_inputs(task), settings.batch_size):
+    for batch in batched(task_inputs(task), settings.batch_size):
         readable = [data for _, data, _ in batch if data is not None]
         predictions = iter(predictor.predict_bytes(readable, top_k=settings.top_k, threshold=settings.threshold) if readable else [])
         for name, data, error in batch:

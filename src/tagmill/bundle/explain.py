@@ -308,10 +308,10 @@ def explain_paths(predictor: Predictor, paths: list[str], out: str, *, split: st
                   progress: Progress = SILENT) -> ExplainSummary:
     """``explain_to_folder`` over what ``tagmill predict`` reads from ``paths`` (files,
     folders, packed datasets, URLs), in the same order."""
-    from tagmill.bundle.batch_predict import _inputs, plan
+    from tagmill.bundle.batch_predict import plan, task_inputs
 
     tasks = plan(paths, split)
-    inputs = (item for task in tasks for item in _inputs(task))
+    inputs = (item for task in tasks for item in task_inputs(task))
     return explain_to_folder(predictor, inputs, out, total=sum(t.size for t in tasks), progress=progress)
 
 

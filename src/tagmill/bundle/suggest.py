@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.bundle.batch_predict import FILES_PER_TASK, WorkItem, _inputs, plan
+from tagmill.bundle.batch_predict import FILES_PER_TASK, WorkItem, batched, plan, task_inputs
 from tagmill.bundle.predictor import Predictor
 from tagmill.errors import InputError, StorageError, UnreadableImageError
 from tagmill.formats.base import has_image_extension
@@ -203,7 +203,7 @@ def suggest(
     probabilities, features = [], []
     skipped: list[tuple[str, str]] = []
     with progress.task("ranking", sum(t.size for t in tasks)) as advance:
-        for batch in _batches(_readable(tasks, skipped, advance, predictor), predictor.batch_size):
+        for batch in batched(_readable(tasks, skipped, advance, predictor), predictor.batch_size):
             logits, pooled = _forward(model, torch.stack([x for _, x in batch]))
             probabilities.append(predictor.probabilities(logits).numpy())
             features.append(pooled.numpy())
@@ -269,7 +269,7 @@ def _tags(p: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...]
 def _readable(tasks: list[WorkItem], skipped: list[tuple[str, str]], advance, predictor: Predictor
               ) -> Iterator[tuple[str, torch.Tensor]]:
     for task in tasks:
-        for name, data, error in _inputs(task):
+        for name, data, error in task_inputs(task):
             try:
                 if data is None:
                     raise UnreadableImageError(error or "unreadable")
@@ -277,17 +277,6 @@ def _readable(tasks: list[WorkItem], skipped: list[tuple[str, str]], advance, pr
             except UnreadableImageError as exc:
                 skipped.append((name, exc.message))
                 advance(1)
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @torch.inference_mode()
@@ -351,7 +340,7 @@ def _fetch(tasks: list[WorkItem], wanted: dict[str, int]) -> Iterator[tuple[str,
                 if location in wanted:
                     yield location, storage.read_bytes(location)
         elif any(name.startswith(f"{task.dataset}:") for name in wanted):
-            for name, data, _ in _inputs(task):
+            for name, data, _ in task_inputs(task):
                 if name in wanted and data is not None:
                     yield name, data
 

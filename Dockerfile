@@ -49,7 +49,9 @@ RUN python -m venv /opt/tagmill
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY --from=build /wheels /tmp/wheels
-RUN pip install --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels
+# with the explain extra (Grad-CAM, headless OpenCV: no X libraries needed), so the web
+# page's "why?" and /predict?explain=true work in the image
+RUN pip install --no-cache-dir "$(ls /tmp/wheels/tagmill-*.whl)[explain]" && rm -rf /tmp/wheels
 COPY container/entrypoint.sh /usr/local/bin/tagmill-entrypoint
 COPY container/healthcheck.py /usr/local/bin/tagmill-healthcheck
 RUN chmod 0755 /usr/local/bin/tagmill-entrypoint /usr/local/bin/tagmill-healthcheck \

@@ -101,6 +101,12 @@ def check_serving_answers_invoke_endpoint(image: str, root: Path) -> None:
         with pytest.raises(runtime.exceptions.ClientError) as bad:
             runtime.invoke_endpoint(EndpointName="tagmill", ContentType="application/x-image", Body=b"not an image")
         assert bad.value.response["ResponseMetadata"]["HTTPStatusCode"] == 422
+        # the explain extra is in the image: the web page's "why?" works there
+        picture = next((root / "input" / "data" / "validation" / "red").iterdir())
+        explained = httpx.post(f"{url}/predict", params={"explain": "true"}, files={"file": picture.read_bytes()},
+                               timeout=60)
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["explanations"][0]["overlay_png"]
         # the image's HEALTHCHECK, as the engine runs it
         assert podman("healthcheck", "run", name, check=False).returncode == 0
         logs = podman("logs", name).stdout + podman("logs", name).stderr

@@ -139,16 +139,24 @@ def _check_job(config_dir: Path) -> None:
 def run_training(root: str | os.PathLike[str] = DEFAULT_ROOT, *, log: Callable[[str], None] = print,
                  progress: bool = True) -> None:
     """SageMaker's ``train``: channels -> dataset -> run -> bundle in ``model/``."""
+    base = Path(root)
+    _check_job(base / "input" / "config")
+    channels = find_channels(base / "input" / "data")
+    checkpoints = base / "checkpoints"
+    if checkpoints.is_dir():
+        # SageMaker keeps this folder across spot interruptions: the dataset and the run
+        # live there, so a restarted job resumes
+        _train(base, checkpoints / "tagmill", channels, log, progress)
+    else:
+        # the dataset and the run are not the job's output (model/ and output/data are)
+        with tempfile.TemporaryDirectory(prefix="tagmill-job-") as scratch:
+            _train(base, Path(scratch), channels, log, progress)
+
+
+def _train(base: Path, work: Path, channels: Channels, log: Callable[[str], None], progress: bool) -> None:
     from tagmill.api import export_bundle, import_dataset, train_model
 
-    base = Path(root)
-    config_dir = base / "input" / "config"
-    _check_job(config_dir)
-    channels = find_channels(base / "input" / "data")
-    hyperparameters = config_dir / "hyperparameters.json"
-    work = _work_dir(base)
     dataset, run = work / "dataset", work / "run"
-
     if storage.exists(str(dataset / "dataset.json")):
         log(f"dataset already imported in {dataset} (resuming the job)")
     else:
@@ -161,6 +169,7 @@ def run_training(root: str | os.PathLike[str] = DEFAULT_ROOT, *, log: Callable[[
         log(f"continuing the training run in {run}")
         train_model(None, run, resume=True, progress=progress)
     else:
+        hyperparameters = base / "input" / "config" / "hyperparameters.json"
         params = str(hyperparameters) if hyperparameters.is_file() else None
         train_model(dataset, run, hyperparameters=params, progress=progress)
     model_dir = base / "model"
@@ -169,15 +178,6 @@ def run_training(root: str | os.PathLike[str] = DEFAULT_ROOT, *, log: Callable[[
     export_bundle(run, model_dir, onnx=True)
     _copy_outputs(run, base / "output" / "data")
     log(f"model written to {model_dir}")
-
-
-def _work_dir(base: Path) -> Path:
-    """Where the dataset and the run live: the checkpoint folder when the job has one
-    (SageMaker keeps it across spot interruptions), otherwise a scratch folder."""
-    checkpoints = base / "checkpoints"
-    if checkpoints.is_dir():
-        return checkpoints / "tagmill"
-    return Path(tempfile.mkdtemp(prefix="tagmill-job-"))
 
 
 def _empty(folder: Path) -> None:

@@ -32,7 +32,7 @@ fi
 declare -A settings=([index-url]=PIP_INDEX_URL [extra-index-url]=PIP_EXTRA_INDEX_URL
                      [find-links]=PIP_FIND_LINKS [cert]=PIP_CERT)
 mounted=()
-mount() {  # a local path a setting names, visible in the build at the same path
+mount_ro() {  # a local path a setting names, visible in the build at the same path
     local path=$1
     [[ $ENGINE == podman && -e $path ]] || return 0
     for seen in "${mounted[@]:-}"; do [[ $seen == "$path" ]] && return 0; done
@@ -49,7 +49,7 @@ for key in "${!settings[@]}"; do
         [[ $item == /* ]] || continue
         # a file:// index may link to files beside its "simple" folder: mount the folder above
         [[ $item == */simple ]] && item=${item%/simple}
-        mount "$item"
+        mount_ro "$item"
     done
 done
 

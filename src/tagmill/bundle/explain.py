@@ -128,20 +128,33 @@ def _class_indices(predictor: Predictor, classes: Sequence[str] | None) -> list[
         return None
     if isinstance(classes, str):
         classes = [classes]
-    known = {name: i for i, name in enumerate(predictor.classes)}
-    unknown = [c for c in classes if c not in known]
+    position = {name: i for i, name in enumerate(predictor.classes)}
+    return [position[name] for name in check_class_names(classes, predictor.classes)]
+
+
+def check_class_names(classes: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``classes`` once each, in order; an InputError naming the model's classes for a
+    name it does not have."""
+    names = set(known)
+    unknown = [c for c in classes if c not in names]
     if unknown:
-        shown = ", ".join(predictor.classes[:20]) + (", ..." if len(predictor.classes) > 20 else "")
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
         raise InputError(f"no class {unknown[0]!r} in this model", hint=f"its classes: {shown}")
-    return list(dict.fromkeys(known[c] for c in classes))
+    return list(dict.fromkeys(classes))
+
+
+def default_classes(prediction: Prediction) -> list[str]:
+    """What an explanation shows unless told: the answer's labels (the top class, or
+    each tag at or above its threshold, in class order)."""
+    if prediction.labels:
+        return list(prediction.labels)
+    # a multi-label answer with no tag: the most probable one still shows what the model looked at
+    return [prediction.top[0][0]] if prediction.top else []
 
 
 def _predicted(predictor: Predictor, prediction: Prediction) -> list[int]:
     position = {name: i for i, name in enumerate(predictor.classes)}
-    if prediction.labels:
-        return [position[label] for label in prediction.labels]
-    # a multi-label answer with no tag: the most probable one still shows what the model looked at
-    return [position[prediction.top[0][0]]] if prediction.top else []
+    return [position[label] for label in default_classes(prediction)]
 
 
 def _load(predictor: Predictor, image: Any) -> Image.Image:

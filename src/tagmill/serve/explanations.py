@@ -130,26 +130,25 @@ class Explainer:
 def check_classes(asked: Sequence[str], known: Sequence[str]) -> list[str]:
     """The class names asked for, once each, in order; InputError (400) for a name the
     model does not have or for more than MAX_EXPLAINED."""
-    chosen = list(dict.fromkeys(asked))
-    names = set(known)
-    unknown = [name for name in chosen if name not in names]
-    if unknown:
-        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
-        raise InputError(f"explain_class: no class {unknown[0]!r} in this model", hint=f"its classes: {shown}")
+    from tagmill.bundle.explain import check_class_names
+
+    try:
+        chosen = check_class_names(asked, known)
+    except InputError as exc:
+        raise InputError(f"explain_class: {exc.message}", hint=exc.hint) from None
     if len(chosen) > MAX_EXPLAINED:
         raise InputError(f"explain_class: at most {MAX_EXPLAINED} classes per request, not {len(chosen)}")
     return chosen
 
 
 def classes_to_explain(prediction: Prediction, asked: Sequence[str] | None, known: Sequence[str]) -> list[str]:
-    """The classes asked for (checked against the model's), or what the answer names:
-    its labels (the top class, or each tag over its threshold), the most probable first;
-    the top class when no tag reached its threshold. At most MAX_EXPLAINED."""
+    """The classes asked for (checked against the model's), or what the answer names
+    (``bundle.explain.default_classes``), the most probable first. At most MAX_EXPLAINED."""
+    from tagmill.bundle.explain import default_classes
+
     if asked:
         return check_classes(asked, known)
-    labels = sorted(prediction.labels, key=lambda label: -prediction.scores.get(label, 0.0))
-    if not labels and prediction.top:
-        labels = [prediction.top[0][0]]
+    labels = sorted(default_classes(prediction), key=lambda label: -prediction.scores.get(label, 0.0))
     return labels[:MAX_EXPLAINED]
 
 

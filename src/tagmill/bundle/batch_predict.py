@@ -63,7 +63,7 @@ def plan(paths: list[str], split: str | None) -> list[WorkItem]:
     files: list[str] = []
     for path in paths:
         if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
-            tasks += _flush(files)
+            tasks += file_tasks(files)
             files = []
             tasks += _dataset_tasks(path, split)
         elif storage.isdir(path):
@@ -72,10 +72,11 @@ def plan(paths: list[str], split: str | None) -> list[WorkItem]:
             files.append(path)
         else:
             raise InputError(f"no such file or folder: {path}")
-    return tasks + _flush(files)
+    return tasks + file_tasks(files)
 
 
-def _flush(files: list[str]) -> list[WorkItem]:
+def file_tasks(files: list[str]) -> list[WorkItem]:
+    """``files`` in order, FILES_PER_TASK to a task."""
     return [WorkItem("files", tuple(files[i : i + FILES_PER_TASK]), size=len(files[i : i + FILES_PER_TASK]))
             for i in range(0, len(files), FILES_PER_TASK)]
 

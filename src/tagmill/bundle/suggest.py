@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.bundle.batch_predict import FILES_PER_TASK, WorkItem, batched, plan, task_inputs
+from tagmill.bundle.batch_predict import WorkItem, batched, file_tasks, plan, task_inputs
 from tagmill.bundle.predictor import Predictor
 from tagmill.errors import InputError, StorageError, UnreadableImageError
 from tagmill.formats.base import has_image_extension
@@ -244,8 +244,7 @@ def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list
                     sidecar = rel.rsplit(".", 1)[0] + SIDECAR_SUFFIX
                     if sidecar in present:
                         sidecars[name] = storage.join(path, *sidecar.split("/"))
-            tasks += [WorkItem("files", tuple(found[i : i + FILES_PER_TASK]), size=len(found[i : i + FILES_PER_TASK]))
-                      for i in range(0, len(found), FILES_PER_TASK)]
+            tasks += file_tasks(found)
         else:
             others.append(path)
     return tasks + (plan(others, split) if others else []), sidecars

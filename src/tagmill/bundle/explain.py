@@ -103,14 +103,14 @@ def explain(predictor: Predictor, image: Any, *, classes: Sequence[str] | None =
     Thread-safe: explanations of one predictor run one at a time.
     """
     indices = _class_indices(predictor, classes)
-    picture = _load(predictor, image)
-    prediction = predictor.predict_images([picture])[0]
+    picture, inputs = _load(predictor, image)
+    prediction = predictor.predict_tensor(inputs.unsqueeze(0))[0]
     if indices is None:
         indices = _predicted(predictor, prediction)
     if not indices:
         return Explanation(picture, prediction, [])
     model, lock = _explaining_model(predictor)
-    batch = predictor.transform(picture).unsqueeze(0).repeat(len(indices), 1, 1, 1)  # (K, 3, S, S): one per class
+    batch = inputs.unsqueeze(0).repeat(len(indices), 1, 1, 1)  # (K, 3, S, S): one per class
     with lock:
         maps = _grad_cam(model, batch, indices)  # (K, S, S) in [0, 1]
     names = predictor.classes
@@ -157,10 +157,20 @@ def _predicted(predictor: Predictor, prediction: Prediction) -> list[int]:
     return [position[label] for label in default_classes(prediction)]
 
 
-def _load(predictor: Predictor, image: Any) -> Image.Image:
-    load: Callable[[], Image.Image] = predictor._loader(image)  # decoded exactly as predictions are
+def _load(predictor: Predictor, image: Any) -> tuple[Image.Image, torch.Tensor]:
+    """The decoded picture (the overlays lie on it) and the model input (3, S, S), each made
+    exactly as predictions make them: an encoded JPEG's input comes from the fast path, so
+    the explained scores are the served ones."""
+    import os
+
     try:
-        return load()
+        if isinstance(image, (str, os.PathLike)):
+            image = storage.read_bytes(os.fspath(image))
+        load: Callable[[], Image.Image] = predictor._loader(image)
+        picture = load()
+        if isinstance(image, (bytes, bytearray)):
+            return picture, predictor._input_loader(image)()
+        return picture, predictor.transform(picture)
     except TagmillError:
         raise
     except (OSError, ValueError, SyntaxError) as exc:  # e.g. broken EXIF met by to_rgb

@@ -23,12 +23,16 @@ import multiprocessing
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tagmill.errors import UnreadableImageError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Formats that are stored losslessly; their images are re-encoded as PNG, others as JPEG.
 LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "GIF", "TIFF", "PPM", "PGM", "PBM", "TGA", "ICO"})
@@ -275,3 +279,67 @@ def _resize_bicubic(pixels: np.ndarray, size: tuple[int, int], *, turned: bool =
     out_hw = (size[0], size[1]) if vertical_first else (size[1], size[0])
     y = torch.nn.functional.interpolate(x, size=out_hw, mode="bicubic", antialias=True)[0]
     return np.ascontiguousarray((y.permute(2, 1, 0) if vertical_first else y.permute(1, 2, 0)).numpy())
+
+
+def decode_jpeg_upright(data: bytes, *, shrink_to: int | None = None) -> np.ndarray | None:
+    """``to_rgb(decode(data, shrink_to=shrink_to))`` as a (height, width, 3) uint8 array, for an
+    RGB or greyscale JPEG; None for anything else, and on any doubt, so that the caller takes
+    the reference path (which also raises its errors).
+
+    Serving's fast path (``Predictor``): the same DCT scale as ``decode``'s draft, decoded by
+    simplejpeg straight into the array (no Pillow image, no copy into numpy), EXIF orientation
+    applied to the array as ``to_rgb`` applies it to the image. Greyscale comes out as three
+    equal channels, as ``to_rgb``'s convert makes it.
+    """
+    img = _open_header(data)
+    if img is None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    try:
+        if shrink_to is not None:
+            width, height = img.size
+            scale = shrink_to / min(width, height)
+            if scale < 1:
+                img.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))  # as decode(): sets the size only
+        orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, EOFError):  # a broken EXIF block: the reference path says so
+        return None
+    pixels = _decode_jpeg_rgb(data, img.size)
+    if pixels is None:
+        return None
+    return _transpose_array(pixels, orientation)
+
+
+def _transpose_array(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """A (h, w, 3) array turned as Pillow's ``transpose`` turns an image for this EXIF orientation
+    (``_ORIENTATION_TRANSPOSE``), as views; one copy at the end."""
+    turned = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+        6: lambda a: np.rot90(a, -1),  # ROTATE_270: a quarter turn clockwise
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # TRANSVERSE
+        8: lambda a: np.rot90(a, 1),  # ROTATE_90: a quarter turn counter-clockwise
+    }.get(orientation)
+    return pixels if turned is None else np.ascontiguousarray(turned(pixels))
+
+
+def resize_bicubic_chw(pixels: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A (h, w, 3) uint8 array resized to ``size`` (width, height) as Pillow's
+    ``resize(size, BICUBIC)`` resizes the same pixels, as a (3, height, width) uint8 tensor.
+
+    The filter and pass order of ``_resize_bicubic``, without its copies: the array goes in as
+    a channels-last view, and Pillow's vertical-first order is two calls (height, then width;
+    PyTorch skips a pass whose size is unchanged, and rounds to uint8 between the two, as
+    Pillow does) rather than a transposed copy (numpy's transposed copy of a 3-channel uint8
+    image costs more than the resize itself).
+    """
+    torch = _torch()
+    height, width = pixels.shape[:2]
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW view, no copy
+    if (height, width) != (size[1], size[0]):
+        interpolate = torch.nn.functional.interpolate
+        if height - size[1] > 0 and height - size[1] > 2 * (width - size[0]):  # Pillow goes vertical first
+            x = interpolate(x, size=(size[1], width), mode="bicubic", antialias=True)
+        x = interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True)
+    return x[0].contiguous()  # (3, height, width)

@@ -8,14 +8,18 @@ from it, so preprocessing cannot drift between training and serving.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
+from tagmill.dataset.images import resize_bicubic_chw
 from tagmill.errors import InputError
 
 ResizeMethod = Literal["squish", "crop", "pad"]
@@ -97,6 +101,39 @@ def _resize(pre: Preprocess) -> list[torch.nn.Module]:
 def eval_transform(pre: Preprocess) -> T.Compose:
     """Deterministic: PIL RGB image -> float tensor (3, input_size, input_size)."""
     return T.Compose([*_resize(pre), *_to_normalised_tensor(pre)])
+
+
+def eval_array_transform(pre: Preprocess) -> Callable[[np.ndarray], torch.Tensor] | None:
+    """:func:`eval_transform` for an upright (H, W, 3) uint8 array (``images.decode_jpeg_upright``)
+    instead of a PIL image: the same sizes, crop and normalisation, and the same antialiased
+    bicubic filter run by PyTorch's vectorised uint8 kernel (``images.resize_bicubic_chw``), so the
+    inputs match the PIL path's up to the rounding of a few pixels by one 8-bit level (serving
+    checks it: ``bundle.predictor.FAST_INPUT_TOLERANCE``). None where there is no such kernel
+    (bilinear, nearest) or the method letterboxes a PIL image (pad): those keep the PIL path.
+    """
+    if pre.interpolation != "bicubic" or pre.resize_method == "pad":
+        return None
+    size = pre.input_size
+    scaled = int(round(size / pre.crop_pct))
+    tail = T.Compose(_to_normalised_tensor(pre))
+
+    def transform(pixels: np.ndarray) -> torch.Tensor:
+        if pre.resize_method == "squish":
+            chw = resize_bicubic_chw(pixels, (size, size))  # (3, S, S) uint8
+        else:  # crop
+            height, width = pixels.shape[:2]
+            chw = TF.center_crop(resize_bicubic_chw(pixels, _shorter_side_to(width, height, scaled)), [size, size])
+        return tail(chw)  # (3, S, S) float
+
+    return transform
+
+
+def _shorter_side_to(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) that ``T.Resize(side)`` gives: the shorter side becomes ``side``, the
+    longer one is scaled and truncated (torchvision's rule, not ``images.shrunk_size``'s rounding)."""
+    if width <= height:
+        return side, int(side * height / width)
+    return int(side * width / height), side
 
 
 def train_transform(pre: Preprocess, augmentation: str = "crop") -> T.Compose:

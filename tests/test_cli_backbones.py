@@ -151,8 +151,8 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_work(tmp_path: Pa
     model = create_classifier("test_resnet", 2, pretrained=False)
     meta = BundleMeta(architecture="test_resnet", task="single", classes=("a", "b"), preprocess=Preprocess(input_size=64))
     bundle = save_bundle(str(tmp_path / "b"), model, meta, onnx=True)
-    if not torch.cuda.is_available():
-        assert "no CUDA GPU" in run("predict", bundle, str(tmp_path), "--device", "cuda", code=InputError.exit_code).output
+    absent = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: refused with or without GPUs
+    assert "no CUDA GPU" in run("predict", bundle, str(tmp_path), "--device", absent, code=InputError.exit_code).output
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU build

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-ARGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
+ARGS = ["--device", "cpu", "--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "48", "--batch-size", "8",
         "--workers", "1", "--frozen-epochs", "1", "--epochs", "2", "--cache-views", "1", "--lr", "0.01"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -30,7 +30,9 @@ def test_same_seed_same_run_and_resuming_a_finished_run_changes_nothing(colour_d
     config = TrainConfig(**TINY, frozen_epochs=1, unfrozen_epochs=1, cache_views=1)
     first = train(colour_dataset, str(tmp_path / "a"), config)
     second = train(colour_dataset, str(tmp_path / "b"), config)
-    assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
+    same = [r["val_loss"] for r in second.history]
+    # bit for bit on a CPU; cuDNN's backward kernels add in no fixed order (~1e-7 apart on an H200)
+    assert [r["val_loss"] for r in first.history] == (pytest.approx(same, rel=1e-5) if torch.cuda.is_available() else same)
     resumed = train(None, str(tmp_path / "a"), resume=True)
     assert resumed.history == first.history
 
@@ -42,8 +44,9 @@ def test_patience_stops_early(colour_dataset, tmp_path):
 
 
 def test_bad_requests_fail_before_any_work(colour_dataset, tmp_path):
+    absent = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: refused with or without GPUs
     with pytest.raises(InputError, match="no CUDA GPU"):
-        train(colour_dataset, str(tmp_path / "gpu"), TrainConfig(**TINY, device="cuda"))
+        train(colour_dataset, str(tmp_path / "gpu"), TrainConfig(**TINY, device=absent))
     with pytest.raises(InputError):
         train(colour_dataset, str(tmp_path / "arch"), TrainConfig(**{**TINY, "backbone": "resnet43"}))
     assert not (tmp_path / "gpu").exists() and not (tmp_path / "arch").exists()

@@ -209,7 +209,7 @@ def test_under_torchrun_only_rank_0_tracks(colour_dataset, tmp_path):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     done = subprocess.run(
-        [sys.executable, "-m", "tagmill", "train", colour_dataset, "--out", str(run_dir), "--nproc", "2",
+        [sys.executable, "-m", "tagmill", "train", colour_dataset, "--out", str(run_dir), "--nproc", "2", "--device", "cpu",
          *TINY, "--track", "tensorboard", "--track", "mlflow"],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )

@@ -16,6 +16,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA GPU is available on this machine", hint="use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InputError(f"--device {name}: no CUDA GPU {device.index} on this machine (it has {count}: "
+                         f"cuda:0 to cuda:{count - 1})", hint="use --device cuda or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {name}: Apple MPS is not available on this machine")
     return device

@@ -56,6 +56,13 @@ def start(device_name: str) -> tuple[DistContext, str]:
     use_gpu = device_name != "cpu" and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device_name}: no CUDA GPU is available on this machine")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))
+    if use_gpu and local_world > torch.cuda.device_count():
+        # nccl refuses two ranks on one GPU, and cuda:N past the last GPU fails deep in CUDA:
+        # say so before any process group exists.
+        raise InputError(f"{local_world} processes on this machine but {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"nccl needs one GPU per process",
+                         hint=f"use --nproc {torch.cuda.device_count()} (one per GPU), or --device cpu for CPU processes")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)
     if use_gpu:

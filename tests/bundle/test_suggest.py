@@ -92,15 +92,38 @@ def test_suggest_reads_a_capture_folder_as_its_images_and_carries_what_the_serve
     sent = _capture_folder(tmp_path / "capture", bundle, 6)
     folder = str(tmp_path / "capture")
     found = suggest(Predictor.from_bundle(bundle), [folder], 3)
-    assert found.considered == 6 and not found.skipped  # no sidecar, marker or temporary file is an input
+    assert found.considered == 6 and not found.skipped  # no predictions part, marker or temporary file is an input
     assert all(entry is not None and entry["model_version"] == "v-test" for entry in found.served)
+    (part,) = (tmp_path / "capture").rglob("predictions-*.jsonl")  # six images: one part
     out = tmp_path / "job" / "to_label.csv"
     write_suggestions(found, str(out), [folder], multilabel=False)
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["id", "labels", "confidence", "priority", "source", *SERVED_COLUMNS]
+    records = {record["image"]: record for record in map(json.loads, part.read_text().splitlines())}
     for row in rows:
-        sidecar = json.loads(Path(row["source"]).with_suffix(".json").read_text())
-        assert row["served_labels"] == "|".join(sidecar["labels"]) and row["served_version"] == "v-test"
+        record = records[Path(row["source"]).name]
+        assert row["served_labels"] == "|".join(record["labels"]) and row["served_version"] == "v-test"
         assert row["served_labels"] == row["labels"]  # the same model: the guess is what was served
-        assert row["captured_at"] == sidecar["captured_at"]
+        assert row["captured_at"] == record["captured_at"]
         assert (out.parent / row["id"]).read_bytes() in sent
+
+
+def test_a_capture_without_its_predictions_and_a_layout_1_folder_are_still_read(tmp_path: Path) -> None:
+    """A writer killed before its lines were written leaves images without them; folders of
+    layout 1 hold a JSON sidecar beside each image. Both are read."""
+    bundle = build_bundle(tmp_path / "model")
+    sent = _capture_folder(tmp_path / "capture", bundle, 4)
+    (part,) = (tmp_path / "capture").rglob("predictions-*.jsonl")
+    lines = part.read_text().splitlines()
+    old = tmp_path / "capture" / "2025-01-01"  # layout 1: a sidecar beside each image
+    old.mkdir()
+    first = json.loads(lines[0])
+    (old / "a.jpg").write_bytes(sent[0])
+    (old / "a.json").write_text(json.dumps({**first, "image": "a.jpg", "model_version": "v-old"}))
+    part.write_text("\n".join(lines[1:3]) + "\nnot json\n")  # the first and last lines lost, one torn
+    found = suggest(Predictor.from_bundle(bundle), [str(tmp_path / "capture")], 10)
+    assert found.considered == 5 and not found.skipped
+    served = {Path(name).name: entry for name, entry in zip(found.names, found.served)}
+    assert served["a.jpg"]["model_version"] == "v-old"
+    assert {name for name, entry in served.items() if entry is None} == {json.loads(lines[i])["image"] for i in (0, 3)}
+    assert sum(entry is not None and entry["model_version"] == "v-test" for entry in served.values()) == 2

@@ -45,9 +45,14 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 
 def captured_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(images, sidecars) under a local capture folder, temporary files excluded."""
+    """(images, predictions parts) under a local capture folder, temporary files excluded."""
     files = [p for p in root.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".")]
-    return sorted(p for p in files if p.suffix != ".json"), sorted(p for p in files if p.suffix == ".json")
+    return sorted(p for p in files if p.suffix != ".jsonl"), sorted(p for p in files if p.suffix == ".jsonl")
+
+
+def records(parts: list[Path]) -> dict[Path, dict]:
+    """Each captured image's prediction record, by the image's path."""
+    return {part.parent / r["image"]: r for part in parts for r in map(json.loads, part.read_text().splitlines())}
 
 
 # --- what is captured --------------------------------------------------------------
@@ -65,13 +70,14 @@ def test_images_below_the_confidence_bound_are_stored_with_their_prediction(bund
             assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
         wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") >= len(unsure), "captures")
         text = client.get("/metrics").text
-    stored, sidecars = captured_files(tmp_path)
+    stored, parts = captured_files(tmp_path)
     assert {p.read_bytes() for p in stored} == unsure  # exactly the unsure ones, byte for byte
     assert metric(text, "tagmill_captured_total", reason="low_confidence") == len(unsure)
-    assert metric(text, "tagmill_capture_bytes_total") == sum(p.stat().st_size for p in stored + sidecars)
+    assert metric(text, "tagmill_capture_bytes_total") == sum(p.stat().st_size for p in stored + parts)
     assert json.loads((tmp_path / MARKER).read_text())["layout"] == "tagmill-capture"
+    assert len(parts) == 1 and len(records(parts)) == len(stored)  # one write for all the predictions
     for image in stored:
-        sidecar = json.loads(image.with_suffix(".json").read_text())
+        sidecar = records(parts)[image]
         assert sidecar["image"] == image.name and image.parent.name == sidecar["captured_at"][:10]
         assert sidecar["reason"] == "low_confidence" and sidecar["confidence"] < bound
         expected = reference.predict_bytes([image.read_bytes()])[0]
@@ -93,8 +99,8 @@ def test_every_prediction_route_captures_and_a_sample_is_marked_as_such(bundle: 
         v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(a).decode()]}]}
         assert client.post("/v2/models/bundle/infer", json=v2).status_code == 200
         wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total", reason="sample") == 5, "captures")
-    stored, _ = captured_files(tmp_path)
-    requests = [json.loads(p.with_suffix(".json").read_text())["request"] for p in stored]
+    stored, parts = captured_files(tmp_path)
+    requests = [records(parts)[p]["request"] for p in stored]
     assert sorted(r["path"] for r in requests) == sorted(
         ["/invocations", "/predict", "/endpoints/x/invocations", "/endpoints/x/invocations", "/v2/models/bundle/infer"])
     assert {r["content_type"].split(";")[0] for r in requests} == {
@@ -115,6 +121,30 @@ def test_the_random_sample_takes_about_its_fraction_and_confident_images_are_not
     taken = capture.pending
     capture.offer([b"y"] * 10, [unsure] * 10, "v1", meta)
     assert capture.pending == taken + 10  # every unsure one
+
+
+def test_a_quiet_servers_predictions_are_written_within_seconds_and_a_busy_ones_in_parts(tmp_path: Path) -> None:
+    from tagmill.serve.capture import MANIFEST_ITEMS, MANIFEST_S
+
+    metrics = ServeMetrics()
+    capture = Capture(str(tmp_path), metrics, below=1.0, queue_items=10_000)
+    meta = BundleMeta(architecture="x", task="single", classes=("a", "b"), preprocess=Preprocess(input_size=16))
+    unsure = Prediction(probabilities=[0.55, 0.45], labels=["a"])
+    capture.start()
+    try:
+        capture.offer(photos(1), [unsure], "v1", meta)
+        started = time.monotonic()
+        wait_for(lambda: captured_files(tmp_path)[1], "the predictions part")
+        assert time.monotonic() - started < MANIFEST_S + 2  # no stop, no further image: the timer wrote it
+        assert len(records(captured_files(tmp_path)[1])) == 1
+        count = MANIFEST_ITEMS * 2 + 5
+        capture.offer(photos(count, seed=1), [unsure] * count, "v1", meta)
+        wait_for(lambda: len(captured_files(tmp_path)[1]) >= 3, "two full parts")
+    finally:
+        capture.stop(drain_s=30)
+    stored, parts = captured_files(tmp_path)
+    assert len(stored) == len(records(parts)) == count + 1
+    assert sorted(len(part.read_text().splitlines()) for part in parts) == [1, 5, MANIFEST_ITEMS, MANIFEST_ITEMS]
 
 
 def test_multi_label_confidence_is_the_least_sure_tags_decision_at_its_threshold() -> None:
@@ -144,8 +174,8 @@ def test_the_size_cap_drops_and_counts_and_holds_across_a_restart(bundle: str, t
             return metric(text, "tagmill_captured_total") + metric(text, "tagmill_capture_dropped_total") == 20
         wait_for(done, "every image stored or dropped")
         text = client.get("/metrics").text
-    stored, sidecars = captured_files(tmp_path)
-    assert 0 < len(stored) == len(sidecars) == metric(text, "tagmill_captured_total") < 20
+    stored, parts = captured_files(tmp_path)
+    assert 0 < len(stored) == len(records(parts)) == metric(text, "tagmill_captured_total") < 20
     assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") == 20 - len(stored)
     assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 12_000 + 200  # + the marker
     # a restart finds the folder full: what is left is less than any dropped item took, so
@@ -218,7 +248,10 @@ def test_capture_into_s3(bundle: str, s3: str) -> None:
     keys = [o["Key"] for o in client_s3.list_objects_v2(Bucket=s3, Prefix="capture/")["Contents"]]
     assert f"capture/{MARKER}" in keys
     jpgs = [k for k in keys if k.endswith(".jpg")]
-    assert len(jpgs) == 3 and len([k for k in keys if k.endswith(".json")]) == 4  # 3 sidecars + the marker
+    parts = [k for k in keys if k.endswith(".jsonl")]
+    assert len(jpgs) == 3 and len(parts) == 1  # the predictions: one PUT for the three
+    lines = client_s3.get_object(Bucket=s3, Key=parts[0])["Body"].read().decode().splitlines()
+    assert sorted(json.loads(line)["image"] for line in lines) == sorted(k.rsplit("/", 1)[1] for k in jpgs)
     assert sorted(client_s3.get_object(Bucket=s3, Key=k)["Body"].read() for k in jpgs) == sorted(sent)
     # and `tagmill suggest` takes the capture URL as it is: the images, with what was served
     found = suggest(Predictor.from_bundle(bundle), [f"s3://{s3}/capture"], 2)
@@ -272,9 +305,9 @@ def test_workers_write_apart_under_unique_names(bundle: str, tmp_path: Path) -> 
                 assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
         with httpx.Client(base_url=server.url, timeout=30) as client:
             wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") == 24, "captures")
-    stored, sidecars = captured_files(tmp_path)
-    assert len(stored) == len(sidecars) == 24 and sorted(p.read_bytes() for p in stored) == sorted(sent)
-    pids = {json.loads(p.read_text())["request"]["pid"] for p in sidecars}
+    stored, parts = captured_files(tmp_path)
+    assert len(stored) == len(records(parts)) == 24 and sorted(p.read_bytes() for p in stored) == sorted(sent)
+    pids = {r["request"]["pid"] for r in records(parts).values()}
     tokens = {p.stem.split("-")[1] for p in stored}
     assert len(pids) == len(tokens) == 2  # both workers captured, each under its own names
     assert not [p for p in tmp_path.rglob(".tmp-*")]  # no temporary file left behind

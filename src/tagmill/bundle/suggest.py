@@ -20,11 +20,12 @@ CSV that ``tagmill import`` reads back — ``id`` (the copied image, beside the 
 copied into a folder next to it, so the file is a self-contained labelling job.
 
 A folder that ``tagmill serve --capture`` fills (``serve/capture.py``; its root holds
-``capture.json``) is read as its images only — the JSON sidecar beside each image and
-any temporary file of an interrupted write are not inputs — and each chosen image's
-sidecar gives the CSV what the server answered for it (``served_labels``,
-``served_confidence``, ``served_version``, ``captured_at``): one small read per chosen
-image, none per ranked one.
+``capture.json``) is read as its images only — the predictions beside them and any
+temporary file of an interrupted write are not inputs — and what the server answered
+for each chosen image goes into the CSV (``served_labels``, ``served_confidence``,
+``served_version``, ``captured_at``): read from the folder's JSON-lines parts (one read
+per 64 captured images), or, in folders of layout 1, from the JSON sidecar beside each
+chosen image (one small read per chosen image, none per ranked one).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ KMEANS_ITERATIONS = 25
 #: the labels separator written for multi-label guesses (``tagmill import --tag-sep``)
 TAG_SEPARATOR = "|"
 #: the layout of ``serve --capture`` folders, defined here because data flows from
-#: bundle/ to serve/ (``serve/capture.py`` imports these): the marker file at the root,
-#: and the prediction beside each image, under the image's name with this suffix
+#: bundle/ to serve/ (``serve/capture.py`` imports these): the marker file at the root;
+#: the predictions in JSON-lines parts named with this prefix and suffix (layout 2), or,
+#: in layout 1, beside each image under the image's name with the sidecar suffix
 CAPTURE_MARKER = "capture.json"
+MANIFEST_PREFIX, MANIFEST_SUFFIX = "predictions-", ".jsonl"
 SIDECAR_SUFFIX = ".json"
 #: CSV columns for a captured image: what the server answered when it was captured
 SERVED_COLUMNS = ("served_labels", "served_confidence", "served_version", "captured_at")
@@ -176,7 +179,7 @@ class Suggestions:
     priority: list[float]  #: each one's uncertainty (see ``uncertainty``)
     considered: int  #: readable inputs ranked
     skipped: list[tuple[str, str]] = field(default_factory=list)  #: (input, why) of unreadable inputs
-    #: for inputs from a capture folder, their sidecar (what the server answered); else None
+    #: for inputs from a capture folder, what the server answered (its prediction record); else None
     served: list[dict | None] = field(default_factory=list)
 
 
@@ -198,7 +201,7 @@ def suggest(
     model = predictor.torch_model
     if model is None:
         raise InputError("suggest needs the bundle's torch weights (the torch backend)")
-    tasks, sidecars = plan_with_captures(paths, split)
+    tasks, served = plan_with_captures(paths, split)
     names: list[str] = []
     probabilities, features = [], []
     skipped: list[tuple[str, str]] = []
@@ -220,14 +223,16 @@ def suggest(
     chosen_names = [names[i] for i in chosen]
     return Suggestions(chosen_names, guesses, [float(probs[i].max()) for i in chosen],
                        [float(scores[i]) for i in chosen], len(names), skipped,
-                       [_read_sidecar(sidecars[name]) if name in sidecars else None for name in chosen_names])
+                       [_served(served.get(name)) for name in chosen_names])
 
 
-def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, str]]:
-    """``batch_predict.plan``, with capture folders read as their images only; also
-    each captured image's sidecar location, by the image's input name."""
+def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, dict | str]]:
+    """``batch_predict.plan``, with capture folders read as their images only; also,
+    by the image's input name, what the server answered for each captured image: its
+    record (layout 2, read here from the folder's parts) or its sidecar's location
+    (layout 1, read only for the images chosen)."""
     tasks: list[WorkItem] = []
-    sidecars: dict[str, str] = {}
+    served: dict[str, dict | str] = {}
     others: list[str] = []
     for path in paths:
         if storage.isdir(path) and storage.exists(storage.join(path, CAPTURE_MARKER)):
@@ -237,17 +242,45 @@ def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list
             present = set(files)
             found = []
             for rel in files:
-                # temporary files of interrupted atomic writes start with a dot (storage.AtomicFile)
-                if has_image_extension(rel) and not rel.rsplit("/", 1)[-1].startswith("."):
+                folder, _, base = rel.rpartition("/")
+                if base.startswith(".") or rel == CAPTURE_MARKER:
+                    continue  # temporary files of interrupted atomic writes (storage.AtomicFile)
+                if base.startswith(MANIFEST_PREFIX) and base.endswith(MANIFEST_SUFFIX):
+                    for record in _read_records(storage.join(path, *rel.split("/"))):
+                        served[storage.join(path, *folder.split("/"), record["image"])] = record
+                elif has_image_extension(rel):
                     name = storage.join(path, *rel.split("/"))
                     found.append(name)
                     sidecar = rel.rsplit(".", 1)[0] + SIDECAR_SUFFIX
                     if sidecar in present:
-                        sidecars[name] = storage.join(path, *sidecar.split("/"))
+                        served[name] = storage.join(path, *sidecar.split("/"))
             tasks += file_tasks(found)
         else:
             others.append(path)
-    return tasks + (plan(others, split) if others else []), sidecars
+    return tasks + (plan(others, split) if others else []), served
+
+
+def _read_records(location: str) -> list[dict]:
+    """A predictions part's records; an unreadable part or line is passed over (its
+    images are still worth labelling, with nothing served beside them)."""
+    try:
+        text = storage.read_bytes(location).decode("utf-8", errors="replace")
+    except StorageError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("image"), str):
+            records.append(record)
+    return records
+
+
+def _served(entry: dict | str | None) -> dict | None:
+    """What the server answered: a record as read, or a layout-1 sidecar read now."""
+    return _read_sidecar(entry) if isinstance(entry, str) else entry
 
 
 def _read_sidecar(location: str) -> dict | None:

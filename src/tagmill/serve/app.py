@@ -129,7 +129,7 @@ def create_app(
     _add_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     if service.capture is not None:
-        app.add_middleware(CaptureContext)  # the request's path and content type, for the capture's sidecars
+        app.add_middleware(CaptureContext)  # the request's path and content type, for what the capture records
     guard = _api_key_guard(config.api_key)
     _add_health_routes(app, service)
     _add_prediction_routes(app, service, guard)

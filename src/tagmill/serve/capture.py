@@ -28,16 +28,24 @@ by reason) and logs it (rate-limited); the request never sees any of it.
 Layout (the same on a disk and on S3)::
 
     DIR/capture.json                                  marks the layout (suggest reads it)
-    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.jpg   the request's bytes
-    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.json  the prediction (sidecar)
+    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.jpg     the request's bytes
+    DIR/2026-11-29/predictions-20261129T171221.123456Z-<token>-000017.jsonl
+                                                      one line per image: the prediction
 
 ``<token>`` is random per process, so every worker of ``--workers N`` (and every
 replica writing to one bucket) names its files apart without any locking. Each file is
-written atomically (renamed into place; on S3 one PUT), the image before its sidecar: a sidecar
-always has its image. The date folders keep listings short and let a person take or
-delete one day's capture.
+written atomically (renamed into place; on S3 one PUT). One write per image: the
+predictions go into a JSON-lines part per ``MANIFEST_ITEMS`` images or ``MANIFEST_S``
+seconds, whichever comes first (and at shutdown), written after the images it names, so
+every line has its image; a killed process loses at most that many lines, never an
+image (``suggest`` still reads an image without a line, with nothing served beside it).
+Local images are renamed into place without an fsync: a power cut may lose the last
+seconds of a capture, which is a sample, while an fsync per image would block the
+writer ~4 ms each. The date folders keep listings short and let a person take or
+delete one day's capture. Layout version 1 (a JSON sidecar beside each image) is still
+read by ``suggest``.
 
-The size cap (``--capture-max-gb``) counts image and sidecar bytes. At start each
+The size cap (``--capture-max-gb``) counts image and prediction bytes. At start each
 worker adds up what the folder already holds and takes an equal share of what is left,
 so N workers together stay within the cap; it holds approximately across restarts (a
 worker restarted later shares what is left then).
@@ -61,7 +69,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from tagmill import storage
-from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER, SIDECAR_SUFFIX
+from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER, MANIFEST_PREFIX, MANIFEST_SUFFIX
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -72,7 +80,12 @@ log = logging.getLogger(__name__)
 
 #: what the marker file (MARKER, at the folder's root) says the folder holds
 LAYOUT = "tagmill-capture"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+#: predictions are written in parts of at most this many lines (one write per 64 images:
+#: a ~1.5% write overhead over the images themselves) ...
+MANIFEST_ITEMS = 64
+#: ... or once the oldest unwritten line is this old, so a quiet server's lines still land
+MANIFEST_S = 5.0
 #: why an item is stored
 LOW_CONFIDENCE, SAMPLE = "low_confidence", "sample"
 #: why an item is dropped (the reason label of tagmill_capture_dropped_total)
@@ -107,6 +120,10 @@ def decision_confidence(probabilities: Sequence[float], task: str, thresholds: S
         room = t if p < t else 1.0 - t
         least = min(least, 0.5 + 0.5 * min(abs(p - t) / max(room, 1e-6), 1.0))
     return least
+
+
+#: what the writer takes from an empty queue when it woke to write the lines that are due
+_NOTHING = object()
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,8 @@ class Capture:
         self._thread: threading.Thread | None = None
         self._stop_by: float | None = None
         self._budget: int | None = None  #: bytes this process may still write; None until scanned
+        self._lines: list[tuple[str, str, bytes]] = []  #: (folder, image stem, JSON line) not yet written
+        self._lines_since = 0.0  #: time.monotonic() of the oldest entry in _lines
         self._failures = 0  #: storage errors not yet logged
         self._logged_at = float("-inf")
         for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
@@ -231,33 +250,54 @@ class Capture:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue:
-                    self._ready.wait()
-                item = self._queue.popleft()
-                if item is not None:
+                if not self._queue:  # idle: sleep until an item comes or the lines are due
+                    self._ready.wait(max(0.0, self._lines_since + MANIFEST_S - time.monotonic())
+                                     if self._lines else None)
+                item = self._queue.popleft() if self._queue else _NOTHING
+                if isinstance(item, _Item):
                     self._queued_bytes -= len(item.data)
                 late = self._stop_by is not None and time.monotonic() > self._stop_by
             if item is None or late:
+                self._write_lines()
                 return
-            self._store(item)
+            if isinstance(item, _Item):
+                self._store(item)
+            if len(self._lines) >= MANIFEST_ITEMS or (self._lines and time.monotonic() - self._lines_since >= MANIFEST_S):
+                self._write_lines()
 
     def _store(self, item: _Item) -> None:
         try:
             if self._budget is None:
                 self._budget = self._scan()
-            image, sidecar = self._files(item)
-            size = len(item.data) + len(sidecar[1])
+            folder, stem, image, line = self._entry(item)
+            size = len(item.data) + len(line)
             if size > self._budget:
                 self.metrics.capture_dropped.labels(CAP_REACHED).inc()
                 return
-            _put(*image)
-            _put(*sidecar)
+            _put(storage.join(folder, image), item.data)
+            if not self._lines:
+                self._lines_since = time.monotonic()
+            self._lines.append((folder, stem, line))
             self._budget -= size
             self.metrics.captured.labels(item.reason).inc()
             self.metrics.capture_bytes.inc(size)
         except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
             self.metrics.capture_dropped.labels(STORAGE_ERROR).inc()
             self._log_failure(exc)
+
+    def _write_lines(self) -> None:
+        """One JSON-lines part per date folder for the predictions not yet written, named
+        after its first image. On a storage error the lines are lost (their images stay)."""
+        lines, self._lines = self._lines, []
+        by_folder: dict[str, list[tuple[str, bytes]]] = {}
+        for folder, stem, line in lines:
+            by_folder.setdefault(folder, []).append((stem, line))
+        for folder, entries in by_folder.items():
+            try:
+                _put(storage.join(folder, MANIFEST_PREFIX + entries[0][0] + MANIFEST_SUFFIX),
+                     b"".join(line for _, line in entries))
+            except Exception as exc:  # noqa: BLE001 - as _store: never let the writer die
+                self._log_failure(exc)
 
     def _scan(self) -> int:
         """What this process may write: its share of what the cap leaves. Also creates
@@ -274,14 +314,14 @@ class Capture:
         log.info("capture: %s holds %.1f MB; this process may add %.1f MB", self.location, used / 1e6, budget / 1e6)
         return budget
 
-    def _files(self, item: _Item) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
-        """(location, bytes) of the image and of its sidecar."""
+    def _entry(self, item: _Item) -> tuple[str, str, str, bytes]:
+        """(folder, stem, image file name, prediction line) of an item."""
         moment = datetime.fromtimestamp(item.at, tz=timezone.utc)
         self._sequence += 1
         stem = f"{moment:%Y%m%dT%H%M%S.%f}Z-{self._token}-{self._sequence:06d}"
         folder = storage.join(self.location, f"{moment:%Y-%m-%d}")
         image_name = stem + image_extension(item.data)
-        sidecar: dict[str, Any] = {
+        record: dict[str, Any] = {
             "image": image_name,
             "captured_at": moment.isoformat().replace("+00:00", "Z"),
             "reason": item.reason,
@@ -294,8 +334,7 @@ class Capture:
             "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
                         "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
         }
-        return ((storage.join(folder, image_name), item.data),
-                (storage.join(folder, stem + SIDECAR_SUFFIX), json.dumps(sidecar, indent=1).encode()))
+        return folder, stem, image_name, json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
     def _log_failure(self, exc: BaseException) -> None:
         self._failures += 1
@@ -308,13 +347,13 @@ class Capture:
 
 
 def _put(location: str, data: bytes) -> None:
-    """Write a file atomically. On S3 one PUT is atomic already (an object appears whole
-    or not at all): no local temporary file and fsync as ``storage.write_bytes`` makes."""
+    """Write a file atomically, without an fsync (see the module docstring). On S3 one
+    PUT is atomic already (an object appears whole or not at all): no local temporary file."""
     if storage.is_s3(location):
         fs, path = storage.filesystem(location)
         fs.pipe_file(path, data)
     else:
-        storage.write_bytes(location, data)
+        storage.write_bytes(location, data, durable=False)
 
 
 def image_extension(data: bytes) -> str:

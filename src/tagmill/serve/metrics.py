@@ -90,7 +90,7 @@ class ServeMetrics:
             "(queue_full, cap_reached, storage_error, error).", ["reason"], registry=self.registry,
         )
         self.capture_bytes = Counter(
-            "tagmill_capture_bytes", "Bytes --capture stored (images and their sidecars).", registry=self.registry,
+            "tagmill_capture_bytes", "Bytes --capture stored (images and their predictions).", registry=self.registry,
         )
 
     def serving(self, version: str, previous: str | None = None) -> None:

@@ -604,6 +604,7 @@ def serve(
     capture_below: Annotated[float, typer.Option(help="With --capture: store images whose confidence is below this (multi-label: the least sure tag's, 0.5 at its threshold).")] = 0.6,
     capture_sample: Annotated[float, typer.Option(help="With --capture: also store this random fraction of all images.")] = 0.0,
     capture_max_gb: Annotated[float, typer.Option(help="With --capture: stop storing when the folder holds this many GiB.")] = 5.0,
+    capture_queue: Annotated[int, typer.Option(help="With --capture: images waiting for the writer at most; beyond, dropped and counted.")] = 256,
     config_file: ConfigFile = None,
 ) -> None:
     """Serve a bundle: SageMaker-compatible endpoint, KServe/Triton v2 protocol, REST API and a web page.
@@ -618,7 +619,7 @@ def serve(
         max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_connections=max_connections, header_timeout_s=header_timeout_s, model_name=model_name,
         capture=capture, capture_below=capture_below, capture_sample=capture_sample, capture_max_gb=capture_max_gb,
-        explain_concurrency=explain_concurrency, explain_wait_s=explain_wait_s,
+        capture_queue=capture_queue, explain_concurrency=explain_concurrency, explain_wait_s=explain_wait_s,
     )
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     out.print(f"serving {bundle} — web page: [bold]http://{shown}:{port}/[/]  (Ctrl+C to stop)", highlight=False)

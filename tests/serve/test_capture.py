@@ -293,6 +293,7 @@ def test_a_full_queue_drops_and_counts_while_every_request_is_answered(bundle: s
     assert answers == [200] * 8
     # the writer holds one item (stuck), the queue one more: the rest were dropped
     assert metric(text, "tagmill_capture_dropped_total", reason="queue_full") >= 6
+    assert metric(text, "tagmill_capture_queued") == 1  # what waits behind the stuck write
     assert metric(text, "tagmill_captured_total") == 0
 
 

@@ -216,6 +216,7 @@ class Capture:
                 self._queue.append(item)
                 self._queued_bytes += len(item.data)
                 self._ready.notify()
+                self.metrics.capture_queued.inc()
         if full:
             self.metrics.capture_dropped.labels(QUEUE_FULL).inc()
 
@@ -256,6 +257,7 @@ class Capture:
                 item = self._queue.popleft() if self._queue else _NOTHING
                 if isinstance(item, _Item):
                     self._queued_bytes -= len(item.data)
+                    self.metrics.capture_queued.dec()
                 late = self._stop_by is not None and time.monotonic() > self._stop_by
             if item is None or late:
                 self._write_lines()

@@ -92,6 +92,11 @@ class ServeMetrics:
         self.capture_bytes = Counter(
             "tagmill_capture_bytes", "Bytes --capture stored (images and their predictions).", registry=self.registry,
         )
+        # livesum, as queue_depth: a queue that stays near --capture-queue is about to drop
+        self.capture_queued = Gauge(
+            "tagmill_capture_queued", "Images waiting for the --capture writer.",
+            multiprocess_mode="livesum", registry=self.registry,
+        )
 
     def serving(self, version: str, previous: str | None = None) -> None:
         """This process now serves ``version`` (instead of ``previous``)."""

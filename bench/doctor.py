@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/doctor.py [--datasets B,C,A] [--out bench/results/doctor.json]
                                      [--work /tmp/tagmill-doctor-bench] [--dev] [--wait-idle MIN]
-                                     [--limit N] [--plant-only] [--print-only]
+                                     [--limit N] [--plant-only] [--print-only] [--skip-loss]
     make bench-doctor                       # installs .[dev,bench], then runs the reported sets
 
 Data: the datasets of ``bench/quality.py`` (imported from it, built once into its cache
@@ -414,7 +414,8 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
     aligned thumbnail difference; hash bits for the candidate search)."""
     from tagmill.dataset.manifest import load_manifest
     from tagmill.doctor.diagnose import NEIGHBOURS, _aligned, _features
-    from tagmill.doctor.duplicates import HASH_BITS, MAX_DIFFERENCE, MIN_COSINE, measure_pairs, pixel_differences
+    from tagmill.doctor.duplicates import (HASH_BITS, MAX_DIFFERENCE, MIN_COSINE, MIN_KEPT, measure_pairs,
+                                          pixel_differences)
     from tagmill.doctor.neighbours import nearest_neighbours
     from tagmill.doctor.scan import scan_dataset
     from tagmill.progress import SILENT
@@ -482,7 +483,8 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
     exact, candidates = measure_pairs(facts, x, neighbours, min_cosine=min(GRID_COSINE))
     for h in GRID_DIFFERENCE:
         for c in GRID_COSINE:
-            found = exact + [p for p in candidates if p.similarity >= c and p.difference <= h]
+            found = exact + [p for p in candidates if p.similarity >= c and p.difference <= h and p.aligned_bits <= HASH_BITS
+                             and p.kept >= MIN_KEPT]
             keys = [frozenset((p.a, p.b)) for p in found]
             with_copy = [k for k in keys if k & copy_rows and k not in planted_set]
             implied = sum(bool(group[min(k)] == group[max(k)]) for k in with_copy)
@@ -630,7 +632,7 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 
 def bench_one(ds: quality.Dataset, work: Path, limit: int | None, plant_only: bool, dev: bool,
-              wait_idle: float) -> dict[str, Any]:
+              wait_idle: float, skip_loss: bool = False) -> dict[str, Any]:
     name = ds.spec.name + (f"-limit{limit}" if limit else "")
     root = work / name
     print(f"[{ds.spec.key}] planting into {root}", flush=True)
@@ -672,6 +674,9 @@ def bench_one(ds: quality.Dataset, work: Path, limit: int | None, plant_only: bo
     entry["labels"] = score_labels(issues, truth)
     entry["duplicates"] = score_duplicates(read_csv(root / "doctor-planted" / "duplicates.csv"), clean_rows, truth)
 
+    if skip_loss:
+        entry["loss_error"] = "skipped (--skip-loss)"
+        return entry
     print(f"[{ds.spec.key}] tagmill train (defaults) + loss of every image ...", flush=True)
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
@@ -703,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev", action="store_true", help="the dev variants (for tuning), with the near-copy geometry")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each set (smoke runs)")
     parser.add_argument("--plant-only", action="store_true", help="write the planted sources and stop")
+    parser.add_argument("--skip-loss", action="store_true",
+                        help="no training and loss ranking (the doctor's numbers only; without --dev)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="MINUTES",
                         help="before each timed step, wait up to this long for other processes to leave the CPUs")
     parser.add_argument("--print-only", action="store_true", help="print the tables of the results in --out, stop")
@@ -728,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     for ds in datasets:
         try:
-            entry = bench_one(ds, work, args.limit, args.plant_only, args.dev, args.wait_idle)
+            entry = bench_one(ds, work, args.limit, args.plant_only, args.dev, args.wait_idle, args.skip_loss)
         except Exception as exc:  # noqa: BLE001 - one failing set must not lose the other's numbers
             import traceback
 

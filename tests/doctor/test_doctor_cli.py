@@ -100,7 +100,14 @@ def test_copies_across_splits_are_reported_first_as_leakage(planted):
     assert exact["kind"] == "exact" and exact["leakage"] == "1"
     assert near["kind"] == "near" and near["leakage"] == "1"
     assert {p["leakage"] for p in pairs[:2]} == {"1"}
-    assert len(pairs) <= 4  # crops of one photo are alike, but not copies
+    # crops of one photo may hold each other (one keeping 80% of the other's area, as a
+    # copy cropped by 5% per side would): such pairs are reported; crops of different
+    # photos never are
+    def photo(image_id: str) -> str:
+        return "rocket" if image_id.endswith("flipped.jpg") else image_id.split("/")[1]
+
+    assert all(photo(p["id_a"]) == photo(p["id_b"]) for p in pairs), pairs
+    assert len(pairs) <= 8
     dropped = (planted["out"] / "drop_suggested.txt").read_text().split("\n")
     assert "val/rocket/exactcopy.jpg" in dropped and "val/astronaut/nearcopy.jpg" in dropped
     summary = json.loads((planted["out"] / "doctor.json").read_text())

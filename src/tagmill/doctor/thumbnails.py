@@ -58,12 +58,12 @@ def as_tensor(thumbnails: list[bytes]) -> Tensor:
     return torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float()
 
 
-def _area_matrices(low: Tensor, high: Tensor) -> Tensor:
-    """(..., COMPARED, SIDE) from windows [low, high] (fractions of the side, any batch
-    shape): row j averages the stored cells over the j-th of COMPARED equal parts of the
-    window, each cell weighted by its overlap with that part (exact area resampling of
-    a picture that is constant within each stored cell)."""
-    steps = torch.arange(COMPARED + 1, dtype=torch.float64) / COMPARED
+def _area_matrices(low: Tensor, high: Tensor, parts: int = COMPARED) -> Tensor:
+    """(..., parts, SIDE) from windows [low, high] (fractions of the side, any batch
+    shape): row j averages the stored cells over the j-th of ``parts`` equal parts of
+    the window, each cell weighted by its overlap with that part (exact area resampling
+    of a picture that is constant within each stored cell)."""
+    steps = torch.arange(parts + 1, dtype=torch.float64) / parts
     out = low.double()[..., None] + (high - low).double()[..., None] * steps  # (..., C+1)
     cells = torch.arange(SIDE + 1, dtype=torch.float64) / SIDE
     overlap = (torch.minimum(out[..., 1:, None], cells[1:]) - torch.maximum(out[..., :-1, None], cells[:-1])).clamp_min(0)
@@ -92,9 +92,13 @@ def _candidates(best: tuple[Tensor, Tensor], offsets: Tensor, refine: bool) -> t
     return cut_start.clamp(0, top), 1.0 - cut_end.clamp(0, top)
 
 
-def _aligned(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+Window = dict[str, tuple[Tensor, Tensor]]  #: per axis ("across", "down"): (cut at start, cut at end), (P,) each
+
+
+def _aligned(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Window]:
     """Align each ``target`` (P, 3, C, C: whole thumbnails, resampled) with a crop window
-    of ``source`` (P, 3, SIDE, SIDE): that window's mean and largest cell differences."""
+    of ``source`` (P, 3, SIDE, SIDE): that window's mean and largest cell differences,
+    and the window."""
     p = len(source)
     rows = torch.arange(p)
     # per axis: the window chosen so far, as (cut at start, cut at end), (P,) each
@@ -115,7 +119,7 @@ def _aligned(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
             best = error.mean(dim=(2, 3, 4)).argmin(dim=1)  # (P,)
             chosen[axis] = (starts[rows, best], 1.0 - ends[rows, best])
     mean = error[rows, best].mean(dim=(1, 2, 3))
-    return mean, _outside_envelope(source, target, chosen)
+    return mean, _outside_envelope(source, target, chosen), chosen
 
 
 #: how far (in compared cells) the chosen window may be off, per axis: the envelope of
@@ -149,21 +153,71 @@ def _outside_envelope(source: Tensor, target: Tensor, chosen: dict[str, tuple[Te
     return outside.mean(dim=1).flatten(1).max(dim=1).values
 
 
-def difference(a: Tensor, b: Tensor) -> Tensor:
-    """(P,) how far the thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE) differ, 0–255: the
-    largest amount by which a cell of one lies outside what the best-aligned crop window
-    of the other allows (``_outside_envelope``; mean over the colour channels). Both
-    directions are aligned; the one whose window differs less on average is kept."""
+#: the perceptual hash's grid: ``imagehash.phash`` (what ``scan`` stores) keeps the 8×8
+#: lowest frequencies of the DCT of a 32×32 grey picture; the aligned hash does the same
+HASH_GRID, HASH_KEPT = 32, 8
+
+
+def _dct_rows() -> Tensor:
+    """(HASH_KEPT, HASH_GRID) the lowest rows of the DCT-II (scale irrelevant: the bits
+    compare coefficients with their median)."""
+    k = torch.arange(HASH_KEPT, dtype=torch.float64)[:, None]
+    n = torch.arange(HASH_GRID, dtype=torch.float64)[None]
+    return torch.cos(torch.pi * k * (2 * n + 1) / (2 * HASH_GRID)).float()
+
+
+def _hash_bits(pictures: Tensor, down: Tensor, across: Tensor) -> Tensor:
+    """(P, 64) booleans: the perceptual hash of each picture (P, 3, SIDE, SIDE) in the
+    window whose (P, HASH_GRID, SIDE) resampling matrices are ``down`` and ``across``."""
+    grey = (pictures * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(dim=1)  # ITU-R 601, as PIL's "L"
+    small = down @ grey @ across.transpose(-1, -2)  # (P, HASH_GRID, HASH_GRID)
+    dct = _dct_rows()
+    low = (dct @ small @ dct.T).flatten(1)  # (P, 64)
+    return low > low.median(dim=1, keepdim=True).values
+
+
+def _window_hash_distance(source: Tensor, target: Tensor, chosen: Window) -> Tensor:
+    """(P,) bits that differ between the hash of each ``target`` (whole) and of the
+    ``chosen`` window of its ``source``."""
+    whole = _area_matrices(torch.zeros(len(target)), torch.ones(len(target)), HASH_GRID)
+    window = {axis: _area_matrices(start, 1.0 - end, HASH_GRID) for axis, (start, end) in chosen.items()}
+    mine = _hash_bits(source, window["down"], window["across"])
+    theirs = _hash_bits(target, whole, whole)
+    return (mine != theirs).sum(dim=1)
+
+
+def _kept(chosen: Window) -> Tensor:
+    """(P,) the share of the picture's area inside the ``chosen`` window."""
+    return torch.stack([1.0 - start - end for start, end in chosen.values()]).prod(dim=0)
+
+
+def compare(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How far the thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE) differ once aligned: (P,)
+    the largest amount (0–255) by which a cell of one lies outside what the best-aligned
+    crop window of the other allows (``_outside_envelope``; mean over the colour
+    channels), (P,) the perceptual-hash bits between the one and that window of the
+    other (the layout, compared where the pictures overlap: a crop moves the whole
+    picture's hash, not the window's) and (P,) the share of the other's area that window
+    keeps (1: no crop). Both directions are aligned; the one whose window differs less
+    on average is kept."""
     if len(a) == 0:
-        return torch.zeros(0)
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
     whole = _area_matrices(torch.tensor(0.0), torch.tensor(1.0))  # (C, SIDE)
-    out = []
+    worst, bits, kept = [], [], []
     for start in range(0, len(a), CHUNK):
         x, y = a[start : start + CHUNK], b[start : start + CHUNK]
-        mean_ab, worst_ab = _aligned(x, whole @ y @ whole.T)
-        mean_ba, worst_ba = _aligned(y, whole @ x @ whole.T)
-        out.append(torch.where(mean_ab <= mean_ba, worst_ab, worst_ba))
-    return torch.cat(out)
+        mean_ab, worst_ab, window_ab = _aligned(x, whole @ y @ whole.T)
+        mean_ba, worst_ba, window_ba = _aligned(y, whole @ x @ whole.T)
+        ab = mean_ab <= mean_ba
+        worst.append(torch.where(ab, worst_ab, worst_ba))
+        bits.append(torch.where(ab, _window_hash_distance(x, y, window_ab), _window_hash_distance(y, x, window_ba)))
+        kept.append(torch.where(ab, _kept(window_ab), _kept(window_ba)))
+    return torch.cat(worst), torch.cat(bits), torch.cat(kept)
 
 
-__all__ = ["COMPARED", "CROPS", "SIDE", "as_tensor", "difference", "thumbnail"]
+def difference(a: Tensor, b: Tensor) -> Tensor:
+    """(P,) the first of :func:`compare`: the largest aligned cell difference."""
+    return compare(a, b)[0]
+
+
+__all__ = ["COMPARED", "CROPS", "HASH_GRID", "HASH_KEPT", "SIDE", "as_tensor", "compare", "difference", "thumbnail"]

@@ -7,7 +7,6 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -111,62 +110,3 @@ def test_serve_config_knows_the_predictor_precisions_without_importing_it():
         serve_config.ServeConfig(bundle="b", precision="int8")
     with pytest.raises(InputError, match="unknown precision"):
         serve_config.ServeConfig(bundle="b", backend="onnx", precision="int4")
-
-
-def _tiny_graph(seed: int) -> tuple[bytes, BundleMeta]:
-    from tagmill.bundle.onnx_export import onnx_bytes
-
-    torch.manual_seed(seed)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
-    meta = BundleMeta(architecture="test_efficientnet", task="single", classes=("blue", "green", "red"),
-                      preprocess=Preprocess(input_size=48))
-    return onnx_bytes(model, meta), meta
-
-
-def _logits(graph: bytes, batches) -> np.ndarray:
-    from tagmill.bundle.onnx_export import INPUT_NAME, make_session
-
-    session = make_session(graph)
-    return np.concatenate([session.run(["logits"], {INPUT_NAME: b})[0] for b in batches])
-
-
-def test_the_refit_classifier_brings_the_int8_logits_closer_to_fp32(colour_dataset):
-    """Least squares pulled towards the fp32 weights can only lower the error on the images it
-    was fit on; a wrong weight layout or bias would raise it. The convolutions kept in fp32 and
-    the classifier are left unquantized."""
-    import onnx
-
-    from tagmill.bundle.quantize import calibration_batches, quantize_graph, refit_head
-
-    fp32, meta = _tiny_graph(3)
-    batches = calibration_batches(colour_dataset, meta, 48)
-    int8 = quantize_graph(fp32, batches, fp32_leading_convs=2)
-    refit, images_used = refit_head(int8, fp32, iter(batches))
-
-    target = _logits(fp32, batches)
-    before, after = (float(((_logits(g, batches) - target) ** 2).mean()) for g in (int8, refit))
-    assert images_used == sum(len(b) for b in batches) == 48
-    assert 0 < after < before
-    nodes = onnx.load_from_string(refit).graph.node
-    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}  # an int8 tensor's fp32 view
-    convs = [n for n in nodes if n.op_type == "Conv"]
-    head = next(n for n in nodes if "logits" in n.output)
-    assert len(convs) > 2
-    assert not any(c.input[1] in dequantized for c in convs[:2])  # fp32 weights
-    assert all(c.input[1] in dequantized for c in convs[2:])  # int8 weights
-    assert head.op_type == "Gemm" and head.input[1] not in dequantized
-    assert [o.name for o in onnx.load_from_string(refit).graph.output] == ["logits"]  # the features output is gone
-
-
-def test_a_graph_without_a_plain_gemm_head_is_not_refit(colour_dataset):
-    import onnx
-
-    from tagmill.bundle.quantize import calibration_batches, refit_head
-
-    fp32, meta = _tiny_graph(4)
-    model = onnx.load_from_string(fp32)
-    head = next(n for n in model.graph.node if "logits" in n.output)
-    head.attribute.append(onnx.helper.make_attribute("alpha", 2.0))  # a scaled Gemm: not the classifier refit_head knows
-    odd = model.SerializeToString()
-
-    assert refit_head(odd, fp32, iter(calibration_batches(colour_dataset, meta, 16))) == (odd, 0)

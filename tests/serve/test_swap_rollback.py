@@ -31,7 +31,9 @@ class _ScriptedService:
         self.location = SERVED
 
     def swap_to(self, location: str, *, allow_class_change: bool) -> SwapOutcome:
-        self.log.put((self.index, location))
+        # the queue's feeder thread may deliver after the reply: the time gives the call order
+        # (CLOCK_MONOTONIC is one clock for every process)
+        self.log.put((time.monotonic(), self.index, location))
         if location == NEW and self.index in self.refusing:
             raise BundleError(f"{location}: model.safetensors does not match its sha256")
         previous, self.location = self.location, location
@@ -60,12 +62,11 @@ def workers(request):
 
 
 def calls(log, count: int) -> list[tuple[int, str]]:
-    seen, deadline = [], time.monotonic() + 10
-    while len(seen) < count and time.monotonic() < deadline:
-        seen.append(log.get(timeout=10))
+    """The workers' swap_to calls, (worker, location), in the order they were made."""
+    seen = [log.get(timeout=10) for _ in range(count)]
     time.sleep(0.2)
     assert log.empty(), "more calls than expected"
-    return seen
+    return [(index, location) for _, index, location in sorted(seen)]
 
 
 @pytest.mark.parametrize("workers", [(2,)], indirect=True)

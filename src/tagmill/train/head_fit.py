@@ -177,15 +177,23 @@ def _fit_head(
         candidates: dict[tuple[int, float], float] = {}
         oofs: dict[tuple[int, float], Tensor] = {}
         fold_heads: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
+
+        def best(among) -> tuple[int, float]:
+            return max(among, key=lambda c: (candidates[c], -c[0], c[1]))
+
         for count in sorted({1, len(views)}):
             tried = grid if count == 1 else _near_best(grid, candidates)
             cv_scores, cv_oofs, cv_heads = _cross_validate(cv_views[:count], targets[cv_rows], task, num_classes,
                                                            fold_of[cv_rows], k, tried)
             candidates.update({(count, g): v for g, v in cv_scores.items()})
-            oofs.update({(count, g): p for g, p in cv_oofs.items()})
+            # only the winner's out-of-fold table is used, and the winner is the best of
+            # some count: each count keeps its best table (20,000 x C floats each)
+            kept = best([(count, g) for g in cv_scores])
+            oofs[kept] = cv_oofs[kept[1]]
             fold_heads.update({(count, g): h for g, h in cv_heads.items()})
+            del cv_oofs
         del cv_views
-        used, l2 = max(candidates, key=lambda c: (candidates[c], -c[0], c[1]))
+        used, l2 = best(candidates)
         scores = {g: candidates[(used, g)] for g in grid if (used, g) in candidates}
         views = views[:used]
         oof = (oofs[(used, l2)], targets[in_cv].cpu())
@@ -336,10 +344,15 @@ class RunningMoments:
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunks(x: Tensor) -> Iterator[Tensor]:
+def _chunks(x: Tensor, rows_of: Tensor | None = None) -> Iterator[Tensor]:
+    """``x``'s rows (or its rows ``rows_of``, gathered a chunk at a time) in chunks."""
     step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    for start in range(0, len(x), step):
-        yield x[start:start + step]
+    if rows_of is None:
+        for start in range(0, len(x), step):
+            yield x[start:start + step]
+    else:
+        for start in range(0, len(rows_of), step):
+            yield x[rows_of[start:start + step]]
 
 
 #: project onto the rows' span only when it has at most this share of the feature
@@ -366,16 +379,18 @@ def _project(rows: Tensor, basis: Tensor | None) -> Tensor:
 def _fit(
     views: list[Tensor], targets: Tensor, task: Objective, num_classes: int, l2: float,
     init: tuple[Tensor, Tensor] | None = None, max_iter: int = MAX_ITER,
-    prepare: Callable[[Tensor], Tensor] | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None, rows_of: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimise mean loss over every view + l2/2·‖W‖² with full-batch L-BFGS.
 
     ``prepare`` maps raw rows to the rows fitted on (standardised, projected); it runs a
     chunk at a time inside each loss evaluation, so the data are never copied whole.
-    Each chunk's loss is weighted by its share of the rows and back-propagated at once:
-    the gradient is the full batch's, the memory a chunk's."""
+    ``rows_of``: fit on these rows of each view only (a fold's; ``targets`` are theirs),
+    gathered a chunk at a time too. Each chunk's loss is weighted by its share of the
+    rows and back-propagated at once: the gradient is the full batch's, the memory a
+    chunk's."""
     prepare = prepare or (lambda x: x)
-    rows = sum(len(v) for v in views)
+    rows = len(rows_of) * len(views) if rows_of is not None else sum(len(v) for v in views)
     # features cached under inference mode cannot enter autograd: a normal copy of the
     # targets (small), and of each chunk where ``prepare`` made none
     targets = targets.clone() if targets.is_inference() else targets
@@ -395,7 +410,7 @@ def _fit(
         total = torch.zeros((), device=device)
         for view in views:
             start = 0
-            for chunk in _chunks(view):
+            for chunk in _chunks(view, rows_of):
                 x = prepare(chunk)  # (n, D')
                 x = x.clone() if x.is_inference() else x
                 y = targets[start:start + len(chunk)]  # (n,) | (n, C)
@@ -429,7 +444,7 @@ def _cross_validate(
         previous = None
         # strongest regularisation first: each solution warm-starts the next, weaker one
         for l2 in sorted(grid, reverse=True):
-            previous = _fit([v[kept] for v in views], targets[kept], task, num_classes, l2, init=previous, max_iter=CV_MAX_ITER)
+            previous = _fit(views, targets[kept], task, num_classes, l2, init=previous, max_iter=CV_MAX_ITER, rows_of=kept)
             logits = views[0][held] @ previous[0].T + previous[1]  # (H, C) plain view only
             oof[l2][position[held].cpu()] = task.probabilities(logits).cpu()
             models[l2] = previous

@@ -289,16 +289,21 @@ class Predictor:
         except (OSError, ValueError, SyntaxError) as exc:  # e.g. broken EXIF met by to_rgb
             raise UnreadableImageError(f"corrupt image: {exc}") from exc
 
-    def _one(self, probs: list[float], ranks: list[int], thresholds: list[float] | None) -> Prediction:
+    def decide(self, probs: Sequence[float], thresholds: Sequence[float] | None = None) -> list[str]:
+        """The labels an answer gives for one image's probabilities (class order): the most
+        probable class (the first of equals), or every tag at or above its threshold
+        (``thresholds``, else the bundle's)."""
         classes = self.meta.classes
         if self.meta.multilabel:
             limits = thresholds if thresholds is not None else list(self.meta.thresholds or ())
-            labels = [c for c, p, t in zip(classes, probs, limits, strict=True) if p >= t]
-        else:
-            labels = [classes[ranks[0]]]
+            return [c for c, p, t in zip(classes, probs, limits, strict=True) if p >= t]
+        return [classes[max(range(len(probs)), key=probs.__getitem__)]]
+
+    def _one(self, probs: list[float], ranks: list[int], thresholds: list[float] | None) -> Prediction:
+        classes = self.meta.classes
         return Prediction(
             probabilities=probs,
-            labels=labels,
+            labels=self.decide(probs, thresholds),
             scores=dict(zip(classes, probs, strict=True)),
             top=[(classes[i], probs[i]) for i in ranks],
         )

@@ -218,8 +218,7 @@ def suggest(
     meta = predictor.meta
     chosen, scores = choose(probs, np.concatenate(features), count, task=meta.task, thresholds=meta.thresholds,
                             pool_factor=pool_factor, seed=seed)
-    guesses = [[meta.classes[int(probs[row].argmax())]] if meta.task == "single"
-               else _tags(probs[row], meta.classes, meta.thresholds) for row in chosen]
+    guesses = [predictor.decide(probs[row].tolist()) for row in chosen]
     chosen_names = [names[i] for i in chosen]
     return Suggestions(chosen_names, guesses, [float(probs[i].max()) for i in chosen],
                        [float(scores[i]) for i in chosen], len(names), skipped,
@@ -291,11 +290,6 @@ def _read_sidecar(location: str) -> dict | None:
     except (StorageError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _tags(p: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...] | None) -> list[str]:
-    limits = thresholds or (0.5,) * len(classes)
-    return [c for c, value, t in zip(classes, p.tolist(), limits, strict=True) if value >= t]
 
 
 def _readable(tasks: list[WorkItem], skipped: list[tuple[str, str]], advance, predictor: Predictor

@@ -256,29 +256,9 @@ def _torch() -> ModuleType:
 
 
 def _resize_bicubic(pixels: np.ndarray, size: tuple[int, int], *, turned: bool = False) -> np.ndarray:
-    """Pillow's BICUBIC (antialiased, a = -0.5) on a (h, w, 3) uint8 array, vectorised.
-
-    PyTorch's ``interpolate(mode="bicubic", antialias=True)`` on uint8 is a port of Pillow's
-    resampling (the same kernel support and fixed-point arithmetic, AVX2). Both resize in two
-    passes, and the pass order changes the rounding: PyTorch always goes horizontal first,
-    Pillow (>= 11.2) vertical first when the height shrinks by more than twice as many pixels
-    as the width. Then the image goes through PyTorch transposed, so the passes run in
-    Pillow's order and the pixels match (a few differ by one level). ``turned``: the image
-    will be turned by 90 degrees afterwards (EXIF orientation), as the reference path does
-    before resizing, so Pillow's rule applies to the turned axes.
-    """
-    torch = _torch()
-    height, width = pixels.shape[:2]
-    if turned:  # Pillow sees (height, width) as (width, height); its first pass is our other axis
-        vertical_first = not (width - size[0] > 0 and width - size[0] > 2 * (height - size[1]))
-    else:
-        vertical_first = height - size[1] > 0 and height - size[1] > 2 * (width - size[0])
-    if vertical_first:
-        pixels = np.ascontiguousarray(pixels.transpose(1, 0, 2))
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW view, no copy
-    out_hw = (size[0], size[1]) if vertical_first else (size[1], size[0])
-    y = torch.nn.functional.interpolate(x, size=out_hw, mode="bicubic", antialias=True)[0]
-    return np.ascontiguousarray((y.permute(2, 1, 0) if vertical_first else y.permute(1, 2, 0)).numpy())
+    """:func:`resize_bicubic_chw` as a (height, width, 3) uint8 array (what ``Image.fromarray``
+    takes; the kernel's channels-last output is that array already, no copy)."""
+    return np.ascontiguousarray(_resized(pixels, size, turned)[0].permute(1, 2, 0).numpy())
 
 
 def decode_jpeg_upright(data: bytes, *, shrink_to: int | None = None) -> np.ndarray | None:
@@ -324,22 +304,36 @@ def _transpose_array(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
-def resize_bicubic_chw(pixels: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """A (h, w, 3) uint8 array resized to ``size`` (width, height) as Pillow's
-    ``resize(size, BICUBIC)`` resizes the same pixels, as a (3, height, width) uint8 tensor.
+def resize_bicubic_chw(pixels: np.ndarray, size: tuple[int, int], *, turned: bool = False) -> torch.Tensor:
+    """Pillow's BICUBIC (antialiased, a = -0.5) of a (h, w, 3) uint8 array to ``size`` (width,
+    height), as a (3, height, width) uint8 tensor: the pixels ``resize(size, BICUBIC)`` gives
+    (a few differ by one level).
 
-    The filter and pass order of ``_resize_bicubic``, without its copies: the array goes in as
-    a channels-last view, and Pillow's vertical-first order is two calls (height, then width;
-    PyTorch skips a pass whose size is unchanged, and rounds to uint8 between the two, as
-    Pillow does) rather than a transposed copy (numpy's transposed copy of a 3-channel uint8
-    image costs more than the resize itself).
+    PyTorch's ``interpolate(mode="bicubic", antialias=True)`` on uint8 is a port of Pillow's
+    resampling (the same kernel support and fixed-point arithmetic, AVX2). Both resize in two
+    passes, rounding to uint8 between them, and the pass order changes the rounding: PyTorch
+    always goes horizontal first, Pillow (>= 11.2) vertical first when the height shrinks by
+    more than twice as many pixels as the width. So Pillow's order is two calls, height then
+    width (PyTorch skips a pass whose size is unchanged), rather than a transposed copy
+    (numpy's transposed copy of a 3-channel uint8 image costs more than the resize itself).
+    ``turned``: the image will be turned by 90 degrees afterwards (EXIF orientation), as the
+    reference path does before resizing, so Pillow's rule applies to the turned axes.
     """
+    return _resized(pixels, size, turned)[0].contiguous()
+
+
+def _resized(pixels: np.ndarray, size: tuple[int, int], turned: bool) -> torch.Tensor:
+    """(1, 3, height, width) uint8, channels-last: see :func:`resize_bicubic_chw`."""
     torch = _torch()
     height, width = pixels.shape[:2]
     x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW view, no copy
-    if (height, width) != (size[1], size[0]):
-        interpolate = torch.nn.functional.interpolate
-        if height - size[1] > 0 and height - size[1] > 2 * (width - size[0]):  # Pillow goes vertical first
-            x = interpolate(x, size=(size[1], width), mode="bicubic", antialias=True)
-        x = interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True)
-    return x[0].contiguous()  # (3, height, width)
+    if (height, width) == (size[1], size[0]):
+        return x
+    if turned:  # Pillow sees (height, width) as (width, height); its first pass is our other axis
+        vertical_first = not (width - size[0] > 0 and width - size[0] > 2 * (height - size[1]))
+    else:
+        vertical_first = height - size[1] > 0 and height - size[1] > 2 * (width - size[0])
+    interpolate = torch.nn.functional.interpolate
+    if vertical_first:
+        x = interpolate(x, size=(size[1], width), mode="bicubic", antialias=True)
+    return interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True)

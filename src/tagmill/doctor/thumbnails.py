@@ -213,8 +213,13 @@ def compare(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean_ba, worst_ba, window_ba = _aligned(y, whole @ x @ whole.T)
         ab = mean_ab <= mean_ba
         worst.append(torch.where(ab, worst_ab, worst_ba))
-        bits.append(torch.where(ab, _window_hash_distance(x, y, window_ab), _window_hash_distance(y, x, window_ba)))
-        kept.append(torch.where(ab, _kept(window_ab), _kept(window_ba)))
+        # the hash and the area of the kept direction only: per row, its source, its
+        # target and its window
+        rows = ab[:, None, None, None]
+        window = {axis: (torch.where(ab, window_ab[axis][0], window_ba[axis][0]),
+                         torch.where(ab, window_ab[axis][1], window_ba[axis][1])) for axis in window_ab}
+        bits.append(_window_hash_distance(torch.where(rows, x, y), torch.where(rows, y, x), window))
+        kept.append(_kept(window))
     return torch.cat(worst), torch.cat(bits), torch.cat(kept)
 
 

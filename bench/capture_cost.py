@@ -8,7 +8,8 @@ COMMIT:src/tagmill/serve/capture.py``) takes ``--images`` offers of 640x480 JPEG
 257-class prediction, every one captured (the worst case), into a local folder and into
 S3 (a moto server started here, on loopback), then drains. Reported per image: the
 process's CPU time (every thread: what capture takes from the model on a CPU-bound
-server; moto's own CPU is not counted) and the wall time until the writer has stored
+server), the S3 endpoint's CPU time (moto's, which ``serve_load.py --capture`` runs on the
+server's own cores) and the wall time until the writer has stored
 everything (how many images a second one writer keeps up with). CPU time is the measure
 that a shared machine blurs least; the rounds alternate the two writers.
 """
@@ -44,6 +45,9 @@ OFFER_BATCH, PAUSE_S = 8, 0.001
 def earlier_writer(commit: str):
     source = subprocess.run(["git", "show", f"{commit}:src/tagmill/serve/capture.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
+    # earlier writers took the layout's names from bundle/suggest.py; bundle/captures.py holds them now
+    source = source.replace("from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER",
+                            "from tagmill.bundle.captures import MARKER")
     path = Path(tempfile.mkdtemp(prefix="capture-cost-")) / "capture_earlier.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("capture_earlier", path)
@@ -75,6 +79,12 @@ def cost(module, target: str, count: int, sent: list[bytes]) -> tuple[float, flo
         time.sleep(PAUSE_S)
     writer.stop(drain_s=600)
     return (time.process_time() - cpu) / count * 1e3, (time.perf_counter() - wall) / count * 1e3
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system, its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -117,14 +127,17 @@ def main() -> None:
                 for name, module in writers:
                     target = (tempfile.mkdtemp(prefix="capture-cost-") if where == "local folder"
                               else f"{bucket}/{name.split()[0]}-{round_}")
+                    endpoint_cpu = cpu_seconds(moto.pid)
                     cpu, wall = cost(module, target, args.images, sent)
-                    rows.append((where, name, cpu, wall))
+                    endpoint_ms = (cpu_seconds(moto.pid) - endpoint_cpu) / args.images * 1e3
+                    rows.append((where, name, cpu, wall, endpoint_ms if where != "local folder" else None))
                     print(rows[-1], flush=True)
     finally:
         moto.terminate()
-    print("\n| target | writer | CPU ms / image | writer wall ms / image |\n|---|---|---|---|")
-    for where, name, cpu, wall in rows:
-        print(f"| {where} | {name} | {cpu:.2f} | {wall:.2f} |")
+    print("\n| target | writer | CPU ms / image | writer wall ms / image | S3 endpoint's CPU ms / image |\n"
+          "|---|---|---|---|---|")
+    for where, name, cpu, wall, endpoint in rows:
+        print(f"| {where} | {name} | {cpu:.2f} | {wall:.2f} | {'-' if endpoint is None else f'{endpoint:.2f}'} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 

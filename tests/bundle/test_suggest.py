@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tagmill.bundle import Predictor
+from tagmill.bundle.batch_predict import Settings, run_task, plan
+from tagmill.bundle.captures import PREDICTIONS
 from tagmill.bundle.suggest import SERVED_COLUMNS, choose, suggest, uncertainty, write_suggestions
 from tagmill.errors import InputError
 from tagmill.serve.capture import Capture
@@ -87,43 +90,68 @@ def _capture_folder(root: Path, bundle: str, count: int) -> list[bytes]:
     return sent
 
 
+def _part_records(part: Path) -> dict[str, dict]:
+    with tarfile.open(part) as tar:
+        lines = tar.extractfile(PREDICTIONS).read().decode().splitlines()
+    return {record["image"]: record for record in map(json.loads, lines)}
+
+
 def test_suggest_reads_a_capture_folder_as_its_images_and_carries_what_the_server_answered(tmp_path: Path) -> None:
     bundle = build_bundle(tmp_path / "model")
     sent = _capture_folder(tmp_path / "capture", bundle, 6)
     folder = str(tmp_path / "capture")
     found = suggest(Predictor.from_bundle(bundle), [folder], 3)
-    assert found.considered == 6 and not found.skipped  # no predictions part, marker or temporary file is an input
+    assert found.considered == 6 and not found.skipped  # no predictions, marker or temporary file is an input
     assert all(entry is not None and entry["model_version"] == "v-test" for entry in found.served)
-    (part,) = (tmp_path / "capture").rglob("predictions-*.jsonl")  # six images: one part
+    (part,) = (tmp_path / "capture").rglob("part-*.tar")  # six images offered at once: one part
     out = tmp_path / "job" / "to_label.csv"
     write_suggestions(found, str(out), [folder], multilabel=False)
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["id", "labels", "confidence", "priority", "source", *SERVED_COLUMNS]
-    records = {record["image"]: record for record in map(json.loads, part.read_text().splitlines())}
+    records = _part_records(part)
     for row in rows:
+        assert row["source"].startswith(f"{part}/")  # the image inside its part
         record = records[Path(row["source"]).name]
         assert row["served_labels"] == "|".join(record["labels"]) and row["served_version"] == "v-test"
         assert row["served_labels"] == row["labels"]  # the same model: the guess is what was served
         assert row["captured_at"] == record["captured_at"]
         assert (out.parent / row["id"]).read_bytes() in sent
+        assert row["id"].endswith(".jpg")
+    # `tagmill predict` reads the folder too: one row per captured image
+    rows = run_batch(bundle, [folder])
+    assert sorted(row.name for row in rows) == sorted(f"{part}/{name}" for name in records)
 
 
-def test_a_capture_without_its_predictions_and_a_layout_1_folder_are_still_read(tmp_path: Path) -> None:
-    """A writer killed before its lines were written leaves images without them; folders of
-    layout 1 hold a JSON sidecar beside each image. Both are read."""
+def test_earlier_layouts_and_a_damaged_part_are_read_and_reported(tmp_path: Path) -> None:
+    """A folder may hold earlier layouts: loose images with their predictions in
+    ``predictions-*.jsonl`` parts (layout 2; a line may be lost or torn) or in a sidecar
+    beside each image (layout 1). A damaged part is reported, and the rest ranked."""
     bundle = build_bundle(tmp_path / "model")
     sent = _capture_folder(tmp_path / "capture", bundle, 4)
-    (part,) = (tmp_path / "capture").rglob("predictions-*.jsonl")
-    lines = part.read_text().splitlines()
+    (part,) = (tmp_path / "capture").rglob("part-*.tar")
+    records = list(_part_records(part).values())
     old = tmp_path / "capture" / "2025-01-01"  # layout 1: a sidecar beside each image
     old.mkdir()
-    first = json.loads(lines[0])
     (old / "a.jpg").write_bytes(sent[0])
-    (old / "a.json").write_text(json.dumps({**first, "image": "a.jpg", "model_version": "v-old"}))
-    part.write_text("\n".join(lines[1:3]) + "\nnot json\n")  # the first and last lines lost, one torn
-    found = suggest(Predictor.from_bundle(bundle), [str(tmp_path / "capture")], 10)
-    assert found.considered == 5 and not found.skipped
+    (old / "a.json").write_text(json.dumps({**records[0], "image": "a.jpg", "model_version": "v-old"}))
+    older = tmp_path / "capture" / "2025-01-02"  # layout 2: loose images, predictions in parts
+    older.mkdir()
+    for name, data in (("b.jpg", sent[1]), ("c.jpg", sent[2]), ("d.jpg", sent[3])):
+        (older / name).write_bytes(data)
+    (older / "predictions-b.jsonl").write_text(
+        json.dumps({**records[1], "image": "b.jpg", "model_version": "v-2"}) + "\nnot json\n")  # c's line torn, d's lost
+    damaged = part.with_name(part.name.replace("-n4.tar", "x-n2.tar"))
+    damaged.write_bytes(part.read_bytes()[:700])  # cut inside its first image
+    found = suggest(Predictor.from_bundle(bundle), [str(tmp_path / "capture")], 20)
+    assert found.considered == 4 + 4 and [name for name, _ in found.skipped] == [str(damaged)]
+    assert "unreadable capture part" in found.skipped[0][1]
     served = {Path(name).name: entry for name, entry in zip(found.names, found.served)}
-    assert served["a.jpg"]["model_version"] == "v-old"
-    assert {name for name, entry in served.items() if entry is None} == {json.loads(lines[i])["image"] for i in (0, 3)}
-    assert sum(entry is not None and entry["model_version"] == "v-test" for entry in served.values()) == 2
+    assert served["a.jpg"]["model_version"] == "v-old" and served["b.jpg"]["model_version"] == "v-2"
+    assert served["c.jpg"] is None and served["d.jpg"] is None
+    assert sum(entry is not None and entry["model_version"] == "v-test" for entry in served.values()) == 4
+
+
+def run_batch(bundle: str, paths: list[str]) -> list:
+    predictor = Predictor.from_bundle(bundle)
+    settings = Settings(bundle=bundle, backend="torch", top_k=None, threshold=None, batch_size=4)
+    return [row for task in plan(paths, None) for row in run_task(predictor, task, settings)]

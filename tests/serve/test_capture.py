@@ -5,12 +5,15 @@ items (counted), never requests. Real servers, a real disk, a real S3 endpoint (
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
 import socket
+import tarfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,6 +22,7 @@ import pytest
 
 from tagmill import storage
 from tagmill.bundle import Predictor
+from tagmill.bundle.captures import PREDICTIONS
 from tagmill.bundle.suggest import suggest, uncertainty
 from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.capture import MARKER, Capture, decision_confidence
@@ -44,15 +48,32 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def captured_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(images, predictions parts) under a local capture folder, temporary files excluded."""
+@dataclass
+class Captured:
+    """What a local capture folder holds (temporary files excluded), read as any tar reader would."""
+
+    parts: list[Path]  #: the part files
+    images: dict[str, bytes]  #: by member name
+    records: dict[str, dict]  #: what was served, by the image's member name
+    part_of: dict[str, Path]  #: the part each image is in
+    other: list[Path]  #: anything else but the marker (nothing, in layout 3)
+
+
+def captured(root: Path) -> Captured:
     files = [p for p in root.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".")]
-    return sorted(p for p in files if p.suffix != ".jsonl"), sorted(p for p in files if p.suffix == ".jsonl")
-
-
-def records(parts: list[Path]) -> dict[Path, dict]:
-    """Each captured image's prediction record, by the image's path."""
-    return {part.parent / r["image"]: r for part in parts for r in map(json.loads, part.read_text().splitlines())}
+    found = Captured(sorted(p for p in files if p.suffix == ".tar"), {}, {}, {},
+                     [p for p in files if p.suffix != ".tar"])
+    for part in found.parts:
+        with tarfile.open(part) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar]
+        assert members[-1][0] == PREDICTIONS  # the predictions come after the images they name
+        for name, data in members[:-1]:
+            found.images[name], found.part_of[name] = data, part
+        lines = [json.loads(line) for line in members[-1][1].decode().splitlines()]
+        assert [r["image"] for r in lines] == [name for name, _ in members[:-1]]  # a line per image, in order
+        found.records.update((r["image"], r) for r in lines)
+        assert part.name == f"part-{members[0][0].rsplit('.', 1)[0]}-n{len(lines)}.tar"  # its first image, its count
+    return found
 
 
 # --- what is captured --------------------------------------------------------------
@@ -70,22 +91,23 @@ def test_images_below_the_confidence_bound_are_stored_with_their_prediction(bund
             assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
         wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") >= len(unsure), "captures")
         text = client.get("/metrics").text
-    stored, parts = captured_files(tmp_path)
-    assert {p.read_bytes() for p in stored} == unsure  # exactly the unsure ones, byte for byte
+    found = captured(tmp_path)
+    assert set(found.images.values()) == unsure and len(found.images) == len(unsure)  # the unsure ones, byte for byte
     assert metric(text, "tagmill_captured_total", reason="low_confidence") == len(unsure)
-    assert metric(text, "tagmill_capture_bytes_total") == sum(p.stat().st_size for p in stored + parts)
-    assert json.loads((tmp_path / MARKER).read_text())["layout"] == "tagmill-capture"
-    assert len(parts) == 1 and len(records(parts)) == len(stored)  # one write for all the predictions
-    for image in stored:
-        sidecar = records(parts)[image]
-        assert sidecar["image"] == image.name and image.parent.name == sidecar["captured_at"][:10]
-        assert sidecar["reason"] == "low_confidence" and sidecar["confidence"] < bound
-        expected = reference.predict_bytes([image.read_bytes()])[0]
-        assert np.allclose(sidecar["probabilities"], expected.probabilities, atol=1e-5)
-        assert sidecar["labels"] == expected.labels and sidecar["classes"] == ["cat", "dog", "owl"]
-        assert sidecar["request"]["path"] == "/invocations"
-        assert sidecar["request"]["content_type"] == "application/x-image"
-        assert len(sidecar["model_version"]) > 8
+    assert metric(text, "tagmill_capture_bytes_total") == sum(p.stat().st_size for p in found.parts)
+    assert json.loads((tmp_path / MARKER).read_text()) == {"layout": "tagmill-capture", "version": 3}
+    assert not found.other and len(found.parts) < len(unsure)  # parts, not a file per image
+    for name, data in found.images.items():
+        record = found.records[name]
+        assert found.part_of[name].parent.name == record["captured_at"][:10]  # its date folder
+        assert record["reason"] == "low_confidence" and record["confidence"] < bound
+        expected = reference.predict_bytes([data])[0]
+        assert np.allclose(record["probabilities"], expected.probabilities, atol=1e-5)
+        assert record["labels"] == expected.labels and record["classes"] == ["cat", "dog", "owl"]
+        assert record["request"]["path"] == "/invocations"
+        assert record["request"]["content_type"] == "application/x-image"
+        assert len(record["model_version"]) > 8
+        assert record["request"]["bytes"] == len(data) and name.endswith(".jpg")
 
 
 def test_every_prediction_route_captures_and_a_sample_is_marked_as_such(bundle: str, tmp_path: Path) -> None:
@@ -99,15 +121,15 @@ def test_every_prediction_route_captures_and_a_sample_is_marked_as_such(bundle: 
         v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(a).decode()]}]}
         assert client.post("/v2/models/bundle/infer", json=v2).status_code == 200
         wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total", reason="sample") == 5, "captures")
-    stored, parts = captured_files(tmp_path)
-    requests = [records(parts)[p]["request"] for p in stored]
+    found = captured(tmp_path)
+    requests = [found.records[name]["request"] for name in found.images]
     assert sorted(r["path"] for r in requests) == sorted(
         ["/invocations", "/predict", "/endpoints/x/invocations", "/endpoints/x/invocations", "/v2/models/bundle/infer"])
     assert {r["content_type"].split(";")[0] for r in requests} == {
         "application/x-image", "multipart/form-data", "application/json"}
     assert sorted((r["instance"], r["instances"]) for r in requests if r["path"].startswith("/endpoints")) == [(0, 2), (1, 2)]
-    assert sorted(p.read_bytes() for p in stored) == sorted([a, b, c, d, a])
-    assert {p.suffix for p in stored} == {".jpg"}
+    assert sorted(found.images.values()) == sorted([a, b, c, d, a])
+    assert {name.rsplit(".", 1)[1] for name in found.images} == {"jpg"}
 
 
 def test_the_random_sample_takes_about_its_fraction_and_confident_images_are_not_captured(tmp_path: Path) -> None:
@@ -123,8 +145,8 @@ def test_the_random_sample_takes_about_its_fraction_and_confident_images_are_not
     assert capture.pending == taken + 10  # every unsure one
 
 
-def test_a_quiet_servers_predictions_are_written_within_seconds_and_a_busy_ones_in_parts(tmp_path: Path) -> None:
-    from tagmill.serve.capture import MANIFEST_ITEMS, MANIFEST_S
+def test_a_quiet_servers_capture_is_written_within_a_second_and_a_busy_ones_in_parts(tmp_path: Path) -> None:
+    from tagmill.serve.capture import PART_ITEMS, PART_S
 
     metrics = ServeMetrics()
     capture = Capture(str(tmp_path), metrics, below=1.0, queue_items=10_000)
@@ -134,17 +156,20 @@ def test_a_quiet_servers_predictions_are_written_within_seconds_and_a_busy_ones_
     try:
         capture.offer(photos(1), [unsure], "v1", meta)
         started = time.monotonic()
-        wait_for(lambda: captured_files(tmp_path)[1], "the predictions part")
-        assert time.monotonic() - started < MANIFEST_S + 2  # no stop, no further image: the timer wrote it
-        assert len(records(captured_files(tmp_path)[1])) == 1
-        count = MANIFEST_ITEMS * 2 + 5
+        wait_for(lambda: captured(tmp_path).parts, "the first part")
+        assert time.monotonic() - started < PART_S + 2  # no stop, no further image: the timer wrote it
+        assert len(captured(tmp_path).records) == 1
+        count = PART_ITEMS * 2 + 5
         capture.offer(photos(count, seed=1), [unsure] * count, "v1", meta)
-        wait_for(lambda: len(captured_files(tmp_path)[1]) >= 3, "two full parts")
+        wait_for(lambda: len(captured(tmp_path).images) == count + 1, "every image")
     finally:
         capture.stop(drain_s=30)
-    stored, parts = captured_files(tmp_path)
-    assert len(stored) == len(records(parts)) == count + 1
-    assert sorted(len(part.read_text().splitlines()) for part in parts) == [1, 5, MANIFEST_ITEMS, MANIFEST_ITEMS]
+    found = captured(tmp_path)
+    assert len(found.images) == len(found.records) == count + 1 and not found.other
+    sizes = sorted(int(part.stem.rsplit("-n", 1)[1]) for part in found.parts)
+    # offered at once, the busy stretch fills whole parts (the last second's rest may be cut)
+    assert sizes.count(1) >= 1 and max(sizes) == PART_ITEMS and len(sizes) <= 5 and sum(sizes) == count + 1
+    assert metric(metrics.render()[0].decode(), "tagmill_captured_total") == count + 1
 
 
 def test_multi_label_confidence_is_the_least_sure_tags_decision_at_its_threshold() -> None:
@@ -163,28 +188,31 @@ def test_multi_label_confidence_is_the_least_sure_tags_decision_at_its_threshold
 
 
 def test_the_size_cap_drops_and_counts_and_holds_across_a_restart(bundle: str, tmp_path: Path) -> None:
-    cap_gb = 12_000 / 1024**3  # room for a few of these 64x48 photos and their sidecars
+    cap = 12_000  # bytes: room for a few of these 64x48 photos and their predictions
     config = ServeConfig(bundle=bundle, capture=str(tmp_path), capture_below=0.0, capture_sample=1.0,
-                         capture_max_gb=cap_gb)
+                         capture_max_gb=cap / 1024**3)
     sent = photos(20, seed=40)
-    with serving(create_app(config)) as client:
-        assert all(client.post("/invocations", content=x, headers=X_IMAGE).status_code == 200 for x in sent)
-        def done() -> bool:
-            text = client.get("/metrics").text
-            return metric(text, "tagmill_captured_total") + metric(text, "tagmill_capture_dropped_total") == 20
-        wait_for(done, "every image stored or dropped")
-        text = client.get("/metrics").text
-    stored, parts = captured_files(tmp_path)
-    assert 0 < len(stored) == len(records(parts)) == metric(text, "tagmill_captured_total") < 20
-    assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") == 20 - len(stored)
-    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 12_000 + 200  # + the marker
-    # a restart finds the folder full: what is left is less than any dropped item took, so
-    # less than the largest photo's item (the marker, counted now, leaves a margin)
-    with serving(create_app(config)) as client:
-        assert client.post("/invocations", content=max(sent, key=len), headers=X_IMAGE).status_code == 200
-        wait_for(lambda: metric(client.get("/metrics").text, "tagmill_capture_dropped_total", reason="cap_reached") == 1,
-                 "the drop")
-    assert len(captured_files(tmp_path)[0]) == len(stored)
+
+    def run() -> str:
+        with serving(create_app(config)) as client:
+            assert all(client.post("/invocations", content=x, headers=X_IMAGE).status_code == 200 for x in sent)
+
+            def done() -> bool:
+                text = client.get("/metrics").text
+                return metric(text, "tagmill_captured_total") + metric(text, "tagmill_capture_dropped_total") == 20
+            wait_for(done, "every image stored or dropped")
+            return client.get("/metrics").text
+
+    text = run()
+    found = captured(tmp_path)
+    assert 0 < len(found.images) == len(found.records) == metric(text, "tagmill_captured_total") < 20
+    assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") == 20 - len(found.images)
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert on_disk - (tmp_path / MARKER).stat().st_size <= cap
+    # a restart counts what the folder holds: the same photos again may fill what is left, no more
+    text = run()
+    assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") >= 1
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= cap  # a cap of the folder, not per run
 
 
 class _Errors(logging.Handler):
@@ -247,12 +275,16 @@ def test_capture_into_s3(bundle: str, s3: str) -> None:
     client_s3 = s3_client()
     keys = [o["Key"] for o in client_s3.list_objects_v2(Bucket=s3, Prefix="capture/")["Contents"]]
     assert f"capture/{MARKER}" in keys
-    jpgs = [k for k in keys if k.endswith(".jpg")]
-    parts = [k for k in keys if k.endswith(".jsonl")]
-    assert len(jpgs) == 3 and len(parts) == 1  # the predictions: one PUT for the three
-    lines = client_s3.get_object(Bucket=s3, Key=parts[0])["Body"].read().decode().splitlines()
-    assert sorted(json.loads(line)["image"] for line in lines) == sorted(k.rsplit("/", 1)[1] for k in jpgs)
-    assert sorted(client_s3.get_object(Bucket=s3, Key=k)["Body"].read() for k in jpgs) == sorted(sent)
+    parts = [k for k in keys if k.endswith(".tar")]
+    assert len(keys) == len(parts) + 1 and 1 <= len(parts) < 3  # the images: one PUT per part, not per image
+    members, lines = [], []
+    for key in parts:
+        body = client_s3.get_object(Bucket=s3, Key=key)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            members += [(m.name, tar.extractfile(m).read()) for m in tar if m.name != PREDICTIONS]
+            lines += tar.extractfile(PREDICTIONS).read().decode().splitlines()
+    assert sorted(json.loads(line)["image"] for line in lines) == sorted(name for name, _ in members)
+    assert sorted(data for _, data in members) == sorted(sent)
     # and `tagmill suggest` takes the capture URL as it is: the images, with what was served
     found = suggest(Predictor.from_bundle(bundle), [f"s3://{s3}/capture"], 2)
     assert found.considered == 3 and not found.skipped and len(found.names) == 2
@@ -306,10 +338,10 @@ def test_workers_write_apart_under_unique_names(bundle: str, tmp_path: Path) -> 
                 assert client.post("/invocations", content=data, headers=X_IMAGE).status_code == 200
         with httpx.Client(base_url=server.url, timeout=30) as client:
             wait_for(lambda: metric(client.get("/metrics").text, "tagmill_captured_total") == 24, "captures")
-    stored, parts = captured_files(tmp_path)
-    assert len(stored) == len(records(parts)) == 24 and sorted(p.read_bytes() for p in stored) == sorted(sent)
-    pids = {r["request"]["pid"] for r in records(parts).values()}
-    tokens = {p.stem.split("-")[1] for p in stored}
+    found = captured(tmp_path)
+    assert len(found.images) == len(found.records) == 24 and sorted(found.images.values()) == sorted(sent)
+    pids = {r["request"]["pid"] for r in found.records.values()}
+    tokens = {name.split("-")[1] for name in found.images}
     assert len(pids) == len(tokens) == 2  # both workers captured, each under its own names
     assert not [p for p in tmp_path.rglob(".tmp-*")]  # no temporary file left behind
     assert os.path.getsize(tmp_path / MARKER) > 0

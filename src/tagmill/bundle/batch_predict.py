@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tagmill import storage
+from tagmill.bundle import captures
 from tagmill.bundle.predictor import Prediction, Predictor
 from tagmill.dataset.manifest import MANIFEST_NAME, load_manifest, shard_locations
 from tagmill.dataset.shards import iter_shard
@@ -40,8 +41,8 @@ class Row:
 
 @dataclass(frozen=True)
 class WorkItem:
-    kind: Literal["files", "shard"]
-    items: tuple[str, ...]  #: file locations, or (shard location,)
+    kind: Literal["files", "shard", "part"]
+    items: tuple[str, ...]  #: file locations, or (shard location,), or (capture part location,)
     dataset: str = ""
     size: int = 0  #: inputs in this item (for progress)
 
@@ -66,6 +67,10 @@ def plan(paths: list[str], split: str | None) -> list[WorkItem]:
             tasks += file_tasks(files)
             files = []
             tasks += _dataset_tasks(path, split)
+        elif captures.is_capture_folder(path):
+            tasks += file_tasks(files)
+            files = []
+            tasks += capture_tasks(captures.list_folder(path))
         elif storage.isdir(path):
             files += [storage.join(path, *rel.split("/")) for rel in storage.list_files(path) if has_image_extension(rel)]
         elif storage.exists(path):
@@ -79,6 +84,11 @@ def file_tasks(files: list[str]) -> list[WorkItem]:
     """``files`` in order, FILES_PER_TASK to a task."""
     return [WorkItem("files", tuple(files[i : i + FILES_PER_TASK]), size=len(files[i : i + FILES_PER_TASK]))
             for i in range(0, len(files), FILES_PER_TASK)]
+
+
+def capture_tasks(folder: captures.CaptureFolder) -> list[WorkItem]:
+    """A ``serve --capture`` folder's images: its loose files, then a task per part."""
+    return file_tasks(folder.files) + [WorkItem("part", (location,), size=count) for location, count in folder.parts]
 
 
 def _dataset_tasks(dataset: str, split: str | None) -> list[WorkItem]:
@@ -96,6 +106,9 @@ def task_inputs(task: WorkItem) -> Iterator[tuple[str, bytes | None, str | None]
     if task.kind == "shard":
         for sample in iter_shard(task.items[0]):
             yield f"{task.dataset}:{sample.meta.get('id', sample.key)}", sample.image, None
+        return
+    if task.kind == "part":
+        yield from captures.part_inputs(task.items[0])
         return
     for location in task.items:
         try:

@@ -19,31 +19,31 @@ CSV that ``tagmill import`` reads back — ``id`` (the copied image, beside the 
 ``priority`` and ``source`` columns the importer ignores — with the chosen images
 copied into a folder next to it, so the file is a self-contained labelling job.
 
-A folder that ``tagmill serve --capture`` fills (``serve/capture.py``; its root holds
-``capture.json``) is read as its images only — the predictions beside them and any
-temporary file of an interrupted write are not inputs — and what the server answered
-for each chosen image goes into the CSV (``served_labels``, ``served_confidence``,
-``served_version``, ``captured_at``): read from the folder's JSON-lines parts (one read
-per 64 captured images), or, in folders of layout 1, from the JSON sidecar beside each
-chosen image (one small read per chosen image, none per ranked one).
+A folder that ``tagmill serve --capture`` fills (``bundle/captures.py``'s layout) is
+read as its images only — the tar parts' images, and in folders of earlier layouts the
+loose images, never the predictions beside them or the temporary file of an interrupted
+write — and what the server answered for each chosen image goes into the CSV
+(``served_labels``, ``served_confidence``, ``served_version``, ``captured_at``): read for
+the chosen images only (once per part that holds one).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.bundle.batch_predict import WorkItem, batched, file_tasks, plan, task_inputs
+from tagmill.bundle import captures
+from tagmill.bundle.batch_predict import WorkItem, batched, capture_tasks, plan, task_inputs
+from tagmill.bundle.captures import MARKER as CAPTURE_MARKER, SIDECAR_SUFFIX
 from tagmill.bundle.predictor import Predictor
-from tagmill.errors import InputError, StorageError, UnreadableImageError
+from tagmill.errors import InputError, UnreadableImageError
 from tagmill.formats.base import has_image_extension
 from tagmill.progress import SILENT, Progress
 
@@ -58,13 +58,6 @@ PROJECTED_DIMS = 128
 KMEANS_ITERATIONS = 25
 #: the labels separator written for multi-label guesses (``tagmill import --tag-sep``)
 TAG_SEPARATOR = "|"
-#: the layout of ``serve --capture`` folders, defined here because data flows from
-#: bundle/ to serve/ (``serve/capture.py`` imports these): the marker file at the root;
-#: the predictions in JSON-lines parts named with this prefix and suffix (layout 2), or,
-#: in layout 1, beside each image under the image's name with the sidecar suffix
-CAPTURE_MARKER = "capture.json"
-MANIFEST_PREFIX, MANIFEST_SUFFIX = "predictions-", ".jsonl"
-SIDECAR_SUFFIX = ".json"
 #: CSV columns for a captured image: what the server answered when it was captured
 SERVED_COLUMNS = ("served_labels", "served_confidence", "served_version", "captured_at")
 
@@ -220,76 +213,66 @@ def suggest(
                             pool_factor=pool_factor, seed=seed)
     guesses = [predictor.decide(probs[row].tolist()) for row in chosen]
     chosen_names = [names[i] for i in chosen]
+    served_for = _served_lookup(served)
     return Suggestions(chosen_names, guesses, [float(probs[i].max()) for i in chosen],
                        [float(scores[i]) for i in chosen], len(names), skipped,
-                       [_served(served.get(name)) for name in chosen_names])
+                       [served_for(name) for name in chosen_names])
 
 
-def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, dict | str]]:
-    """``batch_predict.plan``, with capture folders read as their images only; also,
-    by the image's input name, what the server answered for each captured image: its
-    record (layout 2, read here from the folder's parts) or its sidecar's location
-    (layout 1, read only for the images chosen)."""
+def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, Served]]:
+    """``batch_predict.plan``, and by the image's input name where to find what the
+    server answered for each captured image (``bundle/captures.py``): a record read
+    already (layout 2, from the folder's predictions parts), or a file read only for
+    the images chosen (a layout-3 part's predictions member, a layout-1 sidecar)."""
     tasks: list[WorkItem] = []
-    served: dict[str, dict | str] = {}
+    served: dict[str, Served] = {}
     others: list[str] = []
     for path in paths:
-        if storage.isdir(path) and storage.exists(storage.join(path, CAPTURE_MARKER)):
+        if captures.is_capture_folder(path):
             tasks += plan(others, split) if others else []
             others = []
-            files = storage.list_files(path)
-            present = set(files)
-            found = []
-            for rel in files:
-                folder, _, base = rel.rpartition("/")
-                if base.startswith(".") or rel == CAPTURE_MARKER:
-                    continue  # temporary files of interrupted atomic writes (storage.AtomicFile)
-                if base.startswith(MANIFEST_PREFIX) and base.endswith(MANIFEST_SUFFIX):
-                    for record in _read_records(storage.join(path, *rel.split("/"))):
-                        served[storage.join(path, *folder.split("/"), record["image"])] = record
-                elif has_image_extension(rel):
-                    name = storage.join(path, *rel.split("/"))
-                    found.append(name)
-                    sidecar = rel.rsplit(".", 1)[0] + SIDECAR_SUFFIX
-                    if sidecar in present:
-                        served[name] = storage.join(path, *sidecar.split("/"))
-            tasks += file_tasks(found)
+            folder = captures.list_folder(path)
+            tasks += capture_tasks(folder)
+            served.update(folder.records)
+            served.update({name: _Sidecar(location) for name, location in folder.sidecars.items()})
+            served.update({location: _Part(location) for location, _ in folder.parts})
         else:
             others.append(path)
     return tasks + (plan(others, split) if others else []), served
 
 
-def _read_records(location: str) -> list[dict]:
-    """A predictions part's records; an unreadable part or line is passed over (its
-    images are still worth labelling, with nothing served beside them)."""
-    try:
-        text = storage.read_bytes(location).decode("utf-8", errors="replace")
-    except StorageError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("image"), str):
-            records.append(record)
-    return records
+@dataclass(frozen=True)
+class _Sidecar:
+    location: str  #: a layout-1 image's JSON sidecar
 
 
-def _served(entry: dict | str | None) -> dict | None:
-    """What the server answered: a record as read, or a layout-1 sidecar read now."""
-    return _read_sidecar(entry) if isinstance(entry, str) else entry
+@dataclass(frozen=True)
+class _Part:
+    location: str  #: a layout-3 part: what was served is its predictions member
 
 
-def _read_sidecar(location: str) -> dict | None:
-    """What the server answered for a captured image; None when the sidecar cannot be
-    read (the image is still worth labelling)."""
-    try:
-        data = json.loads(storage.read_bytes(location))
-    except (StorageError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+#: what the server answered for a captured input: the record, or where to read it
+Served = dict | _Sidecar | _Part
+
+
+def _served_lookup(served: dict[str, Served]) -> Callable[[str], dict | None]:
+    """``name -> record or None`` for the chosen inputs: reads each chosen image's
+    sidecar, and each part holding a chosen image once."""
+    parts: dict[str, dict[str, dict]] = {}
+
+    def lookup(name: str) -> dict | None:
+        entry = served.get(name)
+        if entry is None and "/" in name:
+            entry = served.get(name.rsplit("/", 1)[0])  # an image inside a part: the part's entry
+        if isinstance(entry, _Sidecar):
+            return captures.read_sidecar(entry.location)
+        if isinstance(entry, _Part):
+            if entry.location not in parts:
+                parts[entry.location] = captures.part_records(entry.location)
+            return parts[entry.location].get(name)
+        return entry
+
+    return lookup
 
 
 def _readable(tasks: list[WorkItem], skipped: list[tuple[str, str]], advance, predictor: Predictor
@@ -365,7 +348,11 @@ def _fetch(tasks: list[WorkItem], wanted: dict[str, int]) -> Iterator[tuple[str,
             for location in task.items:
                 if location in wanted:
                     yield location, storage.read_bytes(location)
-        elif any(name.startswith(f"{task.dataset}:") for name in wanted):
+        elif task.kind == "part" and any(name.startswith(task.items[0] + "/") for name in wanted):
+            for name, data, _ in task_inputs(task):
+                if name in wanted and data is not None:
+                    yield name, data
+        elif task.kind == "shard" and any(name.startswith(f"{task.dataset}:") for name in wanted):
             for name, data, _ in task_inputs(task):
                 if name in wanted and data is not None:
                     yield name, data

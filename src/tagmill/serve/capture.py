@@ -25,27 +25,20 @@ A full queue, the size cap reached, or a storage error (S3 down, disk full, no
 permission) drops the item, counts it in ``/metrics`` (``tagmill_capture_dropped_total``
 by reason) and logs it (rate-limited); the request never sees any of it.
 
-Layout (the same on a disk and on S3)::
+Where and how items are stored is ``bundle/captures.py``'s layout (the same on a disk
+and on S3): the writer collects what it takes from the queue into a *part* — a tar of
+the images and, after them, one JSON line per image with what was served — and writes
+the part once it holds ``PART_ITEMS`` images or ``PART_BYTES``, or its first image is
+``PART_S`` old (and at shutdown). One write per part, not per image: into S3 a PUT costs
+~2 ms of the server's CPU, which a model using every core feels. Each part is written
+atomically (renamed into place; on S3 one PUT), without an fsync: a killed or powered-off
+server loses at most its last second of captures, which are a sample, and a reader never
+sees half a part. ``<token>`` in the names is random per process, so every worker of
+``--workers N`` (and every replica writing to one bucket) names its parts apart without
+any locking. The date folders keep listings short and let a person take or delete one
+day's capture.
 
-    DIR/capture.json                                  marks the layout (suggest reads it)
-    DIR/2026-11-29/20261129T171221.123456Z-<token>-000017.jpg     the request's bytes
-    DIR/2026-11-29/predictions-20261129T171221.123456Z-<token>-000017.jsonl
-                                                      one line per image: the prediction
-
-``<token>`` is random per process, so every worker of ``--workers N`` (and every
-replica writing to one bucket) names its files apart without any locking. Each file is
-written atomically (renamed into place; on S3 one PUT). One write per image: the
-predictions go into a JSON-lines part per ``MANIFEST_ITEMS`` images or ``MANIFEST_S``
-seconds, whichever comes first (and at shutdown), written after the images it names, so
-every line has its image; a killed process loses at most that many lines, never an
-image (``suggest`` still reads an image without a line, with nothing served beside it).
-Local images are renamed into place without an fsync: a power cut may lose the last
-seconds of a capture, which is a sample, while an fsync per image would block the
-writer ~4 ms each. The date folders keep listings short and let a person take or
-delete one day's capture. Layout version 1 (a JSON sidecar beside each image) is still
-read by ``suggest``.
-
-The size cap (``--capture-max-gb``) counts image and prediction bytes. At start each
+The size cap (``--capture-max-gb``) counts the bytes of the parts. At start each
 worker adds up what the folder already holds and takes an equal share of what is left,
 so N workers together stay within the cap; it holds approximately across restarts (a
 worker restarted later shares what is left then).
@@ -69,7 +62,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from tagmill import storage
-from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER, MANIFEST_PREFIX, MANIFEST_SUFFIX
+from tagmill.bundle import captures
+from tagmill.bundle.captures import LAYOUT, LAYOUT_VERSION, MARKER
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -78,14 +72,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: what the marker file (MARKER, at the folder's root) says the folder holds
-LAYOUT = "tagmill-capture"
-LAYOUT_VERSION = 2
-#: predictions are written in parts of at most this many lines (one write per 64 images:
-#: a ~1.5% write overhead over the images themselves) ...
-MANIFEST_ITEMS = 64
-#: ... or once the oldest unwritten line is this old, so a quiet server's lines still land
-MANIFEST_S = 5.0
+#: a part is written once it holds this many images (a PUT per 64 images costs ~0.03 ms
+#: of CPU an image, against ~2 ms for a PUT each) ...
+PART_ITEMS = 64
+#: ... or this many bytes (the writer's memory, beside the queue's QUEUE_BYTES) ...
+PART_BYTES = 16 * 1024 * 1024
+#: ... or once its first image is this old: a busy worker (~35 images/s each, two
+#: workers on two cores) fills a part a second anyway, a quiet one still writes within
+#: a second, at most one write a second per worker, and a kill loses at most a second
+PART_S = 1.0
 #: why an item is stored
 LOW_CONFIDENCE, SAMPLE = "low_confidence", "sample"
 #: why an item is dropped (the reason label of tagmill_capture_dropped_total)
@@ -143,6 +138,19 @@ class _Item:
     instances: int
 
 
+@dataclass(frozen=True)
+class _Taken:
+    """An item in the part being filled."""
+
+    folder: str  #: the date folder of the part it starts, if it starts one
+    stem: str  #: its name without extension; a part is named after its first item's
+    image: str  #: its member name in the part
+    data: bytes
+    line: bytes  #: its JSON line: what was served
+    reason: str
+    at: float
+
+
 class Capture:
     """Decides on the request path, stores in a writer thread (see the module docstring).
 
@@ -169,8 +177,8 @@ class Capture:
         self._thread: threading.Thread | None = None
         self._stop_by: float | None = None
         self._budget: int | None = None  #: bytes this process may still write; None until scanned
-        self._lines: list[tuple[str, str, bytes]] = []  #: (folder, image stem, JSON line) not yet written
-        self._lines_since = 0.0  #: time.monotonic() of the oldest entry in _lines
+        self._part: list[_Taken] = []  #: items in the part being filled, not yet written
+        self._part_since = 0.0  #: time.monotonic() when its first item came
         self._failures = 0  #: storage errors not yet logged
         self._logged_at = float("-inf")
         for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
@@ -251,55 +259,60 @@ class Capture:
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._queue:  # idle: sleep until an item comes or the lines are due
-                    self._ready.wait(max(0.0, self._lines_since + MANIFEST_S - time.monotonic())
-                                     if self._lines else None)
+                if not self._queue:  # idle: sleep until an item comes or the part is due
+                    self._ready.wait(max(0.0, self._part_since + PART_S - time.monotonic()) if self._part else None)
                 item = self._queue.popleft() if self._queue else _NOTHING
                 if isinstance(item, _Item):
                     self._queued_bytes -= len(item.data)
                     self.metrics.capture_queued.dec()
                 late = self._stop_by is not None and time.monotonic() > self._stop_by
             if item is None or late:
-                self._write_lines()
+                self._write_part()
                 return
             if isinstance(item, _Item):
-                self._store(item)
-            if len(self._lines) >= MANIFEST_ITEMS or (self._lines and time.monotonic() - self._lines_since >= MANIFEST_S):
-                self._write_lines()
+                self._take(item)
+            if self._part and (len(self._part) >= PART_ITEMS or sum(len(t.data) for t in self._part) >= PART_BYTES
+                               or time.monotonic() - self._part_since >= PART_S):
+                self._write_part()
 
-    def _store(self, item: _Item) -> None:
+    def _take(self, item: _Item) -> None:
+        """Add an item to the part being filled, if the cap leaves room for the part with it."""
         try:
             if self._budget is None:
                 self._budget = self._scan()
-            folder, stem, image, line = self._entry(item)
-            size = len(item.data) + len(line)
-            if size > self._budget:
+            taken = self._entry(item)
+            if self._part_bytes([*self._part, taken]) > self._budget:
                 self.metrics.capture_dropped.labels(CAP_REACHED).inc()
                 return
-            _put(storage.join(folder, image), item.data)
-            if not self._lines:
-                self._lines_since = time.monotonic()
-            self._lines.append((folder, stem, line))
-            self._budget -= size
-            self.metrics.captured.labels(item.reason).inc()
-            self.metrics.capture_bytes.inc(size)
+            if not self._part:
+                self._part_since = time.monotonic()
+            self._part.append(taken)
         except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
             self.metrics.capture_dropped.labels(STORAGE_ERROR).inc()
             self._log_failure(exc)
 
-    def _write_lines(self) -> None:
-        """One JSON-lines part per date folder for the predictions not yet written, named
-        after its first image. On a storage error the lines are lost (their images stay)."""
-        lines, self._lines = self._lines, []
-        by_folder: dict[str, list[tuple[str, bytes]]] = {}
-        for folder, stem, line in lines:
-            by_folder.setdefault(folder, []).append((stem, line))
-        for folder, entries in by_folder.items():
-            try:
-                _put(storage.join(folder, MANIFEST_PREFIX + entries[0][0] + MANIFEST_SUFFIX),
-                     b"".join(line for _, line in entries))
-            except Exception as exc:  # noqa: BLE001 - as _store: never let the writer die
-                self._log_failure(exc)
+    @staticmethod
+    def _part_bytes(part: list[_Taken]) -> int:
+        return captures.part_size([len(t.data) for t in part] + [sum(len(t.line) for t in part)])
+
+    def _write_part(self) -> None:
+        """Write the part being filled (into its first image's date folder); its items are
+        counted as captured, or, on a storage error, as dropped."""
+        part, self._part = self._part, []
+        if not part:
+            return
+        first = part[0]
+        data = captures.pack_part([(t.image, t.data) for t in part], b"".join(t.line for t in part), first.at)
+        try:
+            _put(storage.join(first.folder, captures.part_name(first.stem, len(part))), data)
+        except Exception as exc:  # noqa: BLE001 - as _take: never let the writer die
+            self.metrics.capture_dropped.labels(STORAGE_ERROR).inc(len(part))
+            self._log_failure(exc, len(part))
+            return
+        self._budget = (self._budget or 0) - len(data)
+        for taken in part:
+            self.metrics.captured.labels(taken.reason).inc()
+        self.metrics.capture_bytes.inc(len(data))
 
     def _scan(self) -> int:
         """What this process may write: its share of what the cap leaves. Also creates
@@ -316,8 +329,8 @@ class Capture:
         log.info("capture: %s holds %.1f MB; this process may add %.1f MB", self.location, used / 1e6, budget / 1e6)
         return budget
 
-    def _entry(self, item: _Item) -> tuple[str, str, str, bytes]:
-        """(folder, stem, image file name, prediction line) of an item."""
+    def _entry(self, item: _Item) -> _Taken:
+        """Where an item goes, under which name, with which prediction line."""
         moment = datetime.fromtimestamp(item.at, tz=timezone.utc)
         self._sequence += 1
         stem = f"{moment:%Y%m%dT%H%M%S.%f}Z-{self._token}-{self._sequence:06d}"
@@ -336,10 +349,11 @@ class Capture:
             "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
                         "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
         }
-        return folder, stem, image_name, json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        return _Taken(folder, stem, image_name, item.data, json.dumps(record, separators=(",", ":")).encode() + b"\n",
+                      item.reason, item.at)
 
-    def _log_failure(self, exc: BaseException) -> None:
-        self._failures += 1
+    def _log_failure(self, exc: BaseException, items: int = 1) -> None:
+        self._failures += items
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_S:
             log.error("capture: cannot store into %s (%d item(s) dropped since the last report): %s",

@@ -44,7 +44,7 @@ from tagmill.bundle.batch_predict import WorkItem, batched, capture_tasks, plan,
 from tagmill.bundle.captures import MARKER as CAPTURE_MARKER, SIDECAR_SUFFIX
 from tagmill.bundle.predictor import Predictor
 from tagmill.errors import InputError, UnreadableImageError
-from tagmill.formats.base import has_image_extension
+from tagmill.formats.base import has_image_extension, image_extension
 from tagmill.progress import SILENT, Progress
 
 #: how many times N of the most uncertain images the diversity step clusters. Chosen on
@@ -366,17 +366,7 @@ def _file_name(name: str, data: bytes) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:80] or "image"
     if has_image_extension(base):
         return base
-    return f"{base}.{_format_of(data)}"
-
-
-def _format_of(data: bytes) -> str:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return (image.format or "png").lower().replace("jpeg", "jpg")
-    except Exception:  # noqa: BLE001 - it was readable when ranked; any name will do
-        return "img"
+    return base + image_extension(data)
 
 
 def import_hint(location: str, *, multilabel: bool) -> str:

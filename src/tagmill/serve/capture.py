@@ -47,7 +47,6 @@ worker restarted later shares what is left then).
 from __future__ import annotations
 
 import contextvars
-import io
 import json
 import logging
 import os
@@ -61,9 +60,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tagmill import storage
 from tagmill.bundle import captures
 from tagmill.bundle.captures import LAYOUT, LAYOUT_VERSION, MARKER
+from tagmill.formats.base import image_extension
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -93,9 +95,6 @@ QUEUE_BYTES = 64 * 1024 * 1024
 LOG_EVERY_S = 60.0
 #: at shutdown, how long the writer may go on storing what is queued
 DRAIN_S = 5.0
-#: file extensions by PIL format name; anything else PIL reads is stored under its own name
-_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
-               "PPM": ".ppm"}
 
 #: (path, content type) of the HTTP request being answered; set by CaptureContext
 _request: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
@@ -344,7 +343,7 @@ class Capture:
             "model_version": item.version,
             "task": item.task,
             "classes": list(item.classes),
-            "probabilities": [round(p, 6) for p in item.probabilities],
+            "probabilities": np.round(np.asarray(item.probabilities, dtype=np.float64), 6).tolist(),  # 257 at once
             "labels": list(item.labels),
             "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
                         "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
@@ -372,18 +371,6 @@ def _put(location: str, data: bytes) -> None:
         storage.write_bytes(location, data, durable=False)
 
 
-def image_extension(data: bytes) -> str:
-    """The file extension for an image's bytes (only the header is read)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind = image.format or ""
-    except Exception:  # noqa: BLE001 - the model read it; a name is all that is wanted here
-        kind = ""
-    return _EXTENSIONS.get(kind, f".{kind.lower()}" if kind.isalnum() else ".img")
-
-
 class CaptureContext:
     """Pure ASGI middleware: remembers each request's path and content type for
     :meth:`Capture.offer`, which runs deep inside the route (``Service.predict``)."""
@@ -404,4 +391,4 @@ class CaptureContext:
             _request.reset(token)
 
 
-__all__ = ["Capture", "CaptureContext", "MARKER", "decision_confidence", "image_extension"]
+__all__ = ["Capture", "CaptureContext", "MARKER", "decision_confidence"]

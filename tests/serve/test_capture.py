@@ -323,7 +323,8 @@ def test_a_full_queue_drops_and_counts_while_every_request_is_answered(bundle: s
         answers = [client.post("/invocations", content=x, headers=X_IMAGE).status_code for x in photos(8)]
         text = client.get("/metrics").text
     assert answers == [200] * 8
-    # the writer holds one item (stuck), the queue one more: the rest were dropped
+    # one item waits in the queue (the writer, woken by it, takes it within a second and
+    # sticks on the endpoint; the next one then waits behind it): the rest were dropped
     assert metric(text, "tagmill_capture_dropped_total", reason="queue_full") >= 6
     assert metric(text, "tagmill_capture_queued") == 1  # what waits behind the stuck write
     assert metric(text, "tagmill_captured_total") == 0

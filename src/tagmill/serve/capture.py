@@ -116,10 +116,6 @@ def decision_confidence(probabilities: Sequence[float], task: str, thresholds: S
     return least
 
 
-#: what the writer takes from an empty queue when it woke to write the lines that are due
-_NOTHING = object()
-
-
 @dataclass(frozen=True)
 class _Item:
     data: bytes
@@ -135,6 +131,7 @@ class _Item:
     content_type: str | None
     instance: int  #: the image's index in its request (JSON instances carry several)
     instances: int
+    queued: float  #: time.monotonic() when it was queued: a part is due PART_S after its first item's
 
 
 @dataclass(frozen=True)
@@ -148,6 +145,7 @@ class _Taken:
     line: bytes  #: its JSON line: what was served
     reason: str
     at: float
+    queued: float
 
 
 class Capture:
@@ -169,7 +167,7 @@ class Capture:
         self._random = random.Random(seed)
         self._token = secrets.token_hex(4)  # 32 random bits: names apart across workers and replicas
         self._sequence = 0
-        self._queue: deque[_Item | None] = deque()
+        self._queue: deque[_Item] = deque()
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
@@ -177,7 +175,6 @@ class Capture:
         self._stop_by: float | None = None
         self._budget: int | None = None  #: bytes this process may still write; None until scanned
         self._part: list[_Taken] = []  #: items in the part being filled, not yet written
-        self._part_since = 0.0  #: time.monotonic() when its first item came
         self._failures = 0  #: storage errors not yet logged
         self._logged_at = float("-inf")
         for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
@@ -192,7 +189,7 @@ class Capture:
         """Queue the images worth keeping. Cheap, never blocks, never raises."""
         try:
             request = _request.get()
-            now = time.time()
+            now, queued = time.time(), time.monotonic()
             for index, (data, prediction) in enumerate(zip(images, predictions)):
                 if not prediction.ok:
                     continue
@@ -202,7 +199,7 @@ class Capture:
                     continue
                 self._enqueue(_Item(
                     data, reason, confidence, now, version, meta.task, meta.classes, prediction.probabilities, prediction.labels,
-                    request[0] if request else None, request[1] if request else None, index, len(images)))
+                    request[0] if request else None, request[1] if request else None, index, len(images), queued))
         except Exception:  # noqa: BLE001 - capture must never fail the request it watches
             log.exception("capture: could not queue an image")
             self.metrics.capture_dropped.labels(INTERNAL_ERROR).inc()
@@ -222,7 +219,11 @@ class Capture:
                 full = False
                 self._queue.append(item)
                 self._queued_bytes += len(item.data)
-                self._ready.notify()
+                # the writer sleeps until a part is due: woken by the first item (to time
+                # it) and by a full part's worth, not by every item (each wake-up takes the
+                # GIL from the threads answering requests)
+                if len(self._queue) == 1 or len(self._queue) == PART_ITEMS or self._queued_bytes >= PART_BYTES:
+                    self._ready.notify()
                 self.metrics.capture_queued.inc()
         if full:
             self.metrics.capture_dropped.labels(QUEUE_FULL).inc()
@@ -242,7 +243,6 @@ class Capture:
             return
         with self._lock:
             self._stop_by = time.monotonic() + drain_s
-            self._queue.append(None)  # wakes the writer when the queue is empty
             self._ready.notify()
         thread.join(drain_s + 1.0)  # a write stuck on a dead endpoint is left behind (daemon)
         self._thread = None
@@ -251,28 +251,51 @@ class Capture:
     def pending(self) -> int:
         """Items queued, not yet stored or dropped."""
         with self._lock:
-            return sum(item is not None for item in self._queue)
+            return len(self._queue)
 
     # --- the writer thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        """Sleep until a part is due (or stop), take everything queued at once, write the
+        parts that are full or due."""
         while True:
             with self._lock:
-                if not self._queue:  # idle: sleep until an item comes or the part is due
-                    self._ready.wait(max(0.0, self._part_since + PART_S - time.monotonic()) if self._part else None)
-                item = self._queue.popleft() if self._queue else _NOTHING
-                if isinstance(item, _Item):
-                    self._queued_bytes -= len(item.data)
-                    self.metrics.capture_queued.dec()
-                late = self._stop_by is not None and time.monotonic() > self._stop_by
-            if item is None or late:
+                while not self._due():
+                    self._ready.wait(self._until_due())
+                taken = list(self._queue)
+                self._queue.clear()
+                self._queued_bytes = 0
+                stopping = self._stop_by is not None
+            self.metrics.capture_queued.dec(len(taken))
+            for item in taken:
+                if self._stop_by is not None and time.monotonic() > self._stop_by:
+                    break  # out of drain time: what is left is abandoned, as a kill would
+                self._take(item)
+                if len(self._part) >= PART_ITEMS or sum(len(t.data) for t in self._part) >= PART_BYTES:
+                    self._write_part()
+            if stopping or (self._stop_by is not None and time.monotonic() > self._stop_by):
                 self._write_part()
                 return
-            if isinstance(item, _Item):
-                self._take(item)
-            if self._part and (len(self._part) >= PART_ITEMS or sum(len(t.data) for t in self._part) >= PART_BYTES
-                               or time.monotonic() - self._part_since >= PART_S):
+            if self._part and time.monotonic() - self._part[0].queued >= PART_S:
                 self._write_part()
+
+    def _oldest(self) -> float | None:
+        """time.monotonic() when the oldest item not yet written was queued (lock held)."""
+        if self._part:
+            return self._part[0].queued
+        return self._queue[0].queued if self._queue else None
+
+    def _due(self) -> bool:
+        """Whether the writer has work now (lock held)."""
+        if self._stop_by is not None or len(self._queue) >= PART_ITEMS or self._queued_bytes >= PART_BYTES:
+            return True
+        oldest = self._oldest()
+        return oldest is not None and time.monotonic() - oldest >= PART_S
+
+    def _until_due(self) -> float | None:
+        """Seconds until the oldest item makes a part due; None: nothing waits (lock held)."""
+        oldest = self._oldest()
+        return None if oldest is None else max(0.0, oldest + PART_S - time.monotonic())
 
     def _take(self, item: _Item) -> None:
         """Add an item to the part being filled, if the cap leaves room for the part with it."""
@@ -283,8 +306,6 @@ class Capture:
             if self._part_bytes([*self._part, taken]) > self._budget:
                 self.metrics.capture_dropped.labels(CAP_REACHED).inc()
                 return
-            if not self._part:
-                self._part_since = time.monotonic()
             self._part.append(taken)
         except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
             self.metrics.capture_dropped.labels(STORAGE_ERROR).inc()
@@ -349,7 +370,7 @@ class Capture:
                         "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
         }
         return _Taken(folder, stem, image_name, item.data, json.dumps(record, separators=(",", ":")).encode() + b"\n",
-                      item.reason, item.at)
+                      item.reason, item.at, item.queued)
 
     def _log_failure(self, exc: BaseException, items: int = 1) -> None:
         self._failures += items

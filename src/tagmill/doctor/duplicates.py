@@ -45,9 +45,12 @@ from tagmill.doctor.scan import ImageFacts
 MIN_COSINE = 0.80
 #: largest perceptual-hash distance (bits of 64) of a near copy, between one picture and
 #: the window of the other it aligns with: on those dev sets a resized or recompressed
-#: copy stayed within 6 bits three times out of four, and on dev Fashion-MNIST every
-#: planted copy (crops included) within 12
-HASH_BITS = 12
+#: copy stayed within 6 bits three times out of four; on dev Fashion-MNIST, once small
+#: pictures were enlarged by exact area averages (``thumbnails.thumbnail``), every planted
+#: copy within 4, and 10 instead of 12 bits removed one of every five pairs of a copy with
+#: a look-alike of its source there (92.3% precision against 89.6%, all 60 copies kept)
+#: without losing a copy on dev emoji or outlines (see bench/README.md)
+HASH_BITS = 10
 #: largest whole-picture hash distance of a pair that is aligned and judged: planted 3–6%
 #: crops on the dev sets of bench/doctor.py moved it by up to 24 bits (Fashion-MNIST) and
 #: 25 (outline drawings, which the pixels reject anyway); the aligned pairs, and with

@@ -50,9 +50,34 @@ CROPS = (0.0, 0.025, 0.05, 0.075, 0.1)
 CHUNK = 256
 
 
+def _upscale_matrix(n: int) -> np.ndarray:
+    """(SIDE, n) exact area averages of ``n`` equal pixels onto ``SIDE`` equal cells
+    (each cell weighs the pixels it overlaps by the overlap)."""
+    steps = np.arange(SIDE + 1) / SIDE
+    pixels = np.arange(n + 1) / n
+    overlap = np.minimum(steps[1:, None], pixels[None, 1:]) - np.maximum(steps[:-1, None], pixels[None, :-1])
+    overlap = overlap.clip(min=0)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
 def thumbnail(image: Image.Image) -> bytes:
-    """The ``SIDE``×``SIDE`` RGB thumbnail of an RGB image, as bytes (area averages)."""
-    return image.resize((SIDE, SIDE), Image.Resampling.BOX).tobytes()
+    """The ``SIDE``×``SIDE`` RGB thumbnail of an RGB image, as bytes (area averages).
+
+    Pillow's BOX filter averages areas only when it shrinks: when it enlarges, its support
+    (half an input pixel) takes the one pixel nearest each cell's centre, which puts an
+    edge of a small picture up to half a cell off, by an amount that depends on the
+    picture's size. A copy of a 28-px picture resized or cropped by a pixel or two then
+    lands its edges elsewhere than its source: on dev Fashion-MNIST planted crops differed
+    by up to 46 once aligned and resizes by up to 24 (``MAX_DIFFERENCE`` is 15); with
+    exact area averages every planted copy stayed within 13. So an axis shorter than
+    ``SIDE`` is enlarged by exact area averages; a longer one is shrunk by Pillow as before."""
+    if image.width >= SIDE and image.height >= SIDE:
+        return image.resize((SIDE, SIDE), Image.Resampling.BOX).tobytes()
+    # shrink the long axis (if any) with Pillow first, then enlarge the short ones exactly
+    image = image.resize((min(image.width, SIDE), min(image.height, SIDE)), Image.Resampling.BOX)
+    pixels = np.asarray(image, dtype=np.float64)  # (H, W, 3)
+    cells = np.einsum("yh,hwc,xw->yxc", _upscale_matrix(image.height), pixels, _upscale_matrix(image.width))
+    return np.rint(cells).clip(0, 255).astype(np.uint8).tobytes()
 
 
 def as_tensor(thumbnails: list[bytes]) -> Tensor:

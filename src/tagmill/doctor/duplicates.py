@@ -18,10 +18,11 @@ file bytes. *Near* copies are found in two steps:
   neighbours up to cosine 0.99; features and hash together passed colour variants of one
   icon (a red and a blue heart hash alike); features and pixels together passed
   overlapping crops of one smooth photo (a rocket against the sky, shifted by a tenth),
-  which the hash rejects. *Known limits*: on line art (the bench's outline drawings)
-  the pixels reject resized and cropped copies of 1-px lines; on 28-px greyscale
-  pictures (Fashion-MNIST) a copy resized to 70–90% differs from its source by up to 24
-  in some cell, as much as distinct garments do (see bench/README.md).
+  which the hash rejects. *Known limit*: on line art (the bench's outline drawings)
+  the pixels reject resized and cropped copies of 1-px lines. Pictures smaller than the
+  thumbnail (28-px Fashion-MNIST) are enlarged by exact area averages: enlarged by the
+  nearest pixel, their resized and 1–2 px cropped copies differed by up to 46 in some
+  cell, as much as distinct garments do (see bench/README.md).
 
 The cost grows with N·k candidate pairs, not N².
 """

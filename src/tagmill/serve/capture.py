@@ -136,16 +136,13 @@ class _Item:
 
 @dataclass(frozen=True)
 class _Taken:
-    """An item in the part being filled."""
+    """An item in the part being filled: where and under which name it goes, what was served."""
 
+    item: _Item
     folder: str  #: the date folder of the part it starts, if it starts one
     stem: str  #: its name without extension; a part is named after its first item's
     image: str  #: its member name in the part
-    data: bytes
     line: bytes  #: its JSON line: what was served
-    reason: str
-    at: float
-    queued: float
 
 
 class Capture:
@@ -268,21 +265,25 @@ class Capture:
                 stopping = self._stop_by is not None
             self.metrics.capture_queued.dec(len(taken))
             for item in taken:
-                if self._stop_by is not None and time.monotonic() > self._stop_by:
+                if self._late():
                     break  # out of drain time: what is left is abandoned, as a kill would
                 self._take(item)
-                if len(self._part) >= PART_ITEMS or sum(len(t.data) for t in self._part) >= PART_BYTES:
+                if len(self._part) >= PART_ITEMS or sum(len(t.item.data) for t in self._part) >= PART_BYTES:
                     self._write_part()
-            if stopping or (self._stop_by is not None and time.monotonic() > self._stop_by):
+            if stopping or self._late():
                 self._write_part()
                 return
-            if self._part and time.monotonic() - self._part[0].queued >= PART_S:
+            if self._part and time.monotonic() - self._part[0].item.queued >= PART_S:
                 self._write_part()
+
+    def _late(self) -> bool:
+        """Whether stop()'s drain time is over."""
+        return self._stop_by is not None and time.monotonic() > self._stop_by
 
     def _oldest(self) -> float | None:
         """time.monotonic() when the oldest item not yet written was queued (lock held)."""
         if self._part:
-            return self._part[0].queued
+            return self._part[0].item.queued
         return self._queue[0].queued if self._queue else None
 
     def _due(self) -> bool:
@@ -313,7 +314,7 @@ class Capture:
 
     @staticmethod
     def _part_bytes(part: list[_Taken]) -> int:
-        return captures.part_size([len(t.data) for t in part] + [sum(len(t.line) for t in part)])
+        return captures.part_size([len(t.item.data) for t in part] + [sum(len(t.line) for t in part)])
 
     def _write_part(self) -> None:
         """Write the part being filled (into its first image's date folder); its items are
@@ -322,7 +323,7 @@ class Capture:
         if not part:
             return
         first = part[0]
-        data = captures.pack_part([(t.image, t.data) for t in part], b"".join(t.line for t in part), first.at)
+        data = captures.pack_part([(t.image, t.item.data) for t in part], b"".join(t.line for t in part), first.item.at)
         try:
             _put(storage.join(first.folder, captures.part_name(first.stem, len(part))), data)
         except Exception as exc:  # noqa: BLE001 - as _take: never let the writer die
@@ -331,7 +332,7 @@ class Capture:
             return
         self._budget = (self._budget or 0) - len(data)
         for taken in part:
-            self.metrics.captured.labels(taken.reason).inc()
+            self.metrics.captured.labels(taken.item.reason).inc()
         self.metrics.capture_bytes.inc(len(data))
 
     def _scan(self) -> int:
@@ -369,8 +370,7 @@ class Capture:
             "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
                         "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
         }
-        return _Taken(folder, stem, image_name, item.data, json.dumps(record, separators=(",", ":")).encode() + b"\n",
-                      item.reason, item.at, item.queued)
+        return _Taken(item, folder, stem, image_name, json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
     def _log_failure(self, exc: BaseException, items: int = 1) -> None:
         self._failures += items

@@ -7,8 +7,9 @@ Each writer (``serve.capture.Capture``, the earlier one loaded from ``git show
 COMMIT:src/tagmill/serve/capture.py``) takes ``--images`` offers of 640x480 JPEGs with a
 257-class prediction, every one captured (the worst case), into a local folder and into
 S3 (a moto server started here, on loopback), then drains. Reported per image: the
-process's CPU time (every thread: what capture takes from the model on a CPU-bound
-server), the S3 endpoint's CPU time (moto's, which ``serve_load.py --capture`` runs on the
+process's CPU time (every thread: what capture takes from the model's process), the
+writer process's (the writer stores from a process of its own now: CPU the model
+still shares on a CPU-bound server, but not its interpreter lock), the S3 endpoint's CPU time (moto's, which ``serve_load.py --capture`` runs on the
 server's own cores) and the wall time until the writer has stored
 everything (how many images a second one writer keeps up with). CPU time is the measure
 that a shared machine blurs least; the rounds alternate the two writers.
@@ -20,6 +21,7 @@ import argparse
 import importlib.util
 import io
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -45,9 +47,12 @@ OFFER_BATCH, PAUSE_S = 8, 0.001
 def earlier_writer(commit: str):
     source = subprocess.run(["git", "show", f"{commit}:src/tagmill/serve/capture.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    # earlier writers took the layout's names from bundle/suggest.py; bundle/captures.py holds them now
+    # earlier writers took the layout's names from bundle/suggest.py, then from
+    # bundle/captures.py; formats/captures.py holds them now
     source = source.replace("from tagmill.bundle.suggest import CAPTURE_MARKER as MARKER",
-                            "from tagmill.bundle.captures import MARKER")
+                            "from tagmill.formats.captures import MARKER")
+    source = source.replace("tagmill.bundle.captures", "tagmill.formats.captures")
+    source = source.replace("from tagmill.bundle import captures", "from tagmill.formats import captures")
     path = Path(tempfile.mkdtemp(prefix="capture-cost-")) / "capture_earlier.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("capture_earlier", path)
@@ -67,18 +72,27 @@ def photos(count: int) -> list[bytes]:
     return out
 
 
-def cost(module, target: str, count: int, sent: list[bytes]) -> tuple[float, float]:
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended and been waited for (the
+    writer process, once stop() has joined it; not moto, which runs to the end)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cost(module, target: str, count: int, sent: list[bytes]) -> tuple[float, float, float]:
     meta = BundleMeta(architecture="x", task="single", classes=tuple(f"c{i}" for i in range(257)),
                       preprocess=Preprocess(input_size=16))
     prediction = Prediction(probabilities=[1 / 257] * 257, labels=["c0"])
     writer = module.Capture(target, ServeMetrics(), below=1.0, queue_items=count + OFFER_BATCH)
+    children = children_cpu()
     writer.start()
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(0, count, OFFER_BATCH):
         writer.offer(sent[: OFFER_BATCH], [prediction] * OFFER_BATCH, "v", meta)
         time.sleep(PAUSE_S)
     writer.stop(drain_s=600)
-    return (time.process_time() - cpu) / count * 1e3, (time.perf_counter() - wall) / count * 1e3
+    return ((time.process_time() - cpu) / count * 1e3, (children_cpu() - children) / count * 1e3,
+            (time.perf_counter() - wall) / count * 1e3)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,16 +142,17 @@ def main() -> None:
                     target = (tempfile.mkdtemp(prefix="capture-cost-") if where == "local folder"
                               else f"{bucket}/{name.split()[0]}-{round_}")
                     endpoint_cpu = cpu_seconds(moto.pid)
-                    cpu, wall = cost(module, target, args.images, sent)
+                    cpu, writer_cpu, wall = cost(module, target, args.images, sent)
                     endpoint_ms = (cpu_seconds(moto.pid) - endpoint_cpu) / args.images * 1e3
-                    rows.append((where, name, cpu, wall, endpoint_ms if where != "local folder" else None))
+                    rows.append((where, name, cpu, writer_cpu, wall, endpoint_ms if where != "local folder" else None))
                     print(rows[-1], flush=True)
     finally:
         moto.terminate()
-    print("\n| target | writer | CPU ms / image | writer wall ms / image | S3 endpoint's CPU ms / image |\n"
-          "|---|---|---|---|---|")
-    for where, name, cpu, wall, endpoint in rows:
-        print(f"| {where} | {name} | {cpu:.2f} | {wall:.2f} | {'-' if endpoint is None else f'{endpoint:.2f}'} |")
+    print("\n| target | writer | server process CPU ms / image | writer process CPU ms / image "
+          "| writer wall ms / image | S3 endpoint's CPU ms / image |\n|---|---|---|---|---|---|")
+    for where, name, cpu, writer_cpu, wall, endpoint in rows:
+        print(f"| {where} | {name} | {cpu:.2f} | {writer_cpu:.2f} | {wall:.2f} "
+              f"| {'-' if endpoint is None else f'{endpoint:.2f}'} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tagmill.bundle import Predictor
 from tagmill.bundle.batch_predict import Settings, run_task, plan
-from tagmill.bundle.captures import PREDICTIONS
+from tagmill.formats.captures import PREDICTIONS
 from tagmill.bundle.suggest import SERVED_COLUMNS, choose, suggest, uncertainty, write_suggestions
 from tagmill.errors import InputError
 from tagmill.serve.capture import Capture

@@ -8,7 +8,9 @@ import base64
 import io
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import tarfile
 import time
@@ -22,7 +24,7 @@ import pytest
 
 from tagmill import storage
 from tagmill.bundle import Predictor
-from tagmill.bundle.captures import PREDICTIONS
+from tagmill.formats.captures import PREDICTIONS
 from tagmill.bundle.suggest import suggest, uncertainty
 from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.capture import MARKER, Capture, decision_confidence
@@ -34,7 +36,7 @@ from tests import images
 from tests.s3.conftest import MotoServer, closed_port, new_bucket, point_at, s3_client, start_moto, stop_moto
 from tests.serve.conftest import X_IMAGE, ServerProcess, metric, serving
 
-WAIT_S = 60.0  # the writer is a thread: tests wait for what it did, up to this
+WAIT_S = 60.0  # the writer is a process of its own: tests wait for what it did, up to this
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -170,6 +172,36 @@ def test_a_quiet_servers_capture_is_written_within_a_second_and_a_busy_ones_in_p
     # offered at once, the busy stretch fills whole parts (the last second's rest may be cut)
     assert sizes.count(1) >= 1 and max(sizes) == PART_ITEMS and len(sizes) <= 5 and sum(sizes) == count + 1
     assert metric(metrics.render()[0].decode(), "tagmill_captured_total") == count + 1
+
+
+def test_the_writer_is_a_process_of_its_own_and_a_new_one_replaces_one_that_dies(tmp_path: Path,
+                                                                                capture_errors: _Errors) -> None:
+    metrics = ServeMetrics()
+    capture = Capture(str(tmp_path), metrics, below=1.0)
+    meta = BundleMeta(architecture="x", task="single", classes=("a", "b"), preprocess=Preprocess(input_size=16))
+    unsure = Prediction(probabilities=[0.55, 0.45], labels=["a"])
+    stored = lambda: metric(metrics.render()[0].decode(), "tagmill_captured_total")  # noqa: E731
+
+    def writers() -> list[multiprocessing.process.BaseProcess]:
+        return [p for p in multiprocessing.active_children() if p.name == "tagmill-capture-writer"]
+
+    capture.start()
+    try:
+        assert len(writers()) == 1  # a child process, not a thread of the server
+        first = writers()[0]
+        capture.offer(photos(3), [unsure] * 3, "v1", meta)
+        wait_for(lambda: stored() == 3, "the first images")
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(WAIT_S)
+        capture.offer(photos(4, seed=10), [unsure] * 4, "v1", meta)
+        wait_for(lambda: stored() == 7, "the images after the writer died")
+        assert [w.pid for w in writers()] != [first.pid] and len(writers()) == 1
+    finally:
+        capture.stop(drain_s=30)
+    assert not writers()  # stop() ends it
+    assert any("writer process ended" in m for m in capture_errors.messages)
+    found = captured(tmp_path)
+    assert len(found.images) == 7 and {r["request"]["pid"] for r in found.records.values()} == {os.getpid()}
 
 
 def test_multi_label_confidence_is_the_least_sure_tags_decision_at_its_threshold() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tagmill import storage
-from tagmill.bundle import captures
+from tagmill.formats import captures
 from tagmill.bundle.predictor import Prediction, Predictor
 from tagmill.dataset.manifest import MANIFEST_NAME, load_manifest, shard_locations
 from tagmill.dataset.shards import iter_shard

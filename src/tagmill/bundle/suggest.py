@@ -19,7 +19,7 @@ CSV that ``tagmill import`` reads back — ``id`` (the copied image, beside the 
 ``priority`` and ``source`` columns the importer ignores — with the chosen images
 copied into a folder next to it, so the file is a self-contained labelling job.
 
-A folder that ``tagmill serve --capture`` fills (``bundle/captures.py``'s layout) is
+A folder that ``tagmill serve --capture`` fills (``formats/captures.py``'s layout) is
 read as its images only — the tar parts' images, and in folders of earlier layouts the
 loose images, never the predictions beside them or the temporary file of an interrupted
 write — and what the server answered for each chosen image goes into the CSV
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from tagmill import storage
-from tagmill.bundle import captures
+from tagmill.formats import captures
 from tagmill.bundle.batch_predict import WorkItem, batched, capture_tasks, plan, task_inputs
-from tagmill.bundle.captures import MARKER as CAPTURE_MARKER, SIDECAR_SUFFIX
+from tagmill.formats.captures import MARKER as CAPTURE_MARKER, SIDECAR_SUFFIX
 from tagmill.bundle.predictor import Predictor
 from tagmill.errors import InputError, UnreadableImageError
 from tagmill.formats.base import has_image_extension, image_extension
@@ -221,7 +221,7 @@ def suggest(
 
 def plan_with_captures(paths: list[str], split: str | None = None) -> tuple[list[WorkItem], dict[str, Served]]:
     """``batch_predict.plan``, and by the image's input name where to find what the
-    server answered for each captured image (``bundle/captures.py``): a record read
+    server answered for each captured image (``formats/captures.py``): a record read
     already (layout 2, from the folder's predictions parts), or a file read only for
     the images chosen (a layout-3 part's predictions member, a layout-1 sidecar)."""
     tasks: list[WorkItem] = []

@@ -20,20 +20,23 @@ Confidence (:func:`decision_confidence`):
   captures are those ``suggest`` ranks first.
 
 It never slows or fails a request. The request path (:meth:`Capture.offer`) only
-decides and appends to a bounded in-memory queue; a writer thread stores the items.
-A full queue, the size cap reached, or a storage error (S3 down, disk full, no
-permission) drops the item, counts it in ``/metrics`` (``tagmill_capture_dropped_total``
-by reason) and logs it (rate-limited); the request never sees any of it.
+decides and appends to a bounded in-memory queue; a sender thread hands the queue, a
+part's worth at a time, to the capture writer, a process of its own
+(``serve/capture_writer.py``, which says why a process), and a receiver thread turns its
+reports into ``/metrics`` and log lines. A full queue, the size cap reached, or a storage
+error (S3 down, disk full, no permission) drops the item, counts it in ``/metrics``
+(``tagmill_capture_dropped_total`` by reason) and logs it (rate-limited); the request
+never sees any of it. If the writer process dies, the part it was handed is counted as
+dropped (``error``) and a new one is started.
 
-Where and how items are stored is ``bundle/captures.py``'s layout (the same on a disk
-and on S3): the writer collects what it takes from the queue into a *part* — a tar of
-the images and, after them, one JSON line per image with what was served — and writes
-the part once it holds ``PART_ITEMS`` images or ``PART_BYTES``, or its first image is
-``PART_S`` old (and at shutdown). One write per part, not per image: into S3 a PUT costs
-~2 ms of the server's CPU, which a model using every core feels. Each part is written
-atomically (renamed into place; on S3 one PUT), without an fsync: a killed or powered-off
-server loses at most its last second of captures, which are a sample, and a reader never
-sees half a part. ``<token>`` in the names is random per process, so every worker of
+Where and how items are stored is ``formats/captures.py``'s layout (the same on a disk
+and on S3): a *part* is a tar of the images and, after them, one JSON line per image
+with what was served. A part is handed over once the queue holds ``PART_ITEMS`` images or
+``PART_BYTES``, or its first image is ``PART_S`` old (and at shutdown). One write per
+part, not per image: into S3 a PUT costs ~2 ms of CPU. Each part is written atomically
+(renamed into place; on S3 one PUT), without an fsync: a killed or powered-off server
+loses at most its last second of captures, which are a sample, and a reader never sees
+half a part. ``<token>`` in the names is random per writer, so every worker of
 ``--workers N`` (and every replica writing to one bucket) names its parts apart without
 any locking. The date folders keep listings short and let a person take or delete one
 day's capture.
@@ -47,25 +50,21 @@ worker restarted later shares what is left then).
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
+import multiprocessing as mp
 import os
 import random
-import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tagmill import storage
-from tagmill.bundle import captures
-from tagmill.bundle.captures import LAYOUT, LAYOUT_VERSION, MARKER
-from tagmill.formats.base import image_extension
+from tagmill.formats.captures import MARKER
+from tagmill.serve import capture_writer
+from tagmill.serve.capture_writer import DROP_REASONS, INTERNAL_ERROR, QUEUE_FULL, Item, WriterConfig
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -74,7 +73,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: a part is written once it holds this many images (a PUT's ~2 ms of client CPU, spread
+#: a part is handed to the writer once the queue holds this many images (a PUT's ~2 ms of client CPU, spread
 #: over 64 images, is ~0.03 ms each; what is left is per byte) ...
 PART_ITEMS = 64
 #: ... or this many bytes (the writer's memory, beside the queue's QUEUE_BYTES) ...
@@ -85,16 +84,14 @@ PART_BYTES = 16 * 1024 * 1024
 PART_S = 1.0
 #: why an item is stored
 LOW_CONFIDENCE, SAMPLE = "low_confidence", "sample"
-#: why an item is dropped (the reason label of tagmill_capture_dropped_total)
-QUEUE_FULL, CAP_REACHED, STORAGE_ERROR, INTERNAL_ERROR = "queue_full", "cap_reached", "storage_error", "error"
-DROP_REASONS = (QUEUE_FULL, CAP_REACHED, STORAGE_ERROR, INTERNAL_ERROR)
 #: image bytes waiting in the queue at most, whatever --capture-queue allows: 256 items
 #: of --max-body-mb's 10 MB would hold 2.5 GB; 64 MiB is still ~600 typical 100 kB photos
 QUEUE_BYTES = 64 * 1024 * 1024
-#: a storage outage fails every write: log the first failure, then a count this often
-LOG_EVERY_S = 60.0
 #: at shutdown, how long the writer may go on storing what is queued
 DRAIN_S = 5.0
+#: after the drain time, how long the writer process may take to end before it is killed
+#: (a write stuck on a dead endpoint)
+EXIT_S = 1.0
 
 #: (path, content type) of the HTTP request being answered; set by CaptureContext
 _request: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
@@ -116,37 +113,8 @@ def decision_confidence(probabilities: Sequence[float], task: str, thresholds: S
     return least
 
 
-@dataclass(frozen=True)
-class _Item:
-    data: bytes
-    reason: str
-    confidence: float
-    at: float  #: time.time() when the request was answered
-    version: str
-    task: str
-    classes: tuple[str, ...]
-    probabilities: list[float]
-    labels: list[str]
-    path: str | None
-    content_type: str | None
-    instance: int  #: the image's index in its request (JSON instances carry several)
-    instances: int
-    queued: float  #: time.monotonic() when it was queued: a part is due PART_S after its first item's
-
-
-@dataclass(frozen=True)
-class _Taken:
-    """An item in the part being filled: where and under which name it goes, what was served."""
-
-    item: _Item
-    folder: str  #: the date folder of the part it starts, if it starts one
-    stem: str  #: its name without extension; a part is named after its first item's
-    image: str  #: its member name in the part
-    line: bytes  #: its JSON line: what was served
-
-
 class Capture:
-    """Decides on the request path, stores in a writer thread (see the module docstring).
+    """Decides on the request path, stores through a writer process (see the module docstring).
 
     ``workers``: processes capturing into the same location at once, each taking an
     equal share of the cap. ``seed`` makes the random sample reproducible (tests)."""
@@ -162,18 +130,15 @@ class Capture:
         self.queue_items = queue_items
         self.workers = workers
         self._random = random.Random(seed)
-        self._token = secrets.token_hex(4)  # 32 random bits: names apart across workers and replicas
-        self._sequence = 0
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[Item] = deque()
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
         self._stop_by: float | None = None
-        self._budget: int | None = None  #: bytes this process may still write; None until scanned
-        self._part: list[_Taken] = []  #: items in the part being filled, not yet written
-        self._failures = 0  #: storage errors not yet logged
-        self._logged_at = float("-inf")
+        self._writer: mp.process.BaseProcess | threading.Thread | None = None
+        self._parts: Connection  #: parts to the writer; set with it
+        self._reports: Connection  #: its reports back
         for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
             metrics.capture_dropped.labels(reason)
         for reason in (LOW_CONFIDENCE, SAMPLE):
@@ -194,7 +159,7 @@ class Capture:
                 reason = self._reason(confidence)
                 if reason is None:
                     continue
-                self._enqueue(_Item(
+                self._enqueue(Item(
                     data, reason, confidence, now, version, meta.task, meta.classes, prediction.probabilities, prediction.labels,
                     request[0] if request else None, request[1] if request else None, index, len(images), queued))
         except Exception:  # noqa: BLE001 - capture must never fail the request it watches
@@ -208,7 +173,7 @@ class Capture:
             return SAMPLE
         return None
 
-    def _enqueue(self, item: _Item) -> None:
+    def _enqueue(self, item: Item) -> None:
         with self._lock:
             if len(self._queue) >= self.queue_items or self._queued_bytes + len(item.data) > QUEUE_BYTES:
                 full = True
@@ -216,7 +181,7 @@ class Capture:
                 full = False
                 self._queue.append(item)
                 self._queued_bytes += len(item.data)
-                # the writer sleeps until a part is due: woken by the first item (to time
+                # the sender sleeps until a part is due: woken by the first item (to time
                 # it) and by a full part's worth, not by every item (each wake-up takes the
                 # GIL from the threads answering requests)
                 if len(self._queue) == 1 or len(self._queue) == PART_ITEMS or self._queued_bytes >= PART_BYTES:
@@ -228,66 +193,129 @@ class Capture:
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._sender is None:
             self._stop_by = None
-            self._thread = threading.Thread(target=self._run, name="tagmill-capture", daemon=True)
-            self._thread.start()
+            self._start_writer()
+            self._sender = threading.Thread(target=self._send_parts, name="tagmill-capture", daemon=True)
+            self._sender.start()
 
     def stop(self, drain_s: float = DRAIN_S) -> None:
         """Store what is queued for at most ``drain_s`` seconds, then end the writer."""
-        thread = self._thread
-        if thread is None:
+        sender = self._sender
+        if sender is None:
             return
         with self._lock:
             self._stop_by = time.monotonic() + drain_s
             self._ready.notify()
-        thread.join(drain_s + 1.0)  # a write stuck on a dead endpoint is left behind (daemon)
-        self._thread = None
+        sender.join(drain_s + EXIT_S)  # a send stuck on a writer stuck on a dead endpoint is left behind
+        self._sender = None
+        self._end_writer(max(0.0, self._stop_by + EXIT_S - time.monotonic()))
 
     @property
     def pending(self) -> int:
-        """Items queued, not yet stored or dropped."""
+        """Items queued, not yet handed to the writer or dropped."""
         with self._lock:
             return len(self._queue)
 
-    # --- the writer thread ----------------------------------------------------------
+    # --- the writer process, and the threads that talk to it ---------------------------
 
-    def _run(self) -> None:
-        """Sleep until a part is due (or stop), take everything queued at once, write the
-        parts that are full or due."""
+    def _start_writer(self) -> None:
+        """Start a writer (a process; a thread where this process may have no children)
+        and the thread that reads its reports."""
+        config = WriterConfig(self.location, self.max_bytes, self.workers, os.getpid(), storage.current_storage_options())
+        context = mp.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
+        parts_in, self._parts = context.Pipe(duplex=False)
+        self._reports, reports_out = context.Pipe(duplex=False)
+        own_process = not mp.current_process().daemon  # daemonic processes may not start children
+        if own_process:
+            self._writer = context.Process(target=capture_writer.main, args=(parts_in, reports_out, config),
+                                           name="tagmill-capture-writer", daemon=True)
+        else:
+            self._writer = threading.Thread(target=capture_writer.main, args=(parts_in, reports_out, config, False),
+                                            name="tagmill-capture-writer", daemon=True)
+        self._writer.start()
+        if own_process:  # the child holds its own ends now; closing ours lets each side see the other go
+            parts_in.close()
+            reports_out.close()
+        threading.Thread(target=self._read_reports, args=(self._reports,), name="tagmill-capture-reports",
+                         daemon=True).start()
+
+    def _end_writer(self, wait_s: float) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            self._parts.send(None)
+        except (OSError, ValueError):
+            pass  # gone already
+        writer.join(wait_s)
+        if isinstance(writer, mp.process.BaseProcess) and writer.is_alive():
+            writer.kill()  # past the drain time (a write stuck on a dead endpoint): what it holds is lost
+            writer.join(EXIT_S)
+        self._parts.close()
+        self._writer = None
+
+    def _send_parts(self) -> None:
+        """The sender thread: sleep until a part is due (or stop), hand it to the writer."""
         while True:
             with self._lock:
                 while not self._due():
                     self._ready.wait(self._until_due())
-                taken = list(self._queue)
-                self._queue.clear()
-                self._queued_bytes = 0
-                stopping = self._stop_by is not None
-            self.metrics.capture_queued.dec(len(taken))
-            for item in taken:
-                if self._late():
-                    break  # out of drain time: what is left is abandoned, as a kill would
-                self._take(item)
-                if len(self._part) >= PART_ITEMS or sum(len(t.item.data) for t in self._part) >= PART_BYTES:
-                    self._write_part()
-            if stopping or self._late():
-                self._write_part()
-                return
-            if self._part and time.monotonic() - self._part[0].item.queued >= PART_S:
-                self._write_part()
+                part = self._take_part()
+                stop_by = self._stop_by
+                done = stop_by is not None and (not self._queue or time.monotonic() > stop_by)
+            self.metrics.capture_queued.dec(len(part))
+            if part and (stop_by is None or time.monotonic() <= stop_by):
+                self._hand_over(part, stop_by)
+            if done:
+                return  # past the drain time, what is still queued is abandoned, as a kill would
 
-    def _late(self) -> bool:
-        """Whether stop()'s drain time is over."""
-        return self._stop_by is not None and time.monotonic() > self._stop_by
+    def _take_part(self) -> list[Item]:
+        """The oldest items, up to a part's worth (lock held)."""
+        part: list[Item] = []
+        size = 0
+        while self._queue and len(part) < PART_ITEMS and size < PART_BYTES:
+            item = self._queue.popleft()
+            part.append(item)
+            size += len(item.data)
+        self._queued_bytes -= size
+        return part
+
+    def _hand_over(self, part: list[Item], stop_by: float | None) -> None:
+        if self._writer is not None and not self._writer.is_alive():
+            log.error("capture: the writer process ended (exit code %s); starting a new one",
+                      getattr(self._writer, "exitcode", None))
+            self._parts.close()
+            self._start_writer()
+        try:
+            self._parts.send((part, stop_by))
+        except (OSError, ValueError) as exc:  # the writer died under us: its part is lost
+            log.error("capture: the writer process is gone (%s); %d item(s) dropped", exc, len(part))
+            self.metrics.capture_dropped.labels(INTERNAL_ERROR).inc(len(part))
+
+    def _read_reports(self, reports: Connection) -> None:
+        """The receiver thread: a report per part, into /metrics and the log; ends with the writer."""
+        while True:
+            try:
+                report: capture_writer.Report = reports.recv()
+            except (EOFError, OSError):
+                reports.close()
+                return
+            for reason, count in report.captured.items():
+                self.metrics.captured.labels(reason).inc(count)
+            for reason, count in report.dropped.items():
+                self.metrics.capture_dropped.labels(reason).inc(count)
+            if report.bytes:
+                self.metrics.capture_bytes.inc(report.bytes)
+            for level, message in report.logs:
+                log.log(logging.getLevelName(level), "%s", message)
 
     def _oldest(self) -> float | None:
-        """time.monotonic() when the oldest item not yet written was queued (lock held)."""
-        if self._part:
-            return self._part[0].item.queued
+        """time.monotonic() when the oldest item not yet handed over was queued (lock held)."""
         return self._queue[0].queued if self._queue else None
 
     def _due(self) -> bool:
-        """Whether the writer has work now (lock held)."""
+        """Whether the sender has work now (lock held)."""
         if self._stop_by is not None or len(self._queue) >= PART_ITEMS or self._queued_bytes >= PART_BYTES:
             return True
         oldest = self._oldest()
@@ -297,99 +325,6 @@ class Capture:
         """Seconds until the oldest item makes a part due; None: nothing waits (lock held)."""
         oldest = self._oldest()
         return None if oldest is None else max(0.0, oldest + PART_S - time.monotonic())
-
-    def _take(self, item: _Item) -> None:
-        """Add an item to the part being filled, if the cap leaves room for the part with it."""
-        try:
-            if self._budget is None:
-                self._budget = self._scan()
-            taken = self._entry(item)
-            if self._part_bytes([*self._part, taken]) > self._budget:
-                self.metrics.capture_dropped.labels(CAP_REACHED).inc()
-                return
-            self._part.append(taken)
-        except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
-            self.metrics.capture_dropped.labels(STORAGE_ERROR).inc()
-            self._log_failure(exc)
-
-    @staticmethod
-    def _part_bytes(part: list[_Taken]) -> int:
-        return captures.part_size([len(t.item.data) for t in part] + [sum(len(t.line) for t in part)])
-
-    def _write_part(self) -> None:
-        """Write the part being filled (into its first image's date folder); its items are
-        counted as captured, or, on a storage error, as dropped."""
-        part, self._part = self._part, []
-        if not part:
-            return
-        first = part[0]
-        data = captures.pack_part([(t.image, t.item.data) for t in part], b"".join(t.line for t in part), first.item.at)
-        try:
-            _put(storage.join(first.folder, captures.part_name(first.stem, len(part))), data)
-        except Exception as exc:  # noqa: BLE001 - as _take: never let the writer die
-            self.metrics.capture_dropped.labels(STORAGE_ERROR).inc(len(part))
-            self._log_failure(exc, len(part))
-            return
-        self._budget = (self._budget or 0) - len(data)
-        for taken in part:
-            self.metrics.captured.labels(taken.item.reason).inc()
-        self.metrics.capture_bytes.inc(len(data))
-
-    def _scan(self) -> int:
-        """What this process may write: its share of what the cap leaves. Also creates
-        the folder and its marker. Raises StorageError/OSError when the target is unusable
-        (the item is dropped and the scan is tried again with the next one)."""
-        storage.makedirs(self.location)
-        fs, path = storage.filesystem(self.location)
-        found = fs.find(path, detail=True)
-        used = sum(int(info.get("size") or 0) for info in found.values())
-        marker = storage.join(self.location, MARKER)
-        if not any(name.rstrip("/").endswith("/" + MARKER) or name == MARKER for name in found):
-            storage.write_bytes(marker, json.dumps({"layout": LAYOUT, "version": LAYOUT_VERSION}).encode())
-        budget = max(0, self.max_bytes - used) // self.workers
-        log.info("capture: %s holds %.1f MB; this process may add %.1f MB", self.location, used / 1e6, budget / 1e6)
-        return budget
-
-    def _entry(self, item: _Item) -> _Taken:
-        """Where an item goes, under which name, with which prediction line."""
-        moment = datetime.fromtimestamp(item.at, tz=timezone.utc)
-        self._sequence += 1
-        stem = f"{moment:%Y%m%dT%H%M%S.%f}Z-{self._token}-{self._sequence:06d}"
-        folder = storage.join(self.location, f"{moment:%Y-%m-%d}")
-        image_name = stem + image_extension(item.data)
-        record: dict[str, Any] = {
-            "image": image_name,
-            "captured_at": moment.isoformat().replace("+00:00", "Z"),
-            "reason": item.reason,
-            "confidence": round(item.confidence, 6),
-            "model_version": item.version,
-            "task": item.task,
-            "classes": list(item.classes),
-            "probabilities": np.round(np.asarray(item.probabilities, dtype=np.float64), 6).tolist(),  # 257 at once
-            "labels": list(item.labels),
-            "request": {"path": item.path, "content_type": item.content_type, "instance": item.instance,
-                        "instances": item.instances, "bytes": len(item.data), "pid": os.getpid()},
-        }
-        return _Taken(item, folder, stem, image_name, json.dumps(record, separators=(",", ":")).encode() + b"\n")
-
-    def _log_failure(self, exc: BaseException, items: int = 1) -> None:
-        self._failures += items
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY_S:
-            log.error("capture: cannot store into %s (%d item(s) dropped since the last report): %s",
-                      self.location, self._failures, exc)
-            self._failures = 0
-            self._logged_at = now
-
-
-def _put(location: str, data: bytes) -> None:
-    """Write a file atomically, without an fsync (see the module docstring). On S3 one
-    PUT is atomic already (an object appears whole or not at all): no local temporary file."""
-    if storage.is_s3(location):
-        fs, path = storage.filesystem(location)
-        fs.pipe_file(path, data)
-    else:
-        storage.write_bytes(location, data, durable=False)
 
 
 class CaptureContext:

@@ -1,6 +1,8 @@
-"""The folder ``tagmill serve --capture`` fills, defined once: written by ``serve/capture.py``,
-read by ``tagmill predict`` and ``tagmill suggest``. It lives in bundle/ because data flows
-from here to serve/, never back.
+"""The folder ``tagmill serve --capture`` fills, defined once: written by
+``serve/capture_writer.py``, read by ``tagmill predict`` and ``tagmill suggest``
+(``bundle/``). It is an input format of those commands, and it lives in formats/, the
+bottom of the data flow, so that both sides take it from below and the capture writer's
+own process loads it without the model stack (no torch: ``tagmill.bundle`` imports it).
 
 Layout 3 (the same on a disk and on S3)::
 

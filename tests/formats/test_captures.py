@@ -1,4 +1,4 @@
-"""The capture folder's parts (``bundle/captures.py``): plain tar files any reader takes,
+"""The capture folder's parts (``formats/captures.py``): plain tar files any reader takes,
 whose size is known before they are written (the size cap counts on it)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tagmill.bundle import captures
+from tagmill.formats import captures
 from tagmill.formats.base import image_extension
 from tests import images
 

@@ -425,7 +425,9 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if tree else []
+        # each thread lists the children it started (a capture writer restarted by its sender thread)
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()] if tree else []
     except OSError:
         return 0.0
     return total + sum(process_cpu_seconds(int(child)) for child in children)
@@ -499,7 +501,9 @@ def capture_under_load(bundle: str, backends: list[str], workers: int, rounds: i
     with MotoS3() as s3:
         for round_ in range(rounds):
             for backend in backends:
-                for target in ("none", "local", "s3"):
+                # each round starts at the next configuration, so slow drift of the
+                # machine's speed does not fall on one configuration more than another
+                for target in CAPTURE_TARGETS[round_ % 3:] + CAPTURE_TARGETS[:round_ % 3]:
                     folder = None
                     if target == "local":
                         folder = tempfile.mkdtemp(prefix="capture-", dir=workdir)
@@ -516,6 +520,36 @@ def capture_under_load(bundle: str, backends: list[str], workers: int, rounds: i
                             shutil.rmtree(folder, ignore_errors=True)
                     print(rows[-1], flush=True)
     return rows
+
+
+CAPTURE_TARGETS = ("none", "local", "s3")
+
+
+def capture_summary(rows: list[list[str]]) -> list[list[str]]:
+    """Per backend and capture target, across the rounds: images/s, and the ratio of each
+    round's images/s (and p50) to the no-capture run of the same round, as a mean with
+    its 95% t-interval. The rounds pair runs made minutes apart, so the host's slow
+    spells, which move every configuration of a round alike, drop out of the ratio;
+    an interval that holds 1.00 means no cost this many rounds can tell from noise."""
+    from scipy import stats
+
+    out = []
+    for backend in dict.fromkeys(row[0] for row in rows):
+        mine = [row for row in rows if row[0] == backend]
+        base = [row for row in mine if row[1] == "no capture"]
+        for where in dict.fromkeys(row[1] for row in mine):
+            runs = [row for row in mine if row[1] == where]
+            rate = np.array([float(row[5]) for row in runs])
+            line = [backend, where, str(len(runs)), f"{rate.mean():.1f}", f"{rate.min():.1f}-{rate.max():.1f}"]
+            if where == "no capture" or len(runs) != len(base):
+                out.append(line + ["-", "-"])
+                continue
+            for column in (5, 6):  # images/s, p50
+                ratio = np.array([float(r[column]) / float(b[column]) for r, b in zip(runs, base)])
+                half = stats.t.ppf(0.975, len(ratio) - 1) * ratio.std(ddof=1) / np.sqrt(len(ratio)) if len(ratio) > 1 else np.nan
+                line.append(f"{ratio.mean():.3f} ({ratio.mean() - half:.3f}-{ratio.mean() + half:.3f})")
+            out.append(line)
+    return out
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -567,6 +601,8 @@ def main() -> None:
         header = ["backend", "configuration", "workers", "concurrency", "requests", "images/s", "p50 ms", "p99 ms",
                   "errors", "server CPU ms/image", "captured", "dropped", "MB stored", "moto CPU (cores)"]
         print_table(header, rows)
+        print_table(["backend", "configuration", "rounds", "images/s, mean", "range",
+                     "images/s vs no capture (95% interval)", "p50 vs no capture (95% interval)"], capture_summary(rows))
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         (workdir / "capture_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
         return

@@ -51,20 +51,20 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import multiprocessing as mp
 import os
 import random
+import socket
+import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from tagmill import storage
 from tagmill.formats.captures import MARKER
 from tagmill.serve import capture_writer
-from tagmill.serve.capture_writer import DROP_REASONS, INTERNAL_ERROR, QUEUE_FULL, Item, WriterConfig
+from tagmill.serve.capture_writer import DROP_REASONS, INTERNAL_ERROR, QUEUE_FULL, Channel, Item, WriterConfig
 
 if TYPE_CHECKING:
     from tagmill.bundle.format import BundleMeta
@@ -136,9 +136,9 @@ class Capture:
         self._ready = threading.Condition(self._lock)
         self._sender: threading.Thread | None = None
         self._stop_by: float | None = None
-        self._writer: mp.process.BaseProcess | threading.Thread | None = None
-        self._parts: Connection  #: parts to the writer; set with it
-        self._reports: Connection  #: its reports back
+        self._writer: subprocess.Popen[bytes] | None = None
+        self._channel: Channel  #: parts to the writer, its reports back; set with it
+        self._receiver: threading.Thread | None = None  #: reads the reports
         for reason in DROP_REASONS:  # every reason shows in /metrics from the start, at 0
             metrics.capture_dropped.labels(reason)
         for reason in (LOW_CONFIDENCE, SAMPLE):
@@ -220,40 +220,35 @@ class Capture:
     # --- the writer process, and the threads that talk to it ---------------------------
 
     def _start_writer(self) -> None:
-        """Start a writer (a process; a thread where this process may have no children)
-        and the thread that reads its reports."""
+        """Start a writer process and the thread that reads its reports."""
         config = WriterConfig(self.location, self.max_bytes, self.workers, os.getpid(), storage.current_storage_options())
-        context = mp.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
-        parts_in, self._parts = context.Pipe(duplex=False)
-        self._reports, reports_out = context.Pipe(duplex=False)
-        own_process = not mp.current_process().daemon  # daemonic processes may not start children
-        if own_process:
-            self._writer = context.Process(target=capture_writer.main, args=(parts_in, reports_out, config),
-                                           name="tagmill-capture-writer", daemon=True)
-        else:
-            self._writer = threading.Thread(target=capture_writer.main, args=(parts_in, reports_out, config, False),
-                                            name="tagmill-capture-writer", daemon=True)
-        self._writer.start()
-        if own_process:  # the child holds its own ends now; closing ours lets each side see the other go
-            parts_in.close()
-            reports_out.close()
-        threading.Thread(target=self._read_reports, args=(self._reports,), name="tagmill-capture-reports",
-                         daemon=True).start()
+        ours, theirs = socket.socketpair()
+        self._channel = Channel(ours)
+        with theirs:  # the child holds its own copy: when it ends, the reports thread reads the end
+            self._writer = subprocess.Popen(capture_writer.command(theirs.fileno(), config),
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self._receiver = threading.Thread(target=self._read_reports, args=(self._channel,),
+                                          name="tagmill-capture-reports", daemon=True)
+        self._receiver.start()
 
     def _end_writer(self, wait_s: float) -> None:
         writer = self._writer
         if writer is None:
             return
+        deadline = time.monotonic() + wait_s
         try:
-            self._parts.send(None)
-        except (OSError, ValueError):
+            self._channel.send(None, timeout=wait_s)  # False: a part's send is stuck; the kill below ends it
+        except OSError:
             pass  # gone already
-        writer.join(wait_s)
-        if isinstance(writer, mp.process.BaseProcess) and writer.is_alive():
+        try:
+            writer.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             writer.kill()  # past the drain time (a write stuck on a dead endpoint): what it holds is lost
-            writer.join(EXIT_S)
-        self._parts.close()
-        self._writer = None
+            writer.wait()
+        if self._receiver is not None:
+            self._receiver.join(EXIT_S)  # the writer's last reports, then the end of the stream
+        self._channel.close()
+        self._writer = self._receiver = None
 
     def _send_parts(self) -> None:
         """The sender thread: sleep until a part is due (or stop), hand it to the writer."""
@@ -282,24 +277,24 @@ class Capture:
         return part
 
     def _hand_over(self, part: list[Item], stop_by: float | None) -> None:
-        if self._writer is not None and not self._writer.is_alive():
-            log.error("capture: the writer process ended (exit code %s); starting a new one",
-                      getattr(self._writer, "exitcode", None))
-            self._parts.close()
+        if self._writer is not None and self._writer.poll() is not None:
+            log.error("capture: the writer process ended (exit code %s); starting a new one", self._writer.returncode)
+            if self._receiver is not None:
+                self._receiver.join(EXIT_S)
+            self._channel.close()
             self._start_writer()
         try:
-            self._parts.send((part, stop_by))
-        except (OSError, ValueError) as exc:  # the writer died under us: its part is lost
+            self._channel.send((part, stop_by))
+        except OSError as exc:  # the writer died under us: its part is lost
             log.error("capture: the writer process is gone (%s); %d item(s) dropped", exc, len(part))
             self.metrics.capture_dropped.labels(INTERNAL_ERROR).inc(len(part))
 
-    def _read_reports(self, reports: Connection) -> None:
+    def _read_reports(self, channel: Channel) -> None:
         """The receiver thread: a report per part, into /metrics and the log; ends with the writer."""
         while True:
             try:
-                report: capture_writer.Report = reports.recv()
+                report: capture_writer.Report = channel.recv()
             except (EOFError, OSError):
-                reports.close()
                 return
             for reason, count in report.captured.items():
                 self.metrics.captured.labels(reason).inc(count)

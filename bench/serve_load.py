@@ -527,7 +527,7 @@ CAPTURE_TARGETS = ("none", "local", "s3")
 
 def capture_summary(rows: list[list[str]]) -> list[list[str]]:
     """Per backend and capture target, across the rounds: images/s, and the ratio of each
-    round's images/s (and p50) to the no-capture run of the same round, as a mean with
+    round's images/s (and p50, p99) to the no-capture run of the same round, as a mean with
     its 95% t-interval. The rounds pair runs made minutes apart, so the host's slow
     spells, which move every configuration of a round alike, drop out of the ratio;
     an interval that holds 1.00 means no cost this many rounds can tell from noise."""
@@ -542,9 +542,9 @@ def capture_summary(rows: list[list[str]]) -> list[list[str]]:
             rate = np.array([float(row[5]) for row in runs])
             line = [backend, where, str(len(runs)), f"{rate.mean():.1f}", f"{rate.min():.1f}-{rate.max():.1f}"]
             if where == "no capture" or len(runs) != len(base):
-                out.append(line + ["-", "-"])
+                out.append(line + ["-", "-", "-"])
                 continue
-            for column in (5, 6):  # images/s, p50
+            for column in (5, 6, 7):  # images/s, p50, p99
                 ratio = np.array([float(r[column]) / float(b[column]) for r, b in zip(runs, base)])
                 half = stats.t.ppf(0.975, len(ratio) - 1) * ratio.std(ddof=1) / np.sqrt(len(ratio)) if len(ratio) > 1 else np.nan
                 line.append(f"{ratio.mean():.3f} ({ratio.mean() - half:.3f}-{ratio.mean() + half:.3f})")
@@ -602,7 +602,8 @@ def main() -> None:
                   "errors", "server CPU ms/image", "captured", "dropped", "MB stored", "moto CPU (cores)"]
         print_table(header, rows)
         print_table(["backend", "configuration", "rounds", "images/s, mean", "range",
-                     "images/s vs no capture (95% interval)", "p50 vs no capture (95% interval)"], capture_summary(rows))
+                     "images/s vs no capture (95% interval)", "p50 vs no capture", "p99 vs no capture"],
+                    capture_summary(rows))
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         (workdir / "capture_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
         return

@@ -31,9 +31,10 @@ unsure, so with the default ``--capture-below 0.6`` every image is captured: the
 case. It reports images/s, p50/p99, errors, and the captured and dropped counts and
 bytes from /metrics (counted over the measured load: a few warm-up items still queued
 when it starts are among them), the server's CPU time per request (all its processes:
-a shared machine blurs it far less than throughput), and the CPU moto's process used
-meanwhile (in cores):
-on this machine the S3 endpoint competes with the server for the same two cores.
+a shared machine blurs it far less than throughput), the CPU moto's process used
+meanwhile (in cores: on this machine the S3 endpoint competes with the server for the
+same two cores) and the capture writer processes' share of it (in cores), then a
+summary: each capturing run against the no-capture run of its round.
 ``--capture-below``/``--capture-sample`` set the server's: ``--capture-below 0
 --capture-sample 0.05`` is a realistic 5% capture.
 
@@ -433,6 +434,22 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     return total + sum(process_cpu_seconds(int(child)) for child in children)
 
 
+def writer_cpu_seconds(pid: int) -> float:
+    """CPU time of the capture writer processes under ``pid`` (serve/capture_writer.py)."""
+    total = 0.0
+    try:
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    for child in children:
+        try:
+            writer = b"tagmill.serve.capture_writer" in Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        total += process_cpu_seconds(child, tree=False) if writer else writer_cpu_seconds(child)
+    return total
+
+
 class MotoS3:
     """moto's S3 server on a loopback port, in a subprocess (``moto[server]``, a dev dependency)."""
 
@@ -481,9 +498,11 @@ def capture_run(bundle: str, backend: str, workers: int, target: str | None, sec
         before = server.metric_totals(*CAPTURE_METRICS)
         assert server.process is not None
         moto_before, server_before = s3.cpu_seconds(), process_cpu_seconds(server.process.pid)
+        writer_before = writer_cpu_seconds(server.process.pid)
         result = asyncio.run(drive(server.url, photos, CAPTURE_CONCURRENCY, seconds, max_requests))
         moto_cpu = s3.cpu_seconds() - moto_before
         server_cpu = process_cpu_seconds(server.process.pid) - server_before
+        writer_cpu = writer_cpu_seconds(server.process.pid) - writer_before
         after = server.metric_totals(*CAPTURE_METRICS)
     captured, dropped, stored = (after[name] - before[name] for name in CAPTURE_METRICS)
     where = "no capture" if target is None else ("capture to S3 (moto)" if target.startswith("s3://") else "capture to local dir")
@@ -491,7 +510,8 @@ def capture_run(bundle: str, backend: str, workers: int, target: str | None, sec
             f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
             f"{server_cpu / max(result.requests, 1) * 1000:.1f}",
             "-" if target is None else f"{captured:.0f}", "-" if target is None else f"{dropped:.0f}",
-            "-" if target is None else f"{stored / 1e6:.1f}", f"{moto_cpu / result.seconds:.2f}"]
+            "-" if target is None else f"{stored / 1e6:.1f}", f"{moto_cpu / result.seconds:.3f}",
+            "-" if target is None else f"{writer_cpu / result.seconds:.3f}"]
 
 
 def capture_under_load(bundle: str, backends: list[str], workers: int, rounds: int, seconds: float,
@@ -599,7 +619,8 @@ def main() -> None:
         rows = capture_under_load(bundle, args.backends.split(","), args.workers, args.capture_rounds, args.duration,
                                   args.max_requests, photos, workdir, options)
         header = ["backend", "configuration", "workers", "concurrency", "requests", "images/s", "p50 ms", "p99 ms",
-                  "errors", "server CPU ms/image", "captured", "dropped", "MB stored", "moto CPU (cores)"]
+                  "errors", "server CPU ms/image", "captured", "dropped", "MB stored", "moto CPU (cores)",
+                  "writers' CPU (cores)"]
         print_table(header, rows)
         print_table(["backend", "configuration", "rounds", "images/s, mean", "range",
                      "images/s vs no capture (95% interval)", "p50 vs no capture", "p99 vs no capture"],

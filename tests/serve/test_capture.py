@@ -197,6 +197,9 @@ def test_the_writer_is_a_process_of_its_own_and_a_new_one_replaces_one_that_dies
         assert len(writers()) == 1  # a child process, not a thread of the server
         first = writers()[0]
         assert b"libtorch" not in Path(f"/proc/{first}/maps").read_bytes()  # nothing of the model stack
+        arguments = Path(f"/proc/{first}/cmdline").read_bytes().split(b"\0")[1:-1]
+        assert arguments[:2] == [b"-m", b"tagmill.serve.capture_writer"] and len(arguments) == 3  # only the socket:
+        # the configuration, storage options and their credentials with it, goes over the socket
         capture.offer(photos(3), [unsure] * 3, "v1", meta)
         wait_for(lambda: stored() == 3, "the first images")
         os.kill(first, signal.SIGKILL)

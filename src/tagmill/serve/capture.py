@@ -225,8 +225,9 @@ class Capture:
         ours, theirs = socket.socketpair()
         self._channel = Channel(ours)
         with theirs:  # the child holds its own copy: when it ends, the reports thread reads the end
-            self._writer = subprocess.Popen(capture_writer.command(theirs.fileno(), config),
+            self._writer = subprocess.Popen(capture_writer.command(theirs.fileno()),
                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self._channel.send(config)  # small: the socket's buffer takes it before the child reads
         self._receiver = threading.Thread(target=self._read_reports, args=(self._channel,),
                                           name="tagmill-capture-reports", daemon=True)
         self._receiver.start()

@@ -19,7 +19,7 @@ to the whole process group; the server, not the writer, decides when to stop) an
 when the server closes its end of the socket. The messages (:class:`Channel`) are plain
 picklable values:
 
-- to the writer: ``(items, stop_by)`` — a part's items (:class:`Item`), and, once the
+- to the writer: first its :class:`WriterConfig`, then ``(items, stop_by)`` — a part's items (:class:`Item`), and, once the
   server is stopping, the ``time.monotonic()`` after which nothing more is stored (the
   clock is the machine's, the same in both processes); ``None`` asks it to end;
 - back: a :class:`Report` after each part — captured and dropped counts by reason, the
@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -277,18 +277,27 @@ class Channel:
         self.sock.close()
 
 
-def command(fd: int, config: WriterConfig) -> list[str]:
-    """The command line that starts a writer talking over socket ``fd`` (inherited).
+def command(fd: int) -> list[str]:
+    """The command line that starts a writer talking over socket ``fd`` (inherited); its
+    first message is its :class:`WriterConfig` (not an argument: the storage options may
+    hold credentials, and a command line is public to every user of the machine).
 
     A plain ``python -m``, not multiprocessing: its spawn re-imports the server's main
     module in the child, which is torch for a script that imports it, and the script
     again, unguarded, for one that builds the app at its top level."""
-    return [sys.executable, "-m", __name__, str(fd), json.dumps(asdict(config))]
+    return [sys.executable, "-m", __name__, str(fd)]
 
 
-def main(sock: socket.socket, config: WriterConfig) -> None:
-    """The writer's loop: a part in, a report out, until the server says so or is gone."""
+def main(sock: socket.socket) -> None:
+    """The writer's loop: its configuration, then a part in and a report out, until the
+    server says so or is gone."""
     channel = Channel(sock)
+    try:
+        config: WriterConfig = channel.recv()
+    except (EOFError, OSError):
+        channel.close()
+        return
+    storage.set_storage_options(config.storage_options)
     writer = PartWriter(config)
     try:
         while True:
@@ -312,10 +321,8 @@ __all__ = ["DROP_REASONS", "Channel", "Item", "PartWriter", "Report", "WriterCon
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see the module docstring
-    options = WriterConfig(**json.loads(sys.argv[2]))
-    storage.set_storage_options(options.storage_options)
     # run the module's own copy, not this __main__ one: the reports it pickles must name
     # classes the server can import (tagmill.serve.capture_writer.Report)
     from tagmill.serve.capture_writer import main as run
 
-    run(socket.socket(fileno=int(sys.argv[1])), options)
+    run(socket.socket(fileno=int(sys.argv[1])))

@@ -16,6 +16,7 @@ times. Readers of one rank hold neighbouring ranges, so a rank's share is contig
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import multiprocessing
 import os
@@ -253,12 +254,85 @@ class ShardLoader(DataLoader):
       without a main guard keep working); the only threads are the queue feeders of
       earlier loaders, which exit a moment after their loader shuts down, so a new
       loader joins them before it forks.
+
+    Forked workers share the trainer's memory page by page until either side writes to
+    a page. A full garbage collection writes to the header of every object it tracks,
+    so one in a worker (or in the trainer while workers run) copies every page holding
+    such an object: ~550,000 of them when ``tagmill train`` forks its epoch's workers,
+    mostly the imported libraries. The collector runs a full pass only once enough
+    objects have survived younger ones, so it strikes late in long passes only: none
+    in a 9,000-image epoch, while the workers and the trainer rose together by ~300 MB
+    in the last seconds of a 45,000-image one (bench/README.md, scale_data.py). So the
+    objects alive when the workers start are frozen (``gc.freeze``: never scanned
+    again) until the pass ends.
     """
 
     def _get_iterator(self):  # type: ignore[no-untyped-def]
-        if self.num_workers > 0 and self.multiprocessing_context is None:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        if self.multiprocessing_context is None:
             _join_exiting_queue_threads(SETTLE_TIMEOUT_S)
-        return super()._get_iterator()
+        _freeze_heap()
+        try:
+            iterator = super()._get_iterator()  # the workers fork (or start) here
+        except BaseException:
+            _thaw_heap()
+            raise
+        return _thawed_when_done(iterator)
+
+
+#: loader passes running with the heap frozen; it thaws when the last one ends
+_frozen_passes = 0
+_frozen_lock = threading.Lock()
+
+
+def _freeze_heap() -> None:
+    """Move every object the collector tracks to its permanent generation (see
+    ShardLoader): each pass freezes again, so a pass started inside another also
+    covers the objects made since."""
+    global _frozen_passes
+    with _frozen_lock:
+        gc.freeze()
+        _frozen_passes += 1
+
+
+def _thaw_heap() -> None:
+    """One pass has ended; the last one hands the objects back to the collector, so
+    that cycles among them (which only it can free) are collected again."""
+    global _frozen_passes
+    with _frozen_lock:
+        _frozen_passes -= 1
+        if _frozen_passes == 0:
+            gc.unfreeze()
+
+
+class _thawed_when_done:  # noqa: N801 - used like the generator it stands for
+    """``iterator``'s batches; the heap thaws when they run out, the pass fails, or it
+    is abandoned (dropped, even before its first batch: a generator's ``finally``
+    would not run then)."""
+
+    def __init__(self, iterator: Iterator) -> None:
+        self._iterator: Iterator | None = iterator
+
+    def __iter__(self) -> _thawed_when_done:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except BaseException:  # StopIteration included: the pass is over either way
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        if self._iterator is not None:
+            self._iterator = None  # the workers shut down as the loader's iterator goes
+            _thaw_heap()
+
+    def __del__(self) -> None:
+        self._end()
 
 
 def _join_exiting_queue_threads(timeout: float) -> None:

@@ -236,13 +236,12 @@ class Capture:
         writer = self._writer
         if writer is None:
             return
-        deadline = time.monotonic() + wait_s
+        # the writer stores what it holds, reads the end of the stream and ends; shutting
+        # our side never blocks (a send could, behind a writer stuck on a dead endpoint,
+        # and a send stuck there now fails: its part is abandoned, as the drain time says)
+        self._channel.end_sending()
         try:
-            self._channel.send(None, timeout=wait_s)  # False: a part's send is stuck; the kill below ends it
-        except OSError:
-            pass  # gone already
-        try:
-            writer.wait(max(0.0, deadline - time.monotonic()))
+            writer.wait(wait_s)
         except subprocess.TimeoutExpired:
             writer.kill()  # past the drain time (a write stuck on a dead endpoint): what it holds is lost
             writer.wait()
@@ -283,7 +282,12 @@ class Capture:
             if self._receiver is not None:
                 self._receiver.join(EXIT_S)
             self._channel.close()
-            self._start_writer()
+            try:
+                self._start_writer()
+            except OSError as exc:  # no process to be had (limits, memory): this part is lost, the next tries again
+                log.error("capture: cannot start a writer process (%s); %d item(s) dropped", exc, len(part))
+                self.metrics.capture_dropped.labels(INTERNAL_ERROR).inc(len(part))
+                return
         try:
             self._channel.send((part, stop_by))
         except OSError as exc:  # the writer died under us: its part is lost

@@ -19,15 +19,18 @@ to the whole process group; the server, not the writer, decides when to stop) an
 when the server closes its end of the socket. The messages (:class:`Channel`) are plain
 picklable values:
 
-- to the writer: first its :class:`WriterConfig`, then ``(items, stop_by)`` — a part's items (:class:`Item`), and, once the
-  server is stopping, the ``time.monotonic()`` after which nothing more is stored (the
-  clock is the machine's, the same in both processes); ``None`` asks it to end;
+- to the writer: first its :class:`WriterConfig`, then ``(items, stop_by)`` — a part's
+  items (:class:`Item`), and, once the server is stopping, the ``time.monotonic()`` after
+  which nothing more is stored (the clock is the machine's, the same in both
+  processes); the end of the stream (the server shuts its side) asks it to end, once
+  it has stored what it was sent;
 - back: a :class:`Report` after each part — captured and dropped counts by reason, the
   bytes written, and what to log (the server logs it: this process has no log handlers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import secrets
@@ -241,18 +244,18 @@ class Channel:
         self._buffer = bytearray()
         self._sending = threading.Lock()  # a message's length and its bytes go out together
 
-    def send(self, message: object, timeout: float | None = None) -> bool:
-        """Send a message; False if another send still held the socket after ``timeout``
-        seconds (one stuck behind a writer that stopped reading). OSError: the peer is gone."""
+    def send(self, message: object) -> None:
+        """Send a message. OSError: the peer is gone (or this side ended sending)."""
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        if not self._sending.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        try:
+        with self._sending:
             self.sock.sendall(_LENGTH.pack(len(payload)))
             self.sock.sendall(payload)
-        finally:
-            self._sending.release()
-        return True
+
+    def end_sending(self) -> None:
+        """No more messages from this side: the peer's recv() ends with EOFError once it has
+        read what was sent; this side can still receive."""
+        with contextlib.suppress(OSError):  # the peer is gone already
+            self.sock.shutdown(socket.SHUT_WR)
 
     def recv(self) -> Any:
         """The next message. EOFError: the peer closed its end (or died)."""
@@ -305,8 +308,6 @@ def main(sock: socket.socket) -> None:
                 message = channel.recv()
             except (EOFError, OSError):
                 return  # the server is gone
-            if message is None:
-                return
             items, stop_by = message
             writer.write(items, stop_by)
             channel.send(writer.take_report())

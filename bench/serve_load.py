@@ -426,19 +426,23 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        # each thread lists the children it started (a capture writer restarted by its sender thread)
-        children = [c for task in Path(f"/proc/{pid}/task").iterdir()
-                    for c in (task / "children").read_text().split()] if tree else []
+        children = child_pids(pid) if tree else []
     except OSError:
         return 0.0
-    return total + sum(process_cpu_seconds(int(child)) for child in children)
+    return total + sum(process_cpu_seconds(child) for child in children)
+
+
+def child_pids(pid: int) -> list[int]:
+    """A process's live children. Each thread lists the children it started (a capture
+    writer restarted by its sender thread is not the main thread's). OSError: it is gone."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def writer_cpu_seconds(pid: int) -> float:
     """CPU time of the capture writer processes under ``pid`` (serve/capture_writer.py)."""
     total = 0.0
     try:
-        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        children = child_pids(pid)
     except OSError:
         return 0.0
     for child in children:

@@ -28,6 +28,7 @@ from tagmill.formats.captures import PREDICTIONS
 from tagmill.bundle.suggest import suggest, uncertainty
 from tagmill.serve import ServeConfig, create_app
 from tagmill.serve.capture import MARKER, Capture, decision_confidence
+from tagmill.serve.capture_writer import Item, PartWriter, Report, WriterConfig
 from tagmill.serve.metrics import ServeMetrics
 from tagmill.bundle.predictor import Prediction
 from tagmill.bundle.format import BundleMeta
@@ -256,6 +257,28 @@ def test_the_size_cap_drops_and_counts_and_holds_across_a_restart(bundle: str, t
     text = run()
     assert metric(text, "tagmill_capture_dropped_total", reason="cap_reached") >= 1
     assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= cap  # a cap of the folder, not per run
+
+
+def test_the_cap_counts_a_part_to_the_byte(tmp_path: Path) -> None:
+    # the writer sizes a part before it exists; a cap of exactly a part's bytes takes it
+    # whole, one byte less leaves its last image out (images of sizes off the tar's blocks)
+    sent = [Item(os.urandom(size), "low_confidence", 0.5, 1_700_000_000.25, "v1", "single", ("a", "b"),
+                 [0.5, 0.5], ["a"], "/invocations", "image/jpeg", 0, 1, 0.0)
+            for size in (300, 1024, 1500, 2049, 777)]
+
+    def write(folder: str, cap: int) -> tuple[Report, list[Path]]:
+        writer = PartWriter(WriterConfig(str(tmp_path / folder), cap, 1, 1))
+        writer.write(sent)
+        return writer.take_report(), captured(tmp_path / folder).parts
+
+    report, [part] = write("unbounded", 10**9)
+    whole = part.stat().st_size
+    assert report.bytes == whole and sum(report.captured.values()) == len(sent)
+    report, [part] = write("exact", whole)
+    assert part.stat().st_size == whole and sum(report.captured.values()) == len(sent)
+    report, [part] = write("short", whole - 1)
+    assert sum(report.captured.values()) == len(sent) - 1 and report.dropped == {"cap_reached": 1}
+    assert part.stat().st_size < whole
 
 
 class _Errors(logging.Handler):

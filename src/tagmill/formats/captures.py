@@ -57,10 +57,19 @@ def part_name(first_stem: str, count: int) -> str:
     return f"{PART_PREFIX}{first_stem}-n{count}{PART_SUFFIX}"
 
 
+#: what ends a part: the two zero blocks that close a tar
+END_BYTES = 2 * _BLOCK
+
+
+def member_size(size: int) -> int:
+    """The bytes a member of ``size`` bytes takes in a part: its header, its data padded."""
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
 def part_size(sizes: Sequence[int]) -> int:
     """The bytes :func:`pack_part` writes for members of these sizes (the cap counts them
     before the part exists)."""
-    return sum(_BLOCK + -(-size // _BLOCK) * _BLOCK for size in sizes) + 2 * _BLOCK
+    return sum(map(member_size, sizes)) + END_BYTES
 
 
 def pack_part(images: Sequence[tuple[str, bytes]], predictions: bytes, mtime: float) -> bytes:
@@ -73,7 +82,7 @@ def pack_part(images: Sequence[tuple[str, bytes]], predictions: bytes, mtime: fl
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
         chunks += [info.tobuf(format=tarfile.USTAR_FORMAT), data, bytes(-len(data) % _BLOCK)]
-    chunks.append(bytes(2 * _BLOCK))
+    chunks.append(bytes(END_BYTES))
     return b"".join(chunks)
 
 
@@ -171,4 +180,4 @@ def _records(data: bytes) -> list[dict]:
 
 __all__ = ["CaptureFolder", "LAYOUT", "LAYOUT_VERSION", "MARKER", "PART_PREFIX", "PART_SUFFIX", "PREDICTIONS",
            "SIDECAR_SUFFIX", "is_capture_folder", "list_folder", "pack_part", "part_inputs", "part_name",
-           "part_records", "part_size", "read_sidecar"]
+           "END_BYTES", "member_size", "part_records", "part_size", "read_sidecar"]

@@ -123,23 +123,23 @@ class PartWriter:
     def write(self, items: list[Item], stop_by: float | None = None) -> None:
         """Store ``items`` as one part (those the cap leaves room for); past ``stop_by``,
         store nothing more (what is left is abandoned, as a kill would)."""
-        part: list[_Taken] = []
+        part = _Part()
         for item in items:
             if stop_by is not None and time.monotonic() > stop_by:
                 return
             self._take(item, part)
-        self._write_part(part)
+        self._write_part(part.taken)
 
-    def _take(self, item: Item, part: list[_Taken]) -> None:
+    def _take(self, item: Item, part: _Part) -> None:
         """Add an item to the part, if the cap leaves room for the part with it."""
         try:
             if self._budget is None:
                 self._budget = self._scan()
             taken = self._entry(item)
-            if _part_bytes([*part, taken]) > self._budget:
+            if part.size_with(taken) > self._budget:
                 self.report.dropped[CAP_REACHED] += 1
                 return
-            part.append(taken)
+            part.add(taken)
         except Exception as exc:  # noqa: BLE001 - S3 down, disk full, no permission: count, log, go on
             self.report.dropped[STORAGE_ERROR] += 1
             self._log_failure(exc)
@@ -214,8 +214,24 @@ class PartWriter:
         return report
 
 
-def _part_bytes(part: list[_Taken]) -> int:
-    return captures.part_size([len(t.item.data) for t in part] + [sum(len(t.line) for t in part)])
+@dataclass
+class _Part:
+    """The items of the part being filled, with its size kept as it grows (summed
+    afresh for each item, filling a part of 64 cost ~0.1 ms per image)."""
+
+    taken: list[_Taken] = field(default_factory=list)
+    images: int = 0  #: the bytes of its image members, as the part holds them
+    lines: int = 0  #: the bytes of its JSON lines (one member, the part's last)
+
+    def size_with(self, taken: _Taken) -> int:
+        """The part's bytes (``captures.part_size``) once ``taken`` is in it."""
+        return (self.images + captures.member_size(len(taken.item.data))
+                + captures.member_size(self.lines + len(taken.line)) + captures.END_BYTES)
+
+    def add(self, taken: _Taken) -> None:
+        self.taken.append(taken)
+        self.images += captures.member_size(len(taken.item.data))
+        self.lines += len(taken.line)
 
 
 def _put(location: str, data: bytes) -> None:

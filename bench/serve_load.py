@@ -35,6 +35,9 @@ a shared machine blurs it far less than throughput), the CPU moto's process used
 meanwhile (in cores: on this machine the S3 endpoint competes with the server for the
 same two cores) and the capture writer processes' share of it (in cores), then a
 summary: each capturing run against the no-capture run of its round.
+On a machine with more cores, ``--cpus server=0-1,endpoint=2-3,load=4-7`` keeps the
+S3 endpoint and the load generator off the server's cores (as a real S3 and real
+clients would be), so only what capturing costs the server itself is measured.
 ``--capture-below``/``--capture-sample`` set the server's: ``--capture-below 0
 --capture-sample 0.05`` is a realistic 5% capture.
 
@@ -74,6 +77,13 @@ CONCURRENCY = (1, 8, 32)
 IMAGE_COUNT = 48
 SWAP_CONCURRENCY = 32
 API_KEY = "bench-admin"
+#: --cpus: the CPUs ("0-1") the server and the S3 endpoint run on, by role; empty: anywhere
+PINNED: dict[str, str] = {}
+
+
+def pinned(role: str, command: list[str]) -> list[str]:
+    """``command``, run on the CPUs ``--cpus`` gave ``role`` (its children inherit them)."""
+    return ["taskset", "-c", PINNED[role], *command] if role in PINNED else command
 
 
 # --- inputs -----------------------------------------------------------------------
@@ -145,6 +155,8 @@ def ceiling(bundle: str, backend: str, per_call: int, processes: int, seconds: f
              for _ in range(processes)]
     for p in procs:
         p.start()
+        if "server" in PINNED:  # the model's speed on the server's CPUs (still importing: pinned in time)
+            os.sched_setaffinity(p.pid, cpu_list(PINNED["server"]))
     rates = [results.get(timeout=seconds + 180) for _ in procs]
     for p in procs:
         p.join()
@@ -152,6 +164,15 @@ def ceiling(bundle: str, backend: str, per_call: int, processes: int, seconds: f
 
 
 # --- the server -----------------------------------------------------------------------
+
+
+def cpu_list(spec: str) -> set[int]:
+    """The CPUs of a taskset list: "0-1,4" -> {0, 1, 4}."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def free_port() -> int:
@@ -187,7 +208,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
-        self.process = subprocess.Popen(self.command, env=self.env)
+        self.process = subprocess.Popen(pinned("server", self.command), env=self.env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
@@ -464,7 +485,8 @@ class MotoS3:
         port = free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
         self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
-        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **self.env},
+        self.process = subprocess.Popen(pinned("endpoint", [executable, "-H", "127.0.0.1", "-p", str(port)]),
+                                        env={**os.environ, **self.env},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -592,7 +614,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="a bundle with model.onnx (default: build a pretrained Lite0 one)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tagmill-serve-bench"))
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, help="server workers (default: one per CPU it may use)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     parser.add_argument("--max-requests", type=int, default=3000, help="requests per load level, at most")
     parser.add_argument("--backends", default="torch,onnx",
@@ -606,7 +628,17 @@ def main() -> None:
                         help="with --capture: times the three configurations are run, alternated")
     parser.add_argument("--capture-below", type=float, default=0.6, help="with --capture: the server's --capture-below")
     parser.add_argument("--capture-sample", type=float, default=0.0, help="with --capture: the server's --capture-sample")
+    parser.add_argument("--cpus", default="",
+                        help="pin by role, e.g. server=0-1,endpoint=2-3,load=4-7 (taskset lists): the server, "
+                             "the S3 endpoint (moto) and this process (the load generator); default: not pinned")
     args = parser.parse_args()
+    PINNED.update(part.split("=", 1) for part in args.cpus.split(",") if part)
+    if unknown := set(PINNED) - {"server", "endpoint", "load"}:
+        parser.error(f"--cpus: unknown role(s) {sorted(unknown)}: use server, endpoint, load")
+    if "load" in PINNED:
+        os.sched_setaffinity(0, cpu_list(PINNED["load"]))
+    if args.workers is None:
+        args.workers = len(cpu_list(PINNED["server"])) if "server" in PINNED else os.cpu_count() or 1
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -614,7 +646,8 @@ def main() -> None:
     photos = [photo(seed) for seed in range(IMAGE_COUNT)]
     kb = sum(map(len, photos)) / len(photos) / 1024
     print(f"bundle {bundle}; {len(photos)} JPEGs of 300-800 px (mean {kb:.0f} KB); "
-          f"{args.workers} workers x 1 thread; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
+          f"{args.workers} workers x 1 thread; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}"
+          + (f"; pinned: {args.cpus}" if PINNED else ""),
           flush=True)
 
     if args.capture:

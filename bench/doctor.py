@@ -414,7 +414,7 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
     aligned thumbnail difference; hash bits for the candidate search)."""
     from tagmill.dataset.manifest import load_manifest
     from tagmill.doctor.diagnose import NEIGHBOURS, _aligned, _features
-    from tagmill.doctor.duplicates import (HASH_BITS, MAX_DIFFERENCE, MIN_COSINE, MIN_KEPT, measure_pairs,
+    from tagmill.doctor.duplicates import (LAYOUT, MAX_DIFFERENCE, MIN_COSINE, MIN_KEPT, measure_pairs,
                                           pixel_differences)
     from tagmill.doctor.neighbours import nearest_neighbours
     from tagmill.doctor.scan import scan_dataset
@@ -483,7 +483,7 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
     exact, candidates = measure_pairs(facts, x, neighbours, min_cosine=min(GRID_COSINE))
     for h in GRID_DIFFERENCE:
         for c in GRID_COSINE:
-            found = exact + [p for p in candidates if p.similarity >= c and p.difference <= h and p.aligned_bits <= HASH_BITS
+            found = exact + [p for p in candidates if p.similarity >= c and p.difference <= h and p.layout <= LAYOUT
                              and p.kept >= MIN_KEPT]
             keys = [frozenset((p.a, p.b)) for p in found]
             with_copy = [k for k in keys if k & copy_rows and k not in planted_set]
@@ -491,7 +491,7 @@ def copy_geometry(packed: Path, truth: dict[str, Any]) -> dict[str, Any]:
             grid.append({"max_difference": h, "min_cosine": c, "planted_found": sum(k in planted_set for k in keys),
                          "copy_false": len(with_copy) - implied, "copy_implied": implied,
                          "original_pairs": sum(not k & copy_rows for k in keys)})
-    return {"features_from": source, "images": n, "current": {"max_difference": MAX_DIFFERENCE, "min_cosine": MIN_COSINE, "hash_bits": HASH_BITS},
+    return {"features_from": source, "images": n, "current": {"max_difference": MAX_DIFFERENCE, "min_cosine": MIN_COSINE, "layout": LAYOUT},
             "pairs": pairs, "nearest_non_copy": nearest, "grid": grid}
 
 
@@ -505,7 +505,7 @@ def _percentiles(values: list[float], fmt: str) -> str:
 def print_geometry(g: dict[str, Any]) -> None:
     print(f"\nnear-copy geometry ({g['images']} images; features: {g['features_from']}); "
           f"now MAX_DIFFERENCE={g['current']['max_difference']}, MIN_COSINE={g['current']['min_cosine']}, "
-          f"HASH_BITS={g['current'].get('hash_bits')} (the grid below holds it)")
+          f"LAYOUT={g['current'].get('layout')} (the grid below holds it)")
     print(f"percentiles {', '.join(f'p{p}' for p in PERCENTILES)}:")
     rows = []
     for kind in (*TRANSFORMS, "all"):

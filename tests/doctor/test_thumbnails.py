@@ -102,6 +102,53 @@ def test_a_small_picture_is_enlarged_by_area_averages(size):
     assert torch.allclose(cells.mean(dim=(1, 2)), torch.from_numpy(np.asarray(img, np.float32)).mean(dim=(0, 1)), atol=0.5)
 
 
+@pytest.mark.parametrize("size, factor", [((72, 72), 2), ((52, 52), 12), ((512, 512), 3), ((130, 61), 48)])
+def test_a_large_picture_is_shrunk_by_exact_area_averages(size, factor):
+    """Each cell is the exact area average of the pixels it overlaps: the same as
+    repeating every pixel ``factor`` times (so that each cell covers whole pixels) and
+    taking plain block means. Pillow's BOX filter gives each cell the pixels whose
+    centres fall in it, at full weight, which is not that for 72→48 or 52→48. The
+    512-px photo is taller than ``ROWS_AT_ONCE``: its bands of rows must add up."""
+    img = photo().resize(size, Image.Resampling.LANCZOS)
+    big = np.asarray(img, np.float64).repeat(factor, axis=0).repeat(factor, axis=1)
+    h, w = big.shape[0] // thumbnails.SIDE, big.shape[1] // thumbnails.SIDE
+    assert h * thumbnails.SIDE == big.shape[0] and w * thumbnails.SIDE == big.shape[1]
+    reference = big.reshape(thumbnails.SIDE, h, thumbnails.SIDE, w, 3).mean(axis=(1, 3))
+    cells = np.frombuffer(thumbnails.thumbnail(img), np.uint8).reshape(thumbnails.SIDE, thumbnails.SIDE, 3)
+    assert np.abs(cells - reference).max() <= 0.5 + 1e-6  # rounding only
+    if size in ((72, 72), (52, 52)):
+        box = np.frombuffer(box_thumbnail(img), np.uint8).reshape(cells.shape)
+        assert np.abs(box - reference).max() > 5
+
+
+def horse(side: int) -> Image.Image:
+    """scikit-image's horse silhouette, black on white, as a ``side``-px icon."""
+    import skimage.data
+
+    return Image.fromarray(np.where(skimage.data.horse(), 255, 0).astype(np.uint8)).convert("RGB").resize(
+        (side, side), Image.Resampling.LANCZOS)
+
+
+def box_thumbnail(image: Image.Image) -> bytes:
+    """The thumbnail as pictures of 48 px and more had it before: Pillow's BOX filter."""
+    return image.resize((thumbnails.SIDE, thumbnails.SIDE), Image.Resampling.BOX).tobytes()
+
+
+def test_a_resized_icon_stays_within_the_threshold():
+    """A 72-px icon and its copy resized to 52 px (then JPEG 85, as the bench plants them):
+    with Pillow's BOX thumbnails the silhouette's edge lands in other cells (26.8 apart),
+    with exact area averages the two agree (1.1)."""
+    source = horse(72)
+    copy = jpeg(source.resize((52, 52), Image.Resampling.LANCZOS), 85)
+
+    def aligned(make: object) -> float:
+        a, b = (thumbnails.as_tensor([make(x)]) for x in (source, copy))  # type: ignore[operator]
+        return float(thumbnails.difference(a, b)[0])
+
+    assert aligned(thumbnails.thumbnail) <= MAX_DIFFERENCE / 3
+    assert aligned(box_thumbnail) > MAX_DIFFERENCE
+
+
 def nearest_thumbnail(image: Image.Image) -> bytes:
     """The thumbnail as it was made before: Pillow's BOX filter, which enlarges by taking
     the pixel nearest each cell's centre."""

@@ -228,7 +228,7 @@ def write_report(d: Diagnosis, out_dir: str) -> str:
         "format": "tagmill.doctor", "tagmill_version": __version__, "dataset": d.dataset, "task": d.manifest.task,
         "counts": d.counts(), "leakage": d.leakage, "features_from": d.features_from, "label_judgement": d.head,
         "scarce": [vars(s) for s in d.scarce], "seconds": {k: round(v, 3) for k, v in d.seconds.items()},
-        "settings": {"near_copy_hash_bits": dup.HASH_BITS, "near_copy_min_cosine": dup.MIN_COSINE,
+        "settings": {"near_copy_layout": dup.LAYOUT, "near_copy_min_cosine": dup.MIN_COSINE,
                      "near_copy_max_difference": dup.MAX_DIFFERENCE,
                      "near_copy_candidate_hash_bits": dup.CANDIDATE_HASH_BITS,
                      "outlier_max_z": out.MAX_Z, "outlier_neighbours": out.K},

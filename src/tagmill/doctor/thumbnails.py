@@ -16,9 +16,10 @@ cell of the copy lies outside what the source's chosen window gives when shifted
 to half a cell (see ``_outside_envelope``): a copy differs a little everywhere, a
 different picture a lot somewhere (the other colour, the other symbol, the words on a
 sign), even when its mean difference is as small as a copy's. ``compare`` also returns
-the perceptual hash distance between the one picture and the other's chosen window (a
-crop moves the whole picture's hash; on dev Fashion-MNIST planted 3–6% crops moved it by
-4–24 bits, their windows' by 0–12) and the share of the area that window keeps.
+how far the grey layout of the one picture lies from the other's chosen window (the
+perceptual hash's low DCT coefficients, compared as numbers: a crop moves the whole
+picture's hash, on dev Fashion-MNIST planted 3–6% crops by 4–24 bits, their windows' by
+0–12) and the share of the area that window keeps.
 
 On the dev sets of ``bench/doctor.py``, colour emoji (5 planted copies, 1,942 look-alike
 pairs): planted copies scored at most 9.2 and look-alikes at least 17.4 at 48→12; the
@@ -50,9 +51,9 @@ CROPS = (0.0, 0.025, 0.05, 0.075, 0.1)
 CHUNK = 256
 
 
-def _upscale_matrix(n: int) -> np.ndarray:
-    """(SIDE, n) exact area averages of ``n`` equal pixels onto ``SIDE`` equal cells
-    (each cell weighs the pixels it overlaps by the overlap)."""
+def _area_matrix(n: int) -> np.ndarray:
+    """(SIDE, n) exact area averages of ``n`` equal pixels onto ``SIDE`` equal cells (each
+    cell weighs the pixels it overlaps by the overlap), shrinking or enlarging."""
     steps = np.arange(SIDE + 1) / SIDE
     pixels = np.arange(n + 1) / n
     overlap = np.minimum(steps[1:, None], pixels[None, 1:]) - np.maximum(steps[:-1, None], pixels[None, :-1])
@@ -60,24 +61,32 @@ def _upscale_matrix(n: int) -> np.ndarray:
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
-def thumbnail(image: Image.Image) -> bytes:
-    """The ``SIDE``×``SIDE`` RGB thumbnail of an RGB image, as bytes (area averages).
+#: rows of a picture resampled at once: bounds the float copy of a large photo (256 rows
+#: of a 6,000-px-wide picture are 37 MB in float64)
+ROWS_AT_ONCE = 256
 
-    Pillow's BOX filter averages areas only when it shrinks: when it enlarges, its support
-    (half an input pixel) takes the one pixel nearest each cell's centre, which puts an
-    edge of a small picture up to half a cell off, by an amount that depends on the
-    picture's size. A copy of a 28-px picture resized or cropped by a pixel or two then
-    lands its edges elsewhere than its source: on dev Fashion-MNIST planted crops differed
-    by up to 46 once aligned and resizes by up to 24 (``MAX_DIFFERENCE`` is 15); with
-    exact area averages every planted copy stayed within 13. So an axis shorter than
-    ``SIDE`` is enlarged by exact area averages; a longer one is shrunk by Pillow as before."""
-    if image.width >= SIDE and image.height >= SIDE:
-        return image.resize((SIDE, SIDE), Image.Resampling.BOX).tobytes()
-    # shrink the long axis (if any) with Pillow first, then enlarge the short ones exactly
-    image = image.resize((min(image.width, SIDE), min(image.height, SIDE)), Image.Resampling.BOX)
-    pixels = np.asarray(image, dtype=np.float64)  # (H, W, 3)
-    cells = np.einsum("yh,hwc,xw->yxc", _upscale_matrix(image.height), pixels, _upscale_matrix(image.width))
-    return np.rint(cells).clip(0, 255).astype(np.uint8).tobytes()
+
+def thumbnail(image: Image.Image) -> bytes:
+    """The ``SIDE``×``SIDE`` RGB thumbnail of an RGB image, as bytes: each cell the exact
+    area average of the pixels it overlaps, whatever the picture's size.
+
+    Pillow's BOX filter is not that. When it enlarges, its support (half an input pixel)
+    takes the one pixel nearest each cell's centre; when it shrinks by a factor that is
+    not a whole number (72→48, 52→48) it gives each cell the pixels whose *centres* fall
+    in it, at full weight. Either way an edge lands in one cell or the next depending on
+    the picture's size, which is what a resize or a crop changes: on dev Fashion-MNIST
+    (28 px, enlarged) planted crops differed by up to 46 once aligned and resizes by up to
+    24 (``duplicates.MAX_DIFFERENCE`` is 15), and on dev OpenMoji colour (72 px, shrunk)
+    the thumbnail witnesses passed 57 of 100 resizes and 56 of 100 crops. With exact area
+    averages every dev Fashion-MNIST copy stayed within 13, and the colour resizes and
+    crops passing rose to 82 and 78 (see bench/README.md)."""
+    pixels = np.asarray(image)  # (H, W, 3) uint8
+    across = _area_matrix(image.width).T  # (W, SIDE)
+    # columns first, a band of rows at a time: (H, 3, SIDE)
+    columns = np.concatenate([pixels[top : top + ROWS_AT_ONCE].astype(np.float64).transpose(0, 2, 1) @ across
+                              for top in range(0, image.height, ROWS_AT_ONCE)])
+    cells = np.tensordot(_area_matrix(image.height), columns, axes=1)  # (SIDE, 3, SIDE)
+    return np.rint(cells.transpose(0, 2, 1)).clip(0, 255).astype(np.uint8).tobytes()
 
 
 def as_tensor(thumbnails: list[bytes]) -> Tensor:
@@ -182,36 +191,47 @@ def _outside_envelope(source: Tensor, target: Tensor, chosen: dict[str, tuple[Te
 
 
 #: the perceptual hash's grid: ``imagehash.phash`` (what ``scan`` stores) keeps the 8×8
-#: lowest frequencies of the DCT of a 32×32 grey picture; the aligned hash does the same
+#: lowest frequencies of the DCT of a 32×32 grey picture; the layout distance below
+#: compares the same coefficients
 HASH_GRID, HASH_KEPT = 32, 8
 
 
 def _dct_rows() -> Tensor:
-    """(HASH_KEPT, HASH_GRID) the lowest rows of the DCT-II (scale irrelevant: the bits
-    compare coefficients with their median)."""
+    """(HASH_KEPT, HASH_GRID) the lowest rows of the DCT-II (scale irrelevant: the
+    layout distance is relative)."""
     k = torch.arange(HASH_KEPT, dtype=torch.float64)[:, None]
     n = torch.arange(HASH_GRID, dtype=torch.float64)[None]
     return torch.cos(torch.pi * k * (2 * n + 1) / (2 * HASH_GRID)).float()
 
 
-def _hash_bits(pictures: Tensor, down: Tensor, across: Tensor) -> Tensor:
-    """(P, 64) booleans: the perceptual hash of each picture (P, 3, SIDE, SIDE) in the
-    window whose (P, HASH_GRID, SIDE) resampling matrices are ``down`` and ``across``."""
+def _low_frequencies(pictures: Tensor, down: Tensor, across: Tensor) -> Tensor:
+    """(P, 63) the 8×8 lowest DCT coefficients but the mean (the perceptual hash's, before
+    it keeps only their signs) of each picture (P, 3, SIDE, SIDE) in grey, in the window
+    whose (P, HASH_GRID, SIDE) resampling matrices are ``down`` and ``across``."""
     grey = (pictures * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(dim=1)  # ITU-R 601, as PIL's "L"
     small = down @ grey @ across.transpose(-1, -2)  # (P, HASH_GRID, HASH_GRID)
     dct = _dct_rows()
-    low = (dct @ small @ dct.T).flatten(1)  # (P, 64)
-    return low > low.median(dim=1, keepdim=True).values
+    return (dct @ small @ dct.T).flatten(1)[:, 1:]
 
 
-def _window_hash_distance(source: Tensor, target: Tensor, chosen: Window) -> Tensor:
-    """(P,) bits that differ between the hash of each ``target`` (whole) and of the
-    ``chosen`` window of its ``source``."""
+def _window_layout_distance(source: Tensor, target: Tensor, chosen: Window) -> Tensor:
+    """(P,) how far the layout of each ``target`` (whole) lies from that of the ``chosen``
+    window of its ``source``: the distance between their low DCT coefficients (the mean
+    left out: the pixels judge brightness) relative to the root mean square of their
+    two norms (0: the same layout; about 1.4: unrelated ones).
+
+    The perceptual hash keeps only each coefficient's side of the median, and an icon on
+    white has most of its coefficients near their median: a grey level or two flips
+    their bits. On the dev colour OpenMoji set JPEG copies whose pixels differed by 0–4
+    were 12–30 bits from their source, and which copies passed depended on details of
+    the thumbnail. The coefficients themselves move little (see ``duplicates.LAYOUT``)."""
     whole = _area_matrices(torch.zeros(len(target)), torch.ones(len(target)), HASH_GRID)
     window = {axis: _area_matrices(start, 1.0 - end, HASH_GRID) for axis, (start, end) in chosen.items()}
-    mine = _hash_bits(source, window["down"], window["across"])
-    theirs = _hash_bits(target, whole, whole)
-    return (mine != theirs).sum(dim=1)
+    mine = _low_frequencies(source, window["down"], window["across"])
+    theirs = _low_frequencies(target, whole, whole)
+    scale = ((mine.square().sum(dim=1) + theirs.square().sum(dim=1)) / 2).sqrt()
+    # a blank picture has no layout: two of them are 0 apart, not 0/0
+    return (mine - theirs).norm(dim=1) / scale.clamp_min(1e-6)
 
 
 def _kept(chosen: Window) -> Tensor:
@@ -223,29 +243,29 @@ def compare(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """How far the thumbnails ``a`` and ``b`` (P, 3, SIDE, SIDE) differ once aligned: (P,)
     the largest amount (0–255) by which a cell of one lies outside what the best-aligned
     crop window of the other allows (``_outside_envelope``; mean over the colour
-    channels), (P,) the perceptual-hash bits between the one and that window of the
-    other (the layout, compared where the pictures overlap: a crop moves the whole
-    picture's hash, not the window's) and (P,) the share of the other's area that window
-    keeps (1: no crop). Both directions are aligned; the one whose window differs less
-    on average is kept."""
+    channels), (P,) the layout distance between the one and that window of the other
+    (``_window_layout_distance``: compared where the pictures overlap, since a crop moves
+    the whole picture's layout, not the window's) and (P,) the share of the other's area
+    that window keeps (1: no crop). Both directions are aligned; the one whose window
+    differs less on average is kept."""
     if len(a) == 0:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     whole = _area_matrices(torch.tensor(0.0), torch.tensor(1.0))  # (C, SIDE)
-    worst, bits, kept = [], [], []
+    worst, layout, kept = [], [], []
     for start in range(0, len(a), CHUNK):
         x, y = a[start : start + CHUNK], b[start : start + CHUNK]
         mean_ab, worst_ab, window_ab = _aligned(x, whole @ y @ whole.T)
         mean_ba, worst_ba, window_ba = _aligned(y, whole @ x @ whole.T)
         ab = mean_ab <= mean_ba
         worst.append(torch.where(ab, worst_ab, worst_ba))
-        # the hash and the area of the kept direction only: per row, its source, its
+        # the layout and the area of the kept direction only: per row, its source, its
         # target and its window
         rows = ab[:, None, None, None]
         window = {axis: (torch.where(ab, window_ab[axis][0], window_ba[axis][0]),
                          torch.where(ab, window_ab[axis][1], window_ba[axis][1])) for axis in window_ab}
-        bits.append(_window_hash_distance(torch.where(rows, x, y), torch.where(rows, y, x), window))
+        layout.append(_window_layout_distance(torch.where(rows, x, y), torch.where(rows, y, x), window))
         kept.append(_kept(window))
-    return torch.cat(worst), torch.cat(bits), torch.cat(kept)
+    return torch.cat(worst), torch.cat(layout), torch.cat(kept)
 
 
 def difference(a: Tensor, b: Tensor) -> Tensor:

@@ -156,3 +156,28 @@ def test_bias_correction_removes_the_int8_graphs_mean_error_and_changes_only_bia
                if not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))}
     assert changed, "no bias was corrected"
     assert all(i.data_type == onnx.TensorProto.INT32 for i in after.graph.initializer if i.name in changed)
+
+
+@pytest.mark.parametrize("architecture, stem", [("tf_efficientnet_lite0", 2), ("mobilenetv3_small_100", 1),
+                                                ("resnet18", 1), ("test_vit", 1)])
+def test_the_stem_reads_the_image_in_float_and_every_later_convolution_is_int8(colour_dataset, architecture, stem):
+    # the stem: convolutions up to the first 1x1, through activations (Lite0: the 3x3 and
+    # the depthwise 3x3 after it, through ReLU6; MobileNetV3's hard-swish, which
+    # onnxruntime's pre-processing splits into two nodes, ends it after the 3x3; ResNet:
+    # the 7x7; a ViT: its patch embedding)
+    import onnx
+
+    from tagmill.bundle.onnx_export import onnx_bytes
+    from tagmill.bundle.quantize import calibration_batches, quantize_graph
+
+    model = timm.create_model(architecture, pretrained=False, num_classes=3).eval()
+    meta = BundleMeta(architecture=architecture, task="single", classes=("blue", "green", "red"),
+                      preprocess=Preprocess(input_size=32 if architecture == "test_vit" else 48))
+    graph = onnx.load_model_from_string(quantize_graph(onnx_bytes(model, meta),
+                                                       calibration_batches(colour_dataset, meta, 16),
+                                                       bias_correction=False))
+    producer = {o: n.op_type for n in graph.graph.node for o in n.output}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert producer.get(convs[0].input[0]) is None  # the image itself, not a rounded copy
+    quantized = [producer.get(c.input[0]) == producer.get(c.input[1]) == "DequantizeLinear" for c in convs]
+    assert quantized == [False] * stem + [True] * (len(convs) - stem)

@@ -592,7 +592,7 @@ def serve(
     device: Annotated[str, typer.Option(help=INFERENCE_DEVICE_HELP)] = "auto",
     api_key: Annotated[Optional[str], typer.Option(help="Require this key (X-Api-Key or Bearer) on prediction routes.", envvar="TAGMILL_API_KEY")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 10.0,
-    max_batch: Annotated[Optional[int], typer.Option(help="Requests grouped into one forward pass (default: 1 for torch, where batching is slower on CPUs; 16 for onnx).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Requests grouped into one forward pass (default: 1 for torch, where batching is slower on CPUs; 4 for onnx, which gains nothing per image from larger batches and holds their activations in memory).")] = None,
     max_wait_ms: Annotated[float, typer.Option(help="Longest a batch waits to fill.")] = 5.0,
     queue_size: Annotated[int, typer.Option(help="Requests waiting at most; beyond, 503 + Retry-After.")] = 64,
     max_connections: Annotated[int, typer.Option(help="Open connections per worker, idle ones included; beyond, 503.")] = 512,

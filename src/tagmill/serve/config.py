@@ -21,8 +21,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
 #: does not restart one that ends with it)
 STARTUP_FAILURE = 3
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
-#: max_batch when none is given
-AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 16}
+#: max_batch when none is given (why these: ServeConfig.max_batch)
+AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 4}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class ServeConfig:
     #: images per forward pass; 1 turns batching off. None picks per backend (see
     #: AUTO_MAX_BATCH): measured on a 2-core CPU, onnxruntime's cost per image is flat
     #: from batch 1 to 16, while torch eager's rises with the batch (27 ms at 1, 48 ms
-    #: at 16 per image), so batching there costs 30-40% of the throughput.
+    #: at 16 per image), so batching there costs 30-40% of the throughput. onnx batches
+    #: 4, not 16: the same images/s at concurrency 32, but its memory arena holds a
+    #: forward pass's activations, so 2 workers peaked at 2.25 GB of RSS with 16 and
+    #: 1.82 GB with 4 (Lite0 at 224 px; bench/README.md, "ONNX batches of 4").
     max_batch: int | None = None
     max_wait_ms: float = 5.0  #: longest a batch waits for requests still being decoded
     queue_size: int = 64  #: requests admitted but not yet in a forward pass; more get 503

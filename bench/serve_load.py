@@ -16,6 +16,12 @@ For each backend (torch, onnx) it measures:
 and, for torch, stock ``uvicorn --workers`` serving the same app (one shared socket,
 TCP_NODELAY off) to show what tagmill's own worker startup changes.
 
+``--paired ROUNDS`` measures the backends against each other instead: each one's server
+with its default batching at the last ``--concurrency`` level, ROUNDS times in rotating
+order, then each round's images/s over the first backend's (mean, 95% t-interval), and the
+server's total RSS (every process summed) when idle and its peak under the load:
+``--backends onnx,onnx-int8 --concurrency 32 --paired 5`` is what INT8 gains when served.
+
 ``--swap`` measures model swaps under load instead: a server on bundle A (with 1 and
 with WORKERS workers), concurrency 32 for ``--swap-duration`` seconds, and meanwhile
 ``--swaps`` admin calls switching A -> B -> A ... (B: the same network with its
@@ -61,6 +67,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -459,6 +466,39 @@ def child_pids(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
+def tree_rss_mb(pid: int) -> float:
+    """The resident memory of a process and its live descendants, summed (MB): what
+    "total RSS" means for a server of several processes (shared pages count in each)."""
+    try:
+        kb = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")).split()[1])
+        children = child_pids(pid)
+    except (OSError, StopIteration):
+        return 0.0
+    return kb / 1024 + sum(tree_rss_mb(child) for child in children)
+
+
+class PeakRSS:
+    """The largest :func:`tree_rss_mb` of a server, sampled every 0.2 s while in the block."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_mb = pid, tree_rss_mb(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def writer_cpu_seconds(pid: int) -> float:
     """CPU time of the capture writer processes under ``pid`` (serve/capture_writer.py)."""
     total = 0.0
@@ -577,8 +617,6 @@ def capture_summary(rows: list[list[str]]) -> list[list[str]]:
     its 95% t-interval. The rounds pair runs made minutes apart, so the host's slow
     spells, which move every configuration of a round alike, drop out of the ratio;
     an interval that holds 1.00 means no cost this many rounds can tell from noise."""
-    from scipy import stats
-
     out = []
     for backend in dict.fromkeys(row[0] for row in rows):
         mine = [row for row in rows if row[0] == backend]
@@ -591,10 +629,54 @@ def capture_summary(rows: list[list[str]]) -> list[list[str]]:
                 out.append(line + ["-", "-", "-"])
                 continue
             for column in (5, 6, 7):  # images/s, p50, p99
-                ratio = np.array([float(r[column]) / float(b[column]) for r, b in zip(runs, base)])
-                half = stats.t.ppf(0.975, len(ratio) - 1) * ratio.std(ddof=1) / np.sqrt(len(ratio)) if len(ratio) > 1 else np.nan
-                line.append(f"{ratio.mean():.3f} ({ratio.mean() - half:.3f}-{ratio.mean() + half:.3f})")
+                line.append(mean_interval([float(r[column]) / float(b[column]) for r, b in zip(runs, base)]))
             out.append(line)
+    return out
+
+
+def mean_interval(values: list[float]) -> str:
+    """"mean (low-high)": the mean and its 95% t-interval."""
+    from scipy import stats
+
+    ratio = np.array(values)
+    half = stats.t.ppf(0.975, len(ratio) - 1) * ratio.std(ddof=1) / np.sqrt(len(ratio)) if len(ratio) > 1 else np.nan
+    return f"{ratio.mean():.3f} ({ratio.mean() - half:.3f}-{ratio.mean() + half:.3f})"
+
+
+def paired_runs(bundle: str, backends: list[str], workers: int, rounds: int, concurrency: int, seconds: float,
+                max_requests: int, photos: list[bytes]) -> list[list[str]]:
+    """Each backend's server with its default batching, ``rounds`` times, the order rotating
+    each round: one row per run."""
+    rows = []
+    for round_ in range(rounds):
+        for backend in backends[round_ % len(backends):] + backends[:round_ % len(backends)]:
+            kind, precision = split_variant(backend)
+            with Server(bundle, backend=kind, max_batch=AUTO_MAX_BATCH[kind], workers=workers,
+                        precision=precision) as server:
+                assert server.process is not None
+                idle_mb = tree_rss_mb(server.process.pid)
+                with PeakRSS(server.process.pid) as memory:
+                    asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
+                    result = asyncio.run(drive(server.url, photos, concurrency, seconds, max_requests))
+            rows.append([str(round_ + 1), backend, str(concurrency), str(result.requests), f"{result.rate:.1f}",
+                         f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
+                         f"{idle_mb:.0f}", f"{memory.peak_mb:.0f}"])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def paired_summary(rows: list[list[str]], backends: list[str]) -> list[list[str]]:
+    """Per backend: images/s across the rounds, and each round's images/s over the first
+    backend's in the same round (mean, 95% t-interval): a slow spell of the host moves
+    both runs of a round alike and drops out of the ratio."""
+    base = {row[0]: float(row[4]) for row in rows if row[1] == backends[0]}
+    out = []
+    for backend in backends:
+        runs = [row for row in rows if row[1] == backend]
+        rate = np.array([float(row[4]) for row in runs])
+        out.append([backend, str(len(runs)), f"{rate.mean():.1f}", f"{rate.min():.1f}-{rate.max():.1f}",
+                    mean_interval([float(row[4]) / base[row[0]] for row in runs]),
+                    str(sum(int(row[7]) for row in runs)), f"{max(float(row[9]) for row in runs):.0f}"])
     return out
 
 
@@ -620,6 +702,9 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnx",
                         help="comma-separated: torch, onnx (fp32 graph), onnx-int8 (needs `tagmill export --int8`)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="load levels, comma-separated")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="instead: each backend's default server at the last --concurrency, ROUNDS times "
+                             "in rotating order, and its images/s over the first backend's of each round")
     parser.add_argument("--swap", action="store_true", help="measure model swaps under load instead (see above)")
     parser.add_argument("--swaps", type=int, default=6, help="with --swap: admin swaps per run (A -> B -> A ...)")
     parser.add_argument("--swap-duration", type=float, default=30.0, help="with --swap: seconds of load per run")
@@ -664,6 +749,19 @@ def main() -> None:
                     capture_summary(rows))
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         (workdir / "capture_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        return
+
+    if args.paired:
+        backends, concurrency = args.backends.split(","), int(args.concurrency.split(",")[-1])
+        rows = paired_runs(bundle, backends, args.workers, args.paired, concurrency, args.duration,
+                           args.max_requests, photos)
+        header = ["round", "backend", "concurrency", "requests", "images/s", "p50 ms", "p99 ms", "errors",
+                  "RSS idle MB", "RSS peak MB"]
+        print_table(header, rows)
+        print_table(["backend", "rounds", "images/s, mean", "range", f"images/s vs {backends[0]} (95% interval)",
+                     "errors", "RSS peak MB, largest"], paired_summary(rows, backends))
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        (workdir / "paired_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
         return
 
     if args.swap:

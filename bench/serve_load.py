@@ -9,8 +9,8 @@ For each backend (torch, onnx) it measures:
   * the ceiling: WORKERS processes with one thread each, ``Predictor.predict_bytes``
     in a loop on the same JPEGs (decoding included), one image per call and 16 per
     call; the better of the two is the ceiling;
-  * the server (``python -m tagmill.serve``, WORKERS workers x 1 thread) with batching
-    on (max_batch 16) and off (max_batch 1), driven from this process over loopback
+  * the server (``python -m tagmill.serve``, WORKERS workers x 1 thread) with the
+    backend's default max_batch, 16 and 1 (batching off), driven from this process over loopback
     HTTP/1.1 keep-alive by an asyncio load generator at concurrency 1, 8 and 32,
     bounded in requests and in time;
 and, for torch, stock ``uvicorn --workers`` serving the same app (one shared socket,
@@ -787,8 +787,8 @@ def main() -> None:
                          f"{rate / best:.2f}"])
             print(rows[-1], flush=True)
         default = AUTO_MAX_BATCH[split_variant(backend)[0]]
-        variants = [(f"batching on (16){' [default]' if default == 16 else ''}", 16, False),
-                    (f"batching off (1){' [default]' if default == 1 else ''}", 1, False)]
+        variants = [(f"batching {'off' if n == 1 else 'on'} ({n}){' [default]' if n == default else ''}", n, False)
+                    for n in dict.fromkeys((default, 16, 1))]
         if backend == "torch":
             variants.append(("batching off, stock uvicorn --workers", 1, True))
         for label, max_batch, stock in variants:

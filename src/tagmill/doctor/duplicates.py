@@ -13,13 +13,13 @@ file bytes. *Near* copies are found in two steps:
   thumbnails, aligned, differing nowhere by more than ``MAX_DIFFERENCE``
   (``thumbnails.compare``: the same colours and details). The layout is compared where
   the two pictures overlap: between one and the crop window of the other that the
-  thumbnails aligned with (a 3–6% crop moves the whole picture's hash by up to 24 bits,
-  the window's by at most 12 on the dev sets). Only pairs whose whole-picture hashes
+  thumbnails aligned with (a 3–6% crop moved the whole picture's hash by up to 24 bits on
+  dev Fashion-MNIST, and by up to 35 on dev colour icons). Only pairs whose whole-picture hashes
   are within ``CANDIDATE_HASH_BITS`` are aligned at all (the alignment is the cost). Features alone pass distinct
   neighbours up to cosine 0.99; features and hash together passed colour variants of one
   icon (a red and a blue heart hash alike); features and pixels together passed
   overlapping crops of one smooth photo (a rocket against the sky, shifted by a tenth),
-  which the hash rejects. *Known limit*: on line art (the bench's outline drawings)
+  which the aligned hash rejected. *Known limit*: on line art (the bench's outline drawings)
   the pixels reject many resized and cropped copies of 1-px lines. Thumbnails are exact
   area averages at every size (``thumbnails.thumbnail``): with Pillow's BOX filter,
   resized and 1–2 px cropped copies of 28-px Fashion-MNIST differed by up to 46 in some

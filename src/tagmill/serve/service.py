@@ -157,7 +157,7 @@ class Service:
             loop = asyncio.get_running_loop()
             batch = await loop.run_in_executor(pool, _preprocess_all, predictor, images)
             future = slot.submit(batch, k, thresholds, predictor=predictor)
-        predictions = await asyncio.wrap_future(future)
+        predictions = await future
         self.metrics.answers.labels(model.version).inc()
         if self.capture is not None:  # every prediction route comes through here: one hook
             self.capture.offer(images, predictions, model.version, model.meta)

@@ -5,9 +5,10 @@ A request goes through three stages:
 1. **admission** (event loop): :meth:`Batcher.reserve` counts it as waiting, or
    refuses it with :class:`QueueFullError` when ``queue_size`` requests already wait.
    Refusing before decoding sheds load before any CPU is spent on it.
-2. **decoding** (a thread pool, in the app): bytes → (n, 3, S, S), in parallel with
-   the forward pass that is running meanwhile.
-3. **inference** (the one model thread): :meth:`Slot.submit` queues the tensors; the
+2. **decoding** (a thread pool): bytes → (n, 3, S, S), in parallel with the forward
+   pass that is running meanwhile; the decoding thread queues the tensors itself
+   (:meth:`Slot.decode_and_submit`), so the event loop is not woken in between.
+3. **inference** (the one model thread): the
    model thread takes every queued request that fits in ``max_batch`` images, runs one
    forward pass, post-processes each request with its own options, and hands the
    answers of the whole batch to the event loop at once.
@@ -34,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,25 +65,43 @@ class Job:
 
 
 class Slot:
-    """An admitted request's place in the queue; :meth:`submit` it once decoded."""
+    """An admitted request's place in the queue; :meth:`decode_and_submit` its images."""
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
         self.submitted = False
 
-    def submit(self, images: torch.Tensor, top_k: int, thresholds: list[float] | None, *,
-               predictor: Predictor | None = None) -> asyncio.Future[list[Prediction]]:
-        """Queue the decoded images (n, 3, S, S) for ``predictor`` (default: the served one);
-        await the answer on the running event loop (cancelling it skips the images if
-        the model has not taken them yet)."""
-        model = predictor if predictor is not None else self._batcher.predictor
+    def decode_and_submit(self, pool: Executor, decode: Callable[[], torch.Tensor], top_k: int,
+                          thresholds: list[float] | None, *,
+                          predictor: Predictor | None = None) -> asyncio.Future[list[Prediction]]:
+        """Run ``decode`` (-> (n, 3, S, S)) in ``pool`` and queue its images from there for
+        ``predictor`` (default: the served one); await the answer, or ``decode``'s error,
+        on the running event loop. Cancelling it skips the images if the model has not
+        taken them yet.
+
+        Why the pool thread queues them: handing the decoded images back to the event loop
+        first woke it once more per request, and each wake-up costs the waking thread a
+        wait for the interpreter lock (~9% of the decoding threads' time at concurrency
+        32, sampled)."""
+        batcher = self._batcher
+        model = predictor if predictor is not None else batcher.predictor
         if model is None:
             raise NotReadyError("the model is still loading")
         loop = asyncio.get_running_loop()
-        job = Job(images, model, top_k, thresholds, loop, loop.create_future())
-        self._batcher._enqueue(job)
+        future: asyncio.Future[list[Prediction]] = loop.create_future()
+
+        def work() -> None:
+            try:
+                images = decode()
+            except BaseException as exc:  # the request's error (a bad image): its place goes back
+                batcher._release()
+                _settle([(loop, future, exc)])
+                return
+            batcher._enqueue(Job(images, model, top_k, thresholds, loop, future))
+
+        pool.submit(work)
         self.submitted = True
-        return job.future
+        return future
 
 
 class Batcher:
@@ -135,7 +155,7 @@ class Batcher:
         if thread is not None:
             thread.join(timeout)
         with self._cond:
-            queued = [(job, NotReadyError("the server is shutting down")) for job in self._queue]
+            queued = [(job.loop, job.future, NotReadyError("the server is shutting down")) for job in self._queue]
             self._queue.clear()
         _settle(queued)
 
@@ -181,22 +201,26 @@ class Batcher:
             yield slot
         finally:
             if not slot.submitted:
-                with self._cond:
-                    self._waiting -= 1
-                    self._decoding -= 1
-                    self._metrics.queue_depth.set(self._waiting)
-                    self._cond.notify_all()  # the model thread may be waiting for this one
+                self._release()
+
+    def _release(self) -> None:
+        """Give an admitted request's place back (it will not be queued)."""
+        with self._cond:
+            self._waiting -= 1
+            self._decoding -= 1
+            self._metrics.queue_depth.set(self._waiting)
+            self._cond.notify_all()  # the model thread may be waiting for this one
 
     def _enqueue(self, job: Job) -> None:
         with self._cond:
             self._decoding -= 1
-            if self._stopping:
-                self._waiting -= 1
-                self._metrics.queue_depth.set(self._waiting)
-                job.future.set_exception(NotReadyError("the server is shutting down"))  # on its loop: Slot.submit
+            if not self._stopping:
+                self._queue.append(job)
+                self._cond.notify_all()
                 return
-            self._queue.append(job)
-            self._cond.notify_all()
+            self._waiting -= 1
+            self._metrics.queue_depth.set(self._waiting)
+        _settle([(job.loop, job.future, NotReadyError("the server is shutting down"))])
 
     # --- the model thread -----------------------------------------------------------
 
@@ -265,30 +289,34 @@ class Batcher:
             logits = predictor.logits(images)  # (N, C)
         except Exception as exc:  # a failing model fails these requests, not the server
             log.exception("forward pass failed")
-            _settle([(job, exc) for job in jobs])
+            _settle([(job.loop, job.future, exc) for job in jobs])
             return
-        answers: list[tuple[Job, list[Prediction] | BaseException]] = []
+        answers: list[_Answer] = []
         offset = 0
         for job in jobs:
             part = logits[offset : offset + job.size]  # (n, C)
             offset += job.size
             try:
-                answers.append((job, predictor.postprocess(part, job.top_k, job.thresholds)))
+                answers.append((job.loop, job.future, predictor.postprocess(part, job.top_k, job.thresholds)))
             except Exception as exc:
-                answers.append((job, exc))
+                answers.append((job.loop, job.future, exc))
         _settle(answers)
         self._metrics.observe_batch(int(images.shape[0]), time.perf_counter() - start)
 
 
-def _settle(answers: list[tuple[Job, list[Prediction] | BaseException]]) -> None:
-    """Set each job's future to its answer (predictions or an exception), from any thread:
+#: a request's answer: the loop its future belongs to, the future, predictions or an error
+_Answer = tuple[asyncio.AbstractEventLoop, "asyncio.Future[list[Prediction]]", "list[Prediction] | BaseException"]
+
+
+def _settle(answers: list[_Answer]) -> None:
+    """Set each future to its answer (predictions or an exception), from any thread:
     one hand-off to each event loop for all of them. Waking a loop costs a write to its
     self-pipe, after which this thread waits for the interpreter lock again; once per
     request that was ~5% of the model thread's time at concurrency 32 (a sampling
     profile of an INT8 worker), and it delays the next forward pass."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Prediction] | BaseException]]] = {}
-    for job, answer in answers:
-        by_loop.setdefault(job.loop, []).append((job, answer))
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
+    for answer in answers:
+        by_loop.setdefault(answer[0], []).append(answer)
     for loop, mine in by_loop.items():
         try:
             loop.call_soon_threadsafe(_set_answers, mine)
@@ -296,11 +324,11 @@ def _settle(answers: list[tuple[Job, list[Prediction] | BaseException]]) -> None
             pass
 
 
-def _set_answers(answers: list[tuple[Job, list[Prediction] | BaseException]]) -> None:
-    for job, answer in answers:
-        if job.future.done():  # cancelled: the client went away
+def _set_answers(answers: list[_Answer]) -> None:
+    for _, future, answer in answers:
+        if future.done():  # cancelled: the client went away
             continue
         if isinstance(answer, BaseException):
-            job.future.set_exception(answer)
+            future.set_exception(answer)
         else:
-            job.future.set_result(answer)
+            future.set_result(answer)

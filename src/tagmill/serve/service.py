@@ -8,13 +8,13 @@ through :meth:`Service.predict`, which also says which model answered, and
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -154,9 +154,8 @@ class Service:
             raise NotReadyError("the server is not started")
         k, thresholds = predictor.resolve_options(top_k, threshold)  # bad options: 400 before any work
         with self.batcher.reserve() as slot:
-            loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(pool, _preprocess_all, predictor, images)
-            future = slot.submit(batch, k, thresholds, predictor=predictor)
+            future = slot.decode_and_submit(pool, partial(_preprocess_all, predictor, images), k, thresholds,
+                                            predictor=predictor)
         predictions = await future
         self.metrics.answers.labels(model.version).inc()
         if self.capture is not None:  # every prediction route comes through here: one hook

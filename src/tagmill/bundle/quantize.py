@@ -2,10 +2,10 @@
 
     model.onnx ─► onnxruntime static quantization (QDQ; weights int8 per output channel,
     activations uint8 with ranges calibrated on training images, preprocessed exactly
-    as the bundle says; the stem's convolutions left in float) ─► bias correction (each convolution's int32 bias shifted by its
-    mean output error against fp32, in graph order) ─► both graphs on the validation
-    split ─► agreement and metric delta ─► refused past the user's bound, else
-    model.int8.onnx + ``int8`` in model.json
+    as the bundle says; the stem's convolutions left in float) ─► bias correction (each
+    convolution's int32 bias shifted by its mean output error against fp32, in graph
+    order) ─► both graphs on the validation split ─► agreement and metric delta ─►
+    refused past the user's bound, else model.int8.onnx + ``int8`` in model.json
 
 Why static (calibrated) rather than dynamic quantization: dynamic quantization only
 covers MatMul/Gemm (and LSTMs), and a CNN's time is in its convolutions. Why QDQ: it is
@@ -131,7 +131,6 @@ def float_stem(graph: bytes) -> list[str]:
     convolutions in float went on gaining agreement at a real cost in speed (the first
     four: x1.86), so the stem ends at the first 1x1 convolution."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load_model_from_string(graph)
     readers: dict[str, list[Any]] = {}
@@ -139,7 +138,7 @@ def float_stem(graph: bytes) -> list[str]:
         for name in node.input:
             if node.op_type != "Shape":  # reads only the tensor's dimensions (dynamic batch)
                 readers.setdefault(name, []).append(node)
-    kernels = {i.name: numpy_helper.to_array(i).shape[2:] for i in model.graph.initializer if len(i.dims) == 4}
+    kernels = {i.name: tuple(i.dims[2:]) for i in model.graph.initializer if len(i.dims) == 4}  # conv weights
     stem: list[str] = []
     tensor = model.graph.input[0].name
     while len(readers.get(tensor, [])) == 1:

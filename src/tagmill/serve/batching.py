@@ -81,8 +81,8 @@ class Slot:
 
         Why the pool thread queues them: handing the decoded images back to the event loop
         first woke it once more per request, and each wake-up costs the waking thread a
-        wait for the interpreter lock (~9% of the decoding threads' time at concurrency
-        32, sampled)."""
+        wait for the interpreter lock (~9% of an INT8 worker's samples at concurrency 32,
+        in the decoding threads)."""
         batcher = self._batcher
         model = predictor if predictor is not None else batcher.predictor
         if model is None:
@@ -312,8 +312,8 @@ def _settle(answers: list[_Answer]) -> None:
     """Set each future to its answer (predictions or an exception), from any thread:
     one hand-off to each event loop for all of them. Waking a loop costs a write to its
     self-pipe, after which this thread waits for the interpreter lock again; once per
-    request that was ~5% of the model thread's time at concurrency 32 (a sampling
-    profile of an INT8 worker), and it delays the next forward pass."""
+    request that was ~5% of an INT8 worker's samples at concurrency 32, in the model
+    thread, where it delays the next forward pass (~3% once per batch)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
     for answer in answers:
         by_loop.setdefault(answer[0], []).append(answer)

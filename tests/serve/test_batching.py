@@ -114,3 +114,15 @@ def test_a_lone_request_does_not_wait_for_a_batch(bundle: str) -> None:
         start = time.perf_counter()
         assert post(server.url, data).status_code == 200
         assert time.perf_counter() - start < 2.5
+
+
+def test_an_image_that_fails_to_decode_gives_its_place_back(bundle: str) -> None:
+    # the decoding thread, not the event loop, queues or releases a request: with room for
+    # one request, bad images one after another must each be answered 422, never 503
+    app = create_app(ServeConfig(bundle=bundle, max_batch=1, queue_size=1))
+    with ThreadedServer(app) as server:
+        for _ in range(3):
+            response = post(server.url, b"\xff\xd8 not a JPEG after all")
+            assert response.status_code == 422, response.text
+        assert post(server.url, images.jpeg_bytes(60, 40, seed=5)).status_code == 200
+        assert metric(httpx.get(f"{server.url}/metrics").text, "tagmill_queue_depth") == 0

@@ -714,12 +714,14 @@ def main() -> None:
     parser.add_argument("--capture-below", type=float, default=0.6, help="with --capture: the server's --capture-below")
     parser.add_argument("--capture-sample", type=float, default=0.0, help="with --capture: the server's --capture-sample")
     parser.add_argument("--cpus", default="",
-                        help="pin by role, e.g. server=0-1,endpoint=2-3,load=4-7 (taskset lists): the server, "
+                        help="pin by role, e.g. server=0-1,endpoint=2-3,load=4-7 (each a CPU or a range): the server, "
                              "the S3 endpoint (moto) and this process (the load generator); default: not pinned")
     args = parser.parse_args()
-    PINNED.update(part.split("=", 1) for part in args.cpus.split(",") if part)
-    if unknown := set(PINNED) - {"server", "endpoint", "load"}:
-        parser.error(f"--cpus: unknown role(s) {sorted(unknown)}: use server, endpoint, load")
+    for part in filter(None, args.cpus.split(",")):
+        role, _, cpus = part.partition("=")
+        if role not in ("server", "endpoint", "load") or not cpus:
+            parser.error(f"--cpus: {part!r} is not ROLE=CPUS with ROLE server, endpoint or load")
+        PINNED[role] = cpus
     if "load" in PINNED:
         os.sched_setaffinity(0, cpu_list(PINNED["load"]))
     if args.workers is None:

@@ -84,7 +84,7 @@ CONCURRENCY = (1, 8, 32)
 IMAGE_COUNT = 48
 SWAP_CONCURRENCY = 32
 API_KEY = "bench-admin"
-#: --cpus: the CPUs ("0-1") the server and the S3 endpoint run on, by role; empty: anywhere
+#: --cpus: the CPUs ("0-1") the server, the S3 endpoint and the load generator run on, by role
 PINNED: dict[str, str] = {}
 
 

@@ -186,7 +186,7 @@ def _fit_head(
         fold_heads: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
 
         def best(among) -> tuple[int, float]:
-            return max(among, key=lambda c: (_rank(candidates[c]), -c[0], c[1]))
+            return max(among, key=lambda c: _preference(candidates[c], *c))
 
         for count in sorted({1, len(views)}):
             tried = grid if count == 1 else _near_best(grid, candidates)
@@ -195,7 +195,7 @@ def _fit_head(
             candidates.update({(count, g): v for g, v in cv_scores.items()})
             # only the winner's out-of-fold table is used, and the winner is the best of
             # some count: each count keeps its best table (20,000 x C floats each)
-            oofs[(count, kept_l2)] = kept_oof  # best([(count, g) for g in cv_scores]), by the same rule
+            oofs[(count, kept_l2)] = kept_oof  # best([(count, g) for g in cv_scores]): _preference decides both
             fold_heads.update({(count, g): h for g, h in cv_heads.items()})
             del kept_oof
         del cv_views
@@ -268,7 +268,7 @@ def _near_best(grid: tuple[float, ...], plain: dict[tuple[int, float], float]) -
     half the grid halves the dearest part of the search (on 2 views × 2,400 images ×
     3,968 features it was the larger share of the head fit)."""
     ordered = sorted(grid)
-    best = ordered.index(max((g for (_, g) in plain), key=lambda g: (plain[(1, g)], g)))
+    best = ordered.index(max((g for (_, g) in plain), key=lambda g: _preference(plain[(1, g)], 1, g)))
     return tuple(ordered[max(0, best - 2) : best + 2])
 
 
@@ -466,17 +466,18 @@ def _cross_validate(
             oof[position[held].cpu()] = task.probabilities(logits).cpu()
         models[l2] = previous[-1]
         scores[l2] = task.selection_score(oof, truth)
-        # strengths come strongest first: a later one must score higher to displace it
-        if best is None or _rank(scores[l2]) > _rank(scores[best[0]]):
-            best = (l2, oof)
+        if best is None or _preference(scores[l2], 1, l2) > _preference(scores[best[0]], 1, best[0]):
+            best = (l2, oof)  # the view count is the same for every strength here
         del oof
     assert best is not None  # grid is never empty
     return {g: scores[g] for g in grid}, best, models  # in the grid's order, as reported
 
 
-def _rank(score: float) -> float:
-    """A score as candidates are ranked: NaN (a metric with nothing to score) below all."""
-    return score if score == score else -float("inf")
+def _preference(score: float, views: int, l2: float) -> tuple[float, int, float]:
+    """How candidates (a score, the number of views trained on, an L2 strength) are
+    ranked, the largest best: by score (NaN, a metric with nothing to score, below all),
+    ties to fewer views, then to the stronger L2."""
+    return (score if score == score else -float("inf"), -views, l2)
 
 
 def cv_rows(n: int, seed: int, limit: int | None = None) -> Tensor:

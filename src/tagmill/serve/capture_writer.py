@@ -38,7 +38,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -216,8 +215,8 @@ class PartWriter:
 
 @dataclass
 class _Part:
-    """The items of the part being filled, with its size kept as it grows (summed
-    afresh for each item, filling a part of 64 cost ~0.1 ms per image)."""
+    """The items of the part being filled, with its size kept as it grows (summed afresh
+    for each item, filling a part was quadratic in its items)."""
 
     taken: list[_Taken] = field(default_factory=list)
     images: int = 0  #: the bytes of its image members, as the part holds them
@@ -253,19 +252,20 @@ class Channel:
     Not multiprocessing's Connection: it reads a large message in pipe-sized chunks, each
     into freshly allocated memory (measured: ~0.19 ms of the reader's CPU per 70 kB
     image, as much as storing the image), where this reads every message into one buffer
-    it keeps (as large as the largest part, PART_BYTES plus one image at most)."""
+    it keeps (as large as the largest part, PART_BYTES plus one image at most).
+
+    One thread sends on each side (the server's sender thread; the writer's loop), and
+    ending is a shutdown, not a message, so sends need no lock."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buffer = bytearray()
-        self._sending = threading.Lock()  # a message's length and its bytes go out together
 
     def send(self, message: object) -> None:
         """Send a message. OSError: the peer is gone (or this side ended sending)."""
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._sending:
-            self.sock.sendall(_LENGTH.pack(len(payload)))
-            self.sock.sendall(payload)
+        self.sock.sendall(_LENGTH.pack(len(payload)))
+        self.sock.sendall(payload)
 
     def end_sending(self) -> None:
         """No more messages from this side: the peer's recv() ends with EOFError once it has

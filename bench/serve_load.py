@@ -451,13 +451,22 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     """CPU time (user + system) a process has used so far, with its live descendants'
     (Linux /proc): the server's cost per image, which a busy shared machine blurs far
     less than it blurs throughput."""
+    return sum(map(_cpu_seconds, process_tree(pid) if tree else [pid]))
+
+
+def tree_rss_mb(pid: int) -> float:
+    """The resident memory of a process and its live descendants, summed (MB): what
+    "total RSS" means for a server of several processes (shared pages count in each)."""
+    return sum(map(_rss_mb, process_tree(pid)))
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its live descendants (none of them if it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = child_pids(pid) if tree else []
+        children = child_pids(pid)
     except OSError:
-        return 0.0
-    return total + sum(process_cpu_seconds(child) for child in children)
+        return []
+    return [pid, *(p for child in children for p in process_tree(child))]
 
 
 def child_pids(pid: int) -> list[int]:
@@ -466,16 +475,20 @@ def child_pids(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """The resident memory of a process and its live descendants, summed (MB): what
-    "total RSS" means for a server of several processes (shared pages count in each)."""
+def _cpu_seconds(pid: int) -> float:
     try:
-        kb = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if line.startswith("VmRSS:")).split()[1])
-        children = child_pids(pid)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS:")).split()[1]) / 1024
     except (OSError, StopIteration):
         return 0.0
-    return kb / 1024 + sum(tree_rss_mb(child) for child in children)
 
 
 class PeakRSS:
@@ -501,18 +514,14 @@ class PeakRSS:
 
 def writer_cpu_seconds(pid: int) -> float:
     """CPU time of the capture writer processes under ``pid`` (serve/capture_writer.py)."""
-    total = 0.0
+    return sum(_cpu_seconds(p) for p in process_tree(pid)[1:] if _is_writer(p))
+
+
+def _is_writer(pid: int) -> bool:
     try:
-        children = child_pids(pid)
+        return b"tagmill.serve.capture_writer" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return 0.0
-    for child in children:
-        try:
-            writer = b"tagmill.serve.capture_writer" in Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        total += process_cpu_seconds(child, tree=False) if writer else writer_cpu_seconds(child)
-    return total
+        return False
 
 
 class MotoS3:

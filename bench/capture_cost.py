@@ -24,7 +24,6 @@ import importlib.util
 import io
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from tagmill.bundle.predictor import Prediction
 from tagmill.dataset.transforms import Preprocess
 from tagmill.serve import capture as current
 from tagmill.serve.metrics import ServeMetrics
+
+from serve_load import MotoS3  # this folder, first on the path of a script run from it
 
 ROOT = Path(__file__).resolve().parents[1]
 #: offers per call, as the batching server hands them over (and a short pause between calls,
@@ -109,34 +110,6 @@ def cost(module, target: str, count: int, sent: list[bytes]) -> tuple[float, flo
             (time.perf_counter() - wall) / count * 1e3)
 
 
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far (user + system, its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    import boto3
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            boto3.client("s3").create_bucket(Bucket="capture-cost")
-            return server, "s3://capture-cost"
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", default="4cad881", help="the earlier commit whose writer is measured too")
@@ -147,21 +120,20 @@ def main() -> None:
     sent = photos(OFFER_BATCH)
     print(f"{args.images} captured images of {sum(map(len, sent)) / len(sent) / 1024:.0f} KB each; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    moto, bucket = start_moto()
     rows = []
-    try:
+    with MotoS3() as s3:
+        os.environ.update(s3.env)  # the writer under test runs in this process (and its child)
+        bucket = f"s3://{s3.bucket('capture-cost')}"
         for where in ("local folder", "S3 (moto)"):
             for round_ in range(args.rounds):
                 for name, module in writers:
                     target = (tempfile.mkdtemp(prefix="capture-cost-") if where == "local folder"
                               else f"{bucket}/{name.split()[0]}-{round_}")
-                    endpoint_cpu = cpu_seconds(moto.pid)
+                    endpoint_cpu = s3.cpu_seconds()
                     cpu, writer_cpu, wall = cost(module, target, args.images, sent)
-                    endpoint_ms = (cpu_seconds(moto.pid) - endpoint_cpu) / args.images * 1e3
+                    endpoint_ms = (s3.cpu_seconds() - endpoint_cpu) / args.images * 1e3
                     rows.append((where, name, cpu, writer_cpu, wall, endpoint_ms if where != "local folder" else None))
                     print(rows[-1], flush=True)
-    finally:
-        moto.terminate()
     print("\n| target | writer | server process CPU ms / image | writer process CPU ms / image "
           "| writer wall ms / image | S3 endpoint's CPU ms / image |\n|---|---|---|---|---|---|")
     for where, name, cpu, writer_cpu, wall, endpoint in rows:

@@ -39,3 +39,36 @@ def test_a_cache_behind_a_url_is_read_whole(tmp_path) -> None:
     save_features(location, views, val)
     loaded, loaded_val = load_features(location)
     assert torch.equal(loaded[1].features, views[1].features) and torch.equal(loaded_val.targets, val.targets)
+
+
+def test_a_spooled_cache_is_the_file_save_features_writes(tmp_path, monkeypatch) -> None:
+    """Batches spooled to disk in loader order (workers interleave shards) and written in
+    key order give the same cache as the in-memory sets, readable by safetensors itself;
+    the spools are gone afterwards. Chunks of a few rows exercise the gathering."""
+    from safetensors.torch import load_file
+
+    from tagmill.train import features
+    from tagmill.train.features import FeatureSpool, write_spooled
+
+    monkeypatch.setattr(features, "SPOOL_CHUNK_ELEMENTS", 7 * 24)  # 7 feature rows per gathered chunk
+    views, val = sets()
+    spools = []
+    for name, batches in (("train0", views[0]), ("train1", views[1]), ("val", val)):
+        spool = FeatureSpool(str(tmp_path / f"features.safetensors.{name}"))
+        order = torch.randperm(len(batches.keys), generator=torch.Generator().manual_seed(len(spools)))
+        for part in order.split(8):  # batches of 8 in a shuffled order
+            spool.add(batches.features[part], batches.targets[part], [batches.keys[i] for i in part.tolist()])
+        spool.close()
+        spools.append(spool)
+    spooled = str(tmp_path / "features.safetensors")
+    write_spooled(spooled, spools[:2], spools[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.safetensors"]
+    reference = str(tmp_path / "reference.safetensors")
+    save_features(reference, views, val)
+    assert load_file(spooled).keys() == load_file(reference).keys()
+    for name, tensor in load_file(reference).items():
+        got = load_file(spooled)[name]
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    loaded, loaded_val = load_features(spooled)
+    assert [v.keys for v in loaded] == [v.keys for v in views] and loaded_val.keys == val.keys
+    assert torch.equal(loaded[1].targets, views[1].targets) and torch.equal(loaded_val.features, val.features)

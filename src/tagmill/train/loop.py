@@ -45,7 +45,9 @@ from tagmill.train import distributed
 from tagmill.train.checkpoint import load_checkpoint, save_checkpoint
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, resolve_device, run_chunked
-from tagmill.train.features import FeatureSet, extract_features, load_features, save_features
+from tagmill.train.features import (
+    FeatureSet, extract_features, load_features, save_features, spool_features, write_spooled,
+)
 from tagmill.train.init_from import StartingPoint, transfer_weights
 from tagmill.train.run_format import (
     BEST, CONFIG, FEATURES, LAST, read_final_metrics, read_oof, read_run, report_files, write_history, write_oof, write_run,
@@ -429,7 +431,8 @@ class _Run:
 
     def _feature_cache(self) -> tuple[list[FeatureSet], FeatureSet]:
         """The cached features of every training view and of validation: computed once
-        (all ranks together), kept in memory and in the run directory."""
+        (all ranks together) into the run directory, and memory-mapped from there where it
+        is a local file (else kept in memory)."""
         if self._cache is not None:
             return self._cache
         location = storage.join(self.run_dir, FEATURES)
@@ -440,18 +443,38 @@ class _Run:
                 return self._cache
         config = self.config
         extract = dict(device=self.device, precision=config.precision, channels_last=config.channels_last, progress=self.progress)
+        # one process, a local file: each pass goes to disk as it is computed and the cache
+        # file is written from there (``spool_features``), never held in memory; ranks
+        # gather theirs in memory
+        spooled = not self.ctx.enabled and storage.is_local(location)
+
+        def features(loader: DataLoader, description: str, total: int, name: str):
+            if spooled:
+                return spool_features(self.model, loader, f"{location.removeprefix('file://')}.{name}",
+                                      description=description, total=total, **extract)
+            return self._merged(extract_features(self.model, loader, description=description, total=total, **extract))
+
         start = time.perf_counter()
         views = []
-        for view in range(config.cache_views):
-            transform = eval_transform(self.preprocess) if view == 0 and self._plain_first_view else train_transform(self.preprocess, config.cache_augmentation)
-            torch.manual_seed(config.seed * 7919 + view)
-            loader = self._loader("train", transform, shuffle=False)
-            views.append(self._merged(extract_features(self.model, loader, description=f"caching features (view {view + 1}/{config.cache_views})",
-                                                       total=self._share("train"), **extract)))
-        val = self._merged(extract_features(self.model, self._loader("val", eval_transform(self.preprocess), shuffle=False),
-                                            description="caching validation features", total=self._share("val"), **extract))
+        try:
+            for view in range(config.cache_views):
+                transform = eval_transform(self.preprocess) if view == 0 and self._plain_first_view else train_transform(self.preprocess, config.cache_augmentation)
+                torch.manual_seed(config.seed * 7919 + view)
+                loader = self._loader("train", transform, shuffle=False)
+                views.append(features(loader, f"caching features (view {view + 1}/{config.cache_views})", self._share("train"),
+                                      f"train{view}"))
+            val = features(self._loader("val", eval_transform(self.preprocess), shuffle=False), "caching validation features",
+                           self._share("val"), "val")
+        except BaseException:
+            for spool in views if spooled else ():
+                spool.remove()
+            raise
         images = len(val.keys) + sum(len(v.keys) for v in views)
         self.forward_rate = images / self.ctx.world / max(time.perf_counter() - start, 1e-9)
+        if spooled:
+            write_spooled(location.removeprefix("file://"), views, val)
+            self._cache = load_features(location)
+            return self._cache
         if self.ctx.is_main:
             save_features(location, views, val)
             if storage.is_local(location):

@@ -66,3 +66,22 @@ def test_config_rejects_unknown_and_bad_values():
     for bad in ({"precision": "fp8"}, {"resize_method": "zoom"}, {"frozen_epochs": 0, "unfrozen_epochs": 0}, {"batch_size": 0}):
         with pytest.raises(InputError):
             TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_the_head_loss_over_train_in_chunks_is_the_one_call_loss(multi):
+    """mean_loss takes the loss over the training cache a chunk of rows at a time (no
+    (N, C) logits): one chunk is the single call's number exactly, several agree with it
+    to float rounding, for both losses (mean over rows; BCE also over tags)."""
+    from tagmill.train.loop import mean_loss
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1000, 16, generator=generator)
+    targets = ((torch.rand(1000, 5, generator=generator) < 0.3).float() if multi
+               else torch.randint(0, 5, (1000,), generator=generator))
+    classifier = torch.nn.Linear(16, 5)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if multi else torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    with torch.inference_mode():
+        whole = loss_fn(classifier(features), targets).item()
+        assert mean_loss(loss_fn, classifier, features, targets, torch.device("cpu"), rows=1000) == whole
+        assert mean_loss(loss_fn, classifier, features, targets, torch.device("cpu"), rows=64) == pytest.approx(whole, rel=1e-6)

@@ -286,6 +286,28 @@ def _keep_batchnorm_statistics(model: torch.nn.Module) -> None:
             module.eval()
 
 
+#: rows per chunk when the head's loss is taken over the whole training cache (``mean_loss``)
+LOSS_ROWS = 16_384
+
+
+def mean_loss(loss_fn: torch.nn.Module, classifier: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
+              device: torch.device, rows: int = LOSS_ROWS) -> float:
+    """``loss_fn`` (a mean over rows) of ``classifier`` over every row of ``features``,
+    ``rows`` rows at a time. In one call the (N, C) logits and the loss's temporaries of
+    their size were each another copy of the training set's size beside the
+    memory-mapped cache: 225,000 rows x 183 tags (scale_data's 250k set) took 471 MB of
+    anonymous memory in one call, 11 MB in chunks of 16,384 (a /tmp measurement).
+    One chunk (N <= ``rows``) gives the one call's number exactly; more, the same up to
+    float rounding."""
+    parts = []
+    for start in range(0, len(features), rows):
+        logits = classifier(features[start:start + rows].to(device))  # (n, C)
+        parts.append((loss_fn(logits, targets[start:start + rows].to(device)).item(), len(logits)))
+    if len(parts) == 1:
+        return parts[0][0]
+    return sum(loss * count for loss, count in parts) / max(1, sum(count for _, count in parts))
+
+
 def _return_freed_memory() -> None:
     """Hand memory the allocator keeps after large frees back to the OS (glibc's
     ``malloc_trim``; a no-op elsewhere). The head fit frees hundreds of MB that glibc
@@ -538,7 +560,7 @@ class _Run:
         if self.ctx.is_main and fit.oof_probs is not None:
             write_oof(self.run_dir, fit.oof_probs, fit.oof_targets, fit.folds)
         with torch.inference_mode():
-            train_loss = self.loss_fn(classifier(views[0].features.to(self.device)), views[0].targets.to(self.device)).item()
+            train_loss = mean_loss(self.loss_fn, classifier, views[0].features, views[0].targets, self.device)
             logits = classifier(val.features.to(self.device))  # (N, C)
             val_loss = self.loss_fn(logits, val.targets.to(self.device)).item()
         images = sum(len(v.keys) for v in views)

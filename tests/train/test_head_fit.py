@@ -131,3 +131,18 @@ def test_fitting_in_the_span_of_the_rows_finds_the_same_head(monkeypatch, kind):
     assert projected.l2 == full.l2
     assert torch.allclose(projected.weight, full.weight, atol=1e-3 * float(full.weight.abs().max()))
     assert torch.allclose(projected.oof_probs, full.oof_probs, atol=1e-3)
+
+
+def test_moments_are_taken_a_chunk_at_a_time(monkeypatch):
+    """_moments sums each chunk of rows in float64 (a float64 cast of a whole view was a
+    copy twice the cache's size): the same means and scale as over the whole views."""
+    from tagmill.train import head_fit
+
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(1000, 8, generator=generator) * 3 + 5, torch.randn(1000, 8, generator=generator)]
+    rows = torch.cat(views).double()
+    mean = rows.mean(0)
+    monkeypatch.setattr(head_fit, "CHUNK_ELEMENTS", 8 * 70)  # chunks of 70 rows
+    got_mean, got_std = head_fit._moments(views)
+    assert torch.allclose(got_mean.double(), mean, rtol=1e-6)
+    assert torch.allclose(got_std.double(), (rows - mean.float().double()).pow(2).mean().sqrt().expand(8), rtol=1e-5)

@@ -187,9 +187,10 @@ def spool_features(
 
 #: numbers gathered at once while a spool is put in key order (16 MB of float32)
 SPOOL_CHUNK_ELEMENTS = 1 << 22
-#: safetensors' names of the dtypes a spool may hold (what ``_DTYPES`` reads back)
-_SAFETENSORS_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
-                      np.dtype(np.float16): "F16"}
+#: safetensors dtype names of what a feature cache holds (BF16: none, numpy has no such type)
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16, "BF16": None}
+#: the other way: the name a spooled dtype is written under
+_SAFETENSORS_NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items() if dtype is not None}
 
 
 def write_spooled(path: str, views: list[FeatureSpool], val: FeatureSpool | None) -> None:
@@ -353,10 +354,6 @@ def load_features(location: str) -> tuple[list[FeatureSet], FeatureSet | None]:
     if "val.features" in tensors:
         val = FeatureSet(tensors["val.features"], tensors["val.targets"], metadata.get("val_keys", "").split("\n"))
     return views, val
-
-
-#: safetensors dtype names of what a feature cache holds
-_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16, "BF16": None}
 
 
 def _mapped(path: str, data_start: int, spec: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tagmill.errors import DatasetError
 from tagmill.objective import objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train.device import autocast, inference_chunk, run_chunked
+from tagmill.train.rows import Rows
 from tagmill.train.run_format import THRESHOLDS
 
 TOP_LOSSES = 12
@@ -54,17 +55,19 @@ def predict_split(
     data = ShardDataset(dataset, split, eval_transform(preprocess), manifest=manifest, across_ranks=False)
     loader = shard_loader(data, batch_size=batch_size, workers=workers)
     task = objective(manifest.task)
-    probs, targets, losses, keys = [], [], [], []
+    # one tensor each, not a list of per-batch pieces (rows.py says why)
+    probs, targets, losses = Rows(len(data)), Rows(len(data)), Rows(len(data))
+    keys: list[str] = []
     with progress.task(f"predicting {split}", len(data)) as advance:
         for images, target, batch_keys in loader:
             with autocast(device, precision):
                 logits = run_chunked(model, images.to(device), inference_chunk(device, preprocess.input_size)).float().cpu()  # (B, C)
-            probs.append(task.probabilities(logits))
-            losses.append(task.per_sample_loss(logits, target))
-            targets.append(target)
+            probs.add(task.probabilities(logits))
+            losses.add(task.per_sample_loss(logits, target))
+            targets.add(target)
             keys.extend(batch_keys)
             advance(len(batch_keys))
-    return Predictions(torch.cat(probs), torch.cat(targets), torch.cat(losses), keys)
+    return Predictions(probs.tensor(), targets.tensor(), losses.tensor(), keys)
 
 
 def evaluate_predictions(preds: Predictions, manifest: Manifest, *, threshold: float, top_k: int, thresholds: torch.Tensor | None = None):

@@ -29,6 +29,7 @@ from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
 from tagmill.train.device import autocast, inference_chunk, run_chunked
 from tagmill.train.head_fit import RunningMoments
+from tagmill.train.rows import Rows
 
 
 @dataclass
@@ -89,7 +90,8 @@ def extract_sample(
     wanted = np.zeros(count, dtype=bool)
     wanted[rows.numpy()] = True
     seen = np.zeros(count, dtype=bool)  # each index exactly once: 1 byte per image
-    chunks, targets, keys, indices = [], [], [], []
+    # the kept rows in one tensor each, not per-batch pieces: rows.py says why
+    chunks, targets, keys, indices = Rows(len(rows)), Rows(len(rows)), [], []
     moments = RunningMoments()
     for pooled, target, batch_keys in _pooled(model, loader, device, precision, channels_last, progress, description, count):
         index = np.array([_index(key) for key in batch_keys], dtype=np.int64)
@@ -99,14 +101,14 @@ def extract_sample(
         moments.add(pooled)
         keep = torch.from_numpy(wanted[index])
         if keep.any():
-            chunks.append(pooled[keep])
-            targets.append(target[keep])
+            chunks.add(pooled[keep])
+            targets.add(target[keep])
             keys.extend(key for key, kept in zip(batch_keys, keep.tolist()) if kept)
             indices.extend(index[keep.numpy()].tolist())
     if not seen.all():
         return None
     order = sorted(range(len(indices)), key=indices.__getitem__)
-    return FeatureSet(_in_order(chunks, order), _in_order(targets, order), [keys[i] for i in order]), moments
+    return FeatureSet(chunks.tensor()[order], targets.tensor()[order], [keys[i] for i in order]), moments
 
 
 class FeatureSpool:

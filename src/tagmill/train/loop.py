@@ -49,6 +49,7 @@ from tagmill.train.features import (
     FeatureSet, extract_features, load_features, save_features, spool_features, write_spooled,
 )
 from tagmill.train.init_from import StartingPoint, transfer_weights
+from tagmill.train.rows import Rows
 from tagmill.train.run_format import (
     BEST, CONFIG, FEATURES, LAST, read_final_metrics, read_oof, read_run, report_files, write_history, write_oof, write_run,
 )
@@ -829,16 +830,17 @@ class _Run:
     @torch.inference_mode()
     def _validate(self) -> tuple[float, torch.Tensor, torch.Tensor]:
         self.model.eval()
-        probs, targets, keys, total = [], [], [], 0.0
+        count = self.manifest.split("val").count  # this rank's share is at most all of it
+        probs, targets, keys, total = Rows(count), Rows(count), [], 0.0  # not per-batch pieces: rows.py says why
         chunk = inference_chunk(self.device, self.preprocess.input_size)
         for images, target, batch_keys in self._loader("val", eval_transform(self.preprocess), shuffle=False):
             with autocast(self.device, self.config.precision):
                 logits = run_chunked(self.model, self._to_device(images), chunk).float()  # (B, C)
             total += self.loss_fn(logits, target.to(self.device)).item() * len(target)
-            probs.append(self.objective.probabilities(logits).cpu())
-            targets.append(target)
+            probs.add(self.objective.probabilities(logits).cpu())
+            targets.add(target)
             keys.extend(batch_keys)
-        parts = distributed.gather((total, keys, torch.cat(probs), torch.cat(targets)), self.ctx)
+        parts = distributed.gather((total, keys, probs.tensor(), targets.tensor()), self.ctx)
         total = sum(p[0] for p in parts)
         keys = [k for p in parts for k in p[1]]
         order = sorted(range(len(keys)), key=keys.__getitem__)

@@ -496,12 +496,11 @@ class _Run:
         self.forward_rate = images / self.ctx.world / max(time.perf_counter() - start, 1e-9)
         if spooled:
             write_spooled(location.removeprefix("file://"), views, val)
-            self._cache = load_features(location)
-            return self._cache
-        if self.ctx.is_main:
+        elif self.ctx.is_main:
             save_features(location, views, val)
-            if storage.is_local(location):
-                views, val = load_features(location)  # the file's pages instead of a second copy in RAM
+        if self.ctx.is_main and storage.is_local(location):
+            # the file's pages: instead of a second copy in RAM, or (spooled) of the spools
+            views, val = load_features(location)
         self._cache = views, val
         return self._cache
 

@@ -5,8 +5,12 @@ results are small blocks that live to the end of the pass, allocated between tha
 batch's large activations, which are freed. glibc's heap can then neither hand the
 gaps back nor fit the next batch's activations into them, and grows by about a batch's
 worth of activations per batch. Predicting the 25,068 validation images of
-bench/scale_data.py's 250k set took the trainer's heap from 157 to 1,347 MB so, for
-18 MB of results; written into one tensor allocated up front, 185 MB.
+bench/scale_data.py's 250k set grew the trainer's heap from 157 to 1,347 MB that way,
+for 18 MB of results; written into one tensor allocated up front, to 185 MB.
+
+``extract_features`` (torchrun ranks, remote run directories) keeps its per-batch
+pieces: a rank's share of a split is known only roughly there, and the pieces are
+freed one by one as they are put in key order.
 """
 
 from __future__ import annotations

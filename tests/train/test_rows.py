@@ -31,3 +31,14 @@ def test_rows_past_the_capacity_grow_and_keep_what_came_before():
 def test_no_rows_is_an_empty_tensor():
     assert Rows(3).tensor().numel() == 0
     assert Rows(0).tensor().numel() == 0
+
+
+def test_fewer_rows_than_allocated_hold_only_their_own_memory():
+    rows = Rows(1000)  # e.g. one rank's share of a split allocated for all of it
+    rows.add(torch.ones(3, 4))
+    part = rows.tensor()
+    assert part.shape == (3, 4)
+    assert part.untyped_storage().nbytes() == 3 * 4 * 4
+    full = Rows(3)
+    full.add(torch.ones(3, 4))
+    assert full.tensor().untyped_storage().nbytes() == 3 * 4 * 4

@@ -40,7 +40,12 @@ class Rows:
         self.count = end
 
     def tensor(self) -> torch.Tensor:
-        """The rows so far, (count, ...): a view of the allocated tensor."""
+        """The rows so far, (count, ...), holding no more memory than they need: the
+        allocated tensor when it is full, else a copy of its first rows. A view would
+        keep the whole allocation alive, and pickling one (``distributed.gather`` of a
+        rank's validation share, allocated for the whole split) sends all of it."""
         if self._data is None:
             return torch.empty(0)
-        return self._data[: self.count]
+        if self.count == len(self._data):
+            return self._data
+        return self._data[: self.count].clone()

@@ -71,7 +71,7 @@ def test_a_crop_needs_the_alignment(monkeypatch):
     img = photo()
     copy = crop(img, 0.06, 0.06, 0.0, 0.0).resize(img.size)
     aligned = difference(img, copy)
-    monkeypatch.setattr(thumbnails, "_COARSE", torch.tensor([0.0]))  # only the whole picture
+    monkeypatch.setattr(thumbnails, "_COARSE", torch.tensor([0]))  # only the whole picture (no cut)
     monkeypatch.setattr(thumbnails, "_REFINE", ())
     assert difference(img, copy) > 2 * aligned
 

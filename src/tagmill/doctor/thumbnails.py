@@ -35,6 +35,8 @@ which the pixels cannot tell apart.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -112,21 +114,33 @@ def _area_matrices(low: Tensor, high: Tensor, parts: int = COMPARED) -> Tensor:
 #: the window search, per axis: a coarse pass over every (cut at the start, cut at the
 #: end) pair of CROPS, then two finer passes around the best (steps of a quarter and a
 #: sixteenth of the coarse step), since the coarse step (2.5% of the side) is wider
-#: than a stored cell (1/48) and the crop a copy had is anywhere in between
-_COARSE = torch.tensor(CROPS)
-_REFINE = (torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 4,
-           torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) * (CROPS[1] - CROPS[0]) / 16)
+#: than a stored cell (1/48) and the crop a copy had is anywhere in between. Every cut
+#: the search can reach is a whole number of those sixteenths (``_STEP``, 1/640 of the
+#: side), so cuts are counted in steps and every window's resampling matrix is computed
+#: once (``_lattice``) and looked up: built per pair and window, the matrices were three
+#: quarters of the search's time
+_STEP = (CROPS[1] - CROPS[0]) / 16
+_TOP = round(max(CROPS) / _STEP)  #: the deepest cut, in steps
+_COARSE = torch.tensor([round(c / _STEP) for c in CROPS])
+_REFINE = (torch.tensor([-2, -1, 0, 1, 2]) * 4, torch.tensor([-2, -1, 0, 1, 2]))
+
+
+@functools.cache
+def _lattice() -> Tensor:
+    """(_TOP + 1, _TOP + 1, C, SIDE): ``_area_matrices`` of the window cut by i steps at
+    its start and j at its end (10 MB)."""
+    cuts = torch.arange(_TOP + 1, dtype=torch.float64) * _STEP
+    return _area_matrices(cuts[:, None].expand(-1, _TOP + 1), 1.0 - cuts[None, :].expand(_TOP + 1, -1))
 
 
 def _candidates(best: tuple[Tensor, Tensor], offsets: Tensor, refine: bool) -> tuple[Tensor, Tensor]:
-    """(P, K) window starts and ends: every pair of ``offsets`` as the cuts at start and
-    end, added to the ``best`` cuts so far ((P,) each) when refining."""
+    """(P, K) cuts at the start and at the end of each window tried, in steps: every pair
+    of ``offsets``, added to the ``best`` cuts so far ((P,) each) when refining."""
     cut_start, cut_end = torch.meshgrid(offsets, offsets, indexing="ij")
     cut_start, cut_end = cut_start.flatten()[None], cut_end.flatten()[None]  # (1, K)
     base = best if refine else (torch.zeros_like(best[0]), torch.zeros_like(best[1]))
     cut_start, cut_end = cut_start + base[0][:, None], cut_end + base[1][:, None]  # (P, K)
-    top = max(CROPS)
-    return cut_start.clamp(0, top), 1.0 - cut_end.clamp(0, top)
+    return cut_start.clamp(0, _TOP), cut_end.clamp(0, _TOP)
 
 
 Window = dict[str, tuple[Tensor, Tensor]]  #: per axis ("across", "down"): (cut at start, cut at end), (P,) each
@@ -138,25 +152,34 @@ def _aligned(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Window]:
     and the window."""
     p = len(source)
     rows = torch.arange(p)
-    # per axis: the window chosen so far, as (cut at start, cut at end), (P,) each
-    chosen = {axis: (torch.zeros(p), torch.zeros(p)) for axis in ("across", "down")}
+    lattice = _lattice()
+    # per axis: the window chosen so far, as (cut at start, cut at end) in steps, (P,) each
+    chosen = {axis: (torch.zeros(p, dtype=torch.long), torch.zeros(p, dtype=torch.long)) for axis in ("across", "down")}
     for offsets, refine in ((_COARSE, False), *((o, True) for o in _REFINE)):
         for axis in ("across", "down"):
             starts, ends = _candidates(chosen[axis], offsets, refine)  # (P, K)
-            trying = _area_matrices(starts, ends)  # (P, K, C, SIDE)
+            trying = lattice[starts, ends]  # (P, K, C, SIDE)
+            k = trying.shape[1]
             other = "down" if axis == "across" else "across"
-            fixed = _area_matrices(chosen[other][0], 1.0 - chosen[other][1])  # (P, C, SIDE)
+            fixed = lattice[chosen[other]]  # (P, C, SIDE)
+            # one (3C × SIDE) @ (SIDE × KC) product per pair (broadcasting the K windows
+            # against the 3 channels copied both operands K- and 3-fold), compared with
+            # the target in the product's own layout (a permuted copy cost as much again)
             if axis == "across":  # rows resampled by the fixed window, columns by each tried one
-                half = (fixed[:, None] @ source)[:, None]  # (P, 1, 3, C, SIDE)
-                tried = half @ trying[:, :, None].transpose(-1, -2)  # (P, K, 3, C, C)
+                half = (fixed[:, None] @ source).reshape(p, 3 * COMPARED, SIDE)  # (P, 3C, SIDE)
+                tried = half @ trying.reshape(p, k * COMPARED, SIDE).transpose(1, 2)  # (P, 3C, KC)
+                tried = tried.view(p, 3 * COMPARED, k, COMPARED)  # [p, (channel, row), window, column]
+                error = tried.sub_(target.reshape(p, 3 * COMPARED, 1, COMPARED)).abs_().sum(dim=(1, 3))  # (P, K)
             else:
-                half = (source @ fixed[:, None].transpose(-1, -2))[:, None]  # (P, 1, 3, SIDE, C)
-                tried = trying[:, :, None] @ half  # (P, K, 3, C, C)
-            error = (tried - target[:, None]).abs()
-            best = error.mean(dim=(2, 3, 4)).argmin(dim=1)  # (P,)
-            chosen[axis] = (starts[rows, best], 1.0 - ends[rows, best])
-    mean = error[rows, best].mean(dim=(1, 2, 3))
-    return mean, _outside_envelope(source, target, chosen), chosen
+                half = (source @ fixed[:, None].transpose(-1, -2)).transpose(1, 2)  # (P, SIDE, 3, C)
+                tried = trying.reshape(p, k * COMPARED, SIDE) @ half.reshape(p, SIDE, 3 * COMPARED)  # (P, KC, 3C)
+                tried = tried.view(p, k, COMPARED, 3, COMPARED)  # [p, window, row, channel, column]
+                error = tried.sub_(target.transpose(1, 2)[:, None]).abs_().sum(dim=(2, 3, 4))  # (P, K)
+            best = error.argmin(dim=1)  # (P,)
+            chosen[axis] = (starts[rows, best], ends[rows, best])
+    mean = error[rows, best] / (3 * COMPARED * COMPARED)
+    window = {axis: (start * _STEP, end * _STEP) for axis, (start, end) in chosen.items()}  # shares of the side
+    return mean, _outside_envelope(source, target, window), window
 
 
 #: how far (in compared cells) the chosen window may be off, per axis: the envelope of

@@ -5,7 +5,8 @@
 Features are synthetic (the cost of these steps depends on N and D, not on what the
 images show): non-negative clustered vectors of tagmill's multi-level feature size
 (3,968 for EfficientNet-Lite0), 1% of them planted near copies of another row, with
-random 64-bit perceptual hashes (copies keep theirs). Timed, each in this process, with
+random 64-bit perceptual hashes (copies keep theirs) and random colour thumbnails
+(copies keep theirs, a few levels off). Timed, each in this process, with
 the library's own functions on 2 threads: the neighbour search (exact up to
 ``EXACT_UP_TO`` images, projected beyond), the duplicate check and the feature outlier
 tests. Feature extraction and label fitting are not included (``bench/doctor.py``
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from tagmill.doctor import thumbnails
 from tagmill.doctor.duplicates import find_duplicates
 from tagmill.doctor.neighbours import EXACT_UP_TO, nearest_neighbours
 from tagmill.doctor.outliers import feature_outliers
@@ -41,7 +43,14 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, list[Image
     x[targets] = x[originals] + 0.1 * torch.randn(len(targets), dim, generator=g)
     hashes = torch.randint(0, 2**62, (n,), generator=g)
     hashes[targets] = hashes[originals]
-    facts = [ImageFacts(f"train-{i:07d}", str(i), "train", (), 64, 64, f"d{i}", int(h), 30.0) for i, h in enumerate(hashes.tolist())]
+    # colour thumbnails as the scan stores them: random pictures, copies their source's
+    # recompressed (a few levels off)
+    cells = (thumbnails.SIDE, thumbnails.SIDE, 3)
+    pictures = torch.randint(0, 256, (n, *cells), generator=g, dtype=torch.uint8)
+    noise = torch.randint(-3, 4, (len(targets), *cells), generator=g, dtype=torch.int16)
+    pictures[targets] = (pictures[originals].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+    facts = [ImageFacts(f"train-{i:07d}", str(i), "train", (), 64, 64, f"d{i}", int(h), 30.0,
+                        thumbnail=pictures[i].numpy().tobytes()) for i, h in enumerate(hashes.tolist())]
     return x, facts, labels % 10, len(targets)
 
 

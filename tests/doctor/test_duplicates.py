@@ -137,3 +137,22 @@ def test_a_recompressed_icon_is_found_although_its_hash_bits_flip(name):
     features = torch.ones(2, 8)
     pairs = find_duplicates(facts, features, nearest_neighbours(features, 1))
     assert [(p.kind, p.layout <= LAYOUT) for p in pairs] == [("near", True)]
+
+
+def test_pairs_measured_a_few_at_a_time_are_measured_alike(monkeypatch):
+    """Features and thumbnails are gathered a chunk of pairs at a time (bounded memory at
+    250,000 images): chunks of three pairs give every pair the same numbers as one chunk."""
+    from tagmill.doctor import duplicates
+
+    coffee, astronaut = photo("coffee"), photo("astronaut")
+    images = {"coffee": coffee, "coffee-cropped": crop(coffee, 0.05, 0.05, 0.05, 0.05),
+              "coffee-small": coffee.resize((100, 100)), "astronaut": astronaut,
+              "astronaut-resized": astronaut.resize((96, 96), Image.Resampling.LANCZOS)}
+    facts = facts_of(images)
+    features = torch.rand(len(facts), 16, generator=torch.Generator().manual_seed(0)) + 1.0  # every cosine above 0.8
+    neighbours = nearest_neighbours(features, len(facts) - 1)
+    whole = duplicates.measure_pairs(facts, features, neighbours)
+    monkeypatch.setattr(duplicates, "PAIRS_AT_ONCE", 3)
+    monkeypatch.setattr(thumbnails, "CHUNK", 3)
+    assert duplicates.measure_pairs(facts, features, neighbours) == whole
+    assert len(whole[1]) > 3  # aligned pairs: more than one chunk of three

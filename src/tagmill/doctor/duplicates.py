@@ -77,6 +77,11 @@ MAX_DIFFERENCE = 15.0
 #: a hash quarter shared by more images than this says "plain background", not "copy":
 #: such buckets add no candidates (their members still get their feature neighbours)
 MAX_BUCKET = 64
+#: candidate pairs measured at once: their two sides' features (4,096 rows of ~4,000 of
+#: them: 130 MB) or float thumbnails (110 MB) are gathered a chunk at a time (all the
+#: 41,590 pairs aligned at 50,000 images of bench/doctor_scale.py took 2.3 GB at once);
+#: a multiple of ``thumbnails.CHUNK``, so the alignment's own chunks are unchanged
+PAIRS_AT_ONCE = 4096
 #: exact-copy groups up to this size list every pair; bigger ones pair each member with
 #: the group's first image in every split (enough to see each copy and each leak)
 ALL_PAIRS_UP_TO = 20
@@ -145,10 +150,14 @@ def aligned_comparison(facts: list[ImageFacts], pairs: list[tuple[int, int]]) ->
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     rows = sorted({r for pair in pairs for r in pair})
     at = {r: n for n, r in enumerate(rows)}
-    pictures = thumbnails.as_tensor([facts[r].thumbnail for r in rows])
+    stored = thumbnails.stacked([facts[r].thumbnail for r in rows])  # (R, SIDE, SIDE, 3) uint8
     a = torch.tensor([at[i] for i, _ in pairs])
     b = torch.tensor([at[j] for _, j in pairs])
-    return thumbnails.compare(pictures[a], pictures[b])
+    parts = [thumbnails.compare(thumbnails.as_pictures(stored[a[start:start + PAIRS_AT_ONCE]]),
+                                thumbnails.as_pictures(stored[b[start:start + PAIRS_AT_ONCE]]))
+             for start in range(0, len(pairs), PAIRS_AT_ONCE)]
+    worst, layout, kept = (torch.cat(column) for column in zip(*parts, strict=True))
+    return worst, layout, kept
 
 
 def measure_pairs(facts: list[ImageFacts], features: Tensor, neighbours: Neighbours, *,
@@ -165,14 +174,18 @@ def measure_pairs(facts: list[ImageFacts], features: Tensor, neighbours: Neighbo
     candidates.update((min(i, j), max(i, j)) for i, j in zip(rows, neighbours.index.flatten().tolist(), strict=True))
     candidates -= exact
     candidates = {(i, j) for i, j in candidates if facts[i].digest and facts[j].digest}
-    unit = normalised(features)
 
     def measured(pairs: list[tuple[int, int]]) -> tuple[list[float], list[int]]:
         if not pairs:
             return [], []
-        a, b = (np.array(side) for side in zip(*pairs, strict=True))
-        cosine = (unit[torch.from_numpy(a)] * unit[torch.from_numpy(b)]).sum(dim=1)
-        return cosine.tolist(), hash_distances(codes, a, b).tolist()
+        a, b = (torch.from_numpy(np.array(side)) for side in zip(*pairs, strict=True))
+        # both sides' rows are gathered and scaled to unit length a chunk of pairs at a
+        # time: all at once, the 5 million candidates of 250,000 images would copy 80 GB
+        # of features per side, and a unit-length copy of all the features is 4 GB more
+        cosine = torch.cat([(normalised(features[a[start:start + PAIRS_AT_ONCE]])
+                             * normalised(features[b[start:start + PAIRS_AT_ONCE]])).sum(dim=1)
+                            for start in range(0, len(a), PAIRS_AT_ONCE)])
+        return cosine.tolist(), hash_distances(codes, a.numpy(), b.numpy()).tolist()
 
     exact_list = sorted(exact)
     exact_pairs = [DuplicatePair(i, j, "exact", cos, bits) for (i, j), cos, bits in

@@ -93,8 +93,19 @@ def thumbnail(image: Image.Image) -> bytes:
 
 def as_tensor(thumbnails: list[bytes]) -> Tensor:
     """(N, 3, SIDE, SIDE) float32 in 0–255 from ``thumbnail`` bytes."""
-    pixels = np.frombuffer(b"".join(thumbnails), dtype=np.uint8).reshape(len(thumbnails), SIDE, SIDE, 3)
-    return torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float()
+    return as_pictures(stacked(thumbnails))
+
+
+def stacked(thumbnails: list[bytes]) -> Tensor:
+    """(N, SIDE, SIDE, 3) uint8: ``thumbnail`` bytes as they are stored, in one tensor (a
+    quarter of ``as_tensor``'s memory: 1.7 GB for 250,000 images)."""
+    joined = bytearray().join(thumbnails)  # writable, so numpy and torch share it: no second copy
+    return torch.from_numpy(np.frombuffer(joined, dtype=np.uint8).reshape(len(thumbnails), SIDE, SIDE, 3))
+
+
+def as_pictures(stored: Tensor) -> Tensor:
+    """(N, 3, SIDE, SIDE) float32 in 0–255 from :func:`stacked` rows."""
+    return stored.permute(0, 3, 1, 2).float()
 
 
 def _area_matrices(low: Tensor, high: Tensor, parts: int = COMPARED) -> Tensor:
@@ -296,4 +307,4 @@ def difference(a: Tensor, b: Tensor) -> Tensor:
     return compare(a, b)[0]
 
 
-__all__ = ["COMPARED", "CROPS", "HASH_GRID", "HASH_KEPT", "SIDE", "as_tensor", "compare", "difference", "thumbnail"]
+__all__ = ["COMPARED", "CROPS", "HASH_GRID", "HASH_KEPT", "SIDE", "as_pictures", "as_tensor", "compare", "difference", "stacked", "thumbnail"]

@@ -153,7 +153,7 @@ def _aligned(facts: list[ImageFacts], features: dict[str, FeatureSet]) -> tuple[
 def _label_issues(x: torch.Tensor, y: torch.Tensor, task: Objective, seed: int) -> tuple[list[LabelIssue], list[int], str]:
     from tagmill.train.head_fit import fit_head, out_of_fold_probabilities
 
-    fit = fit_head([x], y, task, seed=seed)
+    fit = fit_head([x], y, task, seed=seed, final=False)  # only the out-of-fold answers judge: no head over all rows
     if fit.oof_probs is not None and len(fit.oof_probs) == len(y):
         probs = fit.oof_probs
     else:

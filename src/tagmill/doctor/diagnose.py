@@ -12,7 +12,9 @@ report and the CSVs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ from tagmill.objective import Objective, objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
 from tagmill.train.features import FeatureSet
+from tagmill.train.head_fit import HeadFit
 
 #: feature neighbours kept per image: candidates for near copies, and isolation for outliers
 NEIGHBOURS = 20
@@ -176,27 +179,49 @@ def _label_issues(x: torch.Tensor, y: torch.Tensor, task: Objective, seed: int) 
     return issues, ranking, how
 
 
-def _leakage(facts: list[ImageFacts], x: torch.Tensor, y: torch.Tensor, pairs: list[DuplicatePair], task: Objective,
-             seed: int) -> dict[str, Any]:
+def _train_head(facts: list[ImageFacts], x: torch.Tensor, y: torch.Tensor, task: Objective, seed: int) -> HeadFit | None:
+    """The head ``tagmill train`` would fit on the train split (L2 cross-validated on it),
+    for the leakage check; None without a validation split to check."""
     from tagmill.train.head_fit import fit_head
 
-    split = [f.split for f in facts]
-    train = torch.tensor([s == "train" for s in split])
-    val = torch.tensor([s == "val" for s in split])
-    if not val.any():
+    if not any(f.split == "val" for f in facts):
+        return None
+    train = torch.tensor([f.split == "train" for f in facts])
+    return fit_head([x[train]], y[train], task, seed=seed)
+
+
+def _leakage(facts: list[ImageFacts], x: torch.Tensor, y: torch.Tensor, pairs: list[DuplicatePair], task: Objective,
+             fit: HeadFit | None) -> dict[str, Any]:
+    """The validation metric of ``fit`` (``_train_head``) on all of val and on val without
+    the images that have a copy in train."""
+    if fit is None:
         return {}
+    split = [f.split for f in facts]
+    val = torch.tensor([s == "val" for s in split])
     leaked = torch.zeros(len(facts), dtype=torch.bool)
     for p in pairs:
         for me, other in ((p.a, p.b), (p.b, p.a)):
             if split[me] == "val" and split[other] == "train":
                 leaked[me] = True
-    fit = fit_head([x[train]], y[train], task, seed=seed)
     probs = task.probabilities(x[val] @ fit.weight.T + fit.bias)
     clean = ~leaked[val]
     result = {"metric": task.selection_metric, "val_images": int(val.sum()), "leaked_val_images": int(leaked.sum()),
               "with_leaked": task.selection_score(probs, y[val])}
     result["without_leaked"] = task.selection_score(probs[clean], y[val][clean]) if clean.any() else None
     return result
+
+
+@contextmanager
+def _one_thread_each() -> Iterator[None]:
+    """torch's intra-op threads at one while the two head fits run side by side (the
+    count is process-wide: a fit that set and restored it itself would change it under
+    the other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def diagnose(dataset: str, *, model: str | None = None, config: TrainConfig | None = None, workers: int | None = None,
@@ -222,8 +247,12 @@ def diagnose(dataset: str, *, model: str | None = None, config: TrainConfig | No
     seconds["neighbours_and_duplicates"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    issues, ranking, how = _label_issues(x, y, task, config.seed)
-    leakage = _leakage(facts, x, y, duplicates, task, config.seed)
+    # the leakage check's head and the label check's cross-validation are independent
+    # fits of a few thousand rows, each bound by one core: side by side on two threads
+    with _one_thread_each(), ThreadPoolExecutor(1, thread_name_prefix="tagmill-leakage-head") as pool:
+        train_head = pool.submit(_train_head, facts, x, y, task, config.seed)
+        issues, ranking, how = _label_issues(x, y, task, config.seed)
+        leakage = _leakage(facts, x, y, duplicates, task, train_head.result())
     seconds["label_issues_and_leakage"] = time.perf_counter() - start
 
     start = time.perf_counter()

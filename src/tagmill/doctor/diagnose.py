@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +32,9 @@ from tagmill.objective import Objective, objective
 from tagmill.progress import SILENT, Progress
 from tagmill.train.config import TrainConfig
 from tagmill.train.features import FeatureSet
-from tagmill.train.head_fit import HeadFit
+
+if TYPE_CHECKING:
+    from tagmill.train.head_fit import HeadFit
 
 #: feature neighbours kept per image: candidates for near copies, and isolation for outliers
 NEIGHBOURS = 20

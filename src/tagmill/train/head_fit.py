@@ -404,7 +404,8 @@ def _fit(
     ``rows_of``: fit on these rows of each view only (a fold's; ``targets`` are theirs),
     gathered a chunk at a time too. Each chunk's loss is weighted by its share of the
     rows and back-propagated at once: the gradient is the full batch's, the memory a
-    chunk's."""
+    chunk's. Rows that fit in ``PREPARE_ONCE_BYTES`` are gathered and prepared once per
+    fit instead (the same chunks, the same numbers)."""
     rows = len(rows_of) * len(views) if rows_of is not None else sum(len(v) for v in views)
     if (rows_of is not None or prepare is not None) and \
             rows * views[0].shape[1] * views[0].element_size() <= PREPARE_ONCE_BYTES:

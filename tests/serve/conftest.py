@@ -158,8 +158,16 @@ class ServerProcess:
 def server_workers(parent: int) -> list[int]:
     """The live worker processes of a ``--workers N`` server (spawned interpreters)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [int(pid) for pid in children
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [int(pid) for pid in children if b"spawn_main" in _command_line(int(pid))]
+
+
+def _command_line(pid: int) -> bytes:
+    """``/proc/PID/cmdline``, or nothing for a child reaped since it was listed (a worker
+    the test killed can go between reading the children and reading its command line)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def metric(text: str, name: str, **labels: str) -> float:

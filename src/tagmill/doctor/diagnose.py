@@ -12,9 +12,8 @@ report and the CSVs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -213,19 +212,6 @@ def _leakage(facts: list[ImageFacts], x: torch.Tensor, y: torch.Tensor, pairs: l
     return result
 
 
-@contextmanager
-def _one_thread_each() -> Iterator[None]:
-    """torch's intra-op threads at one while the two head fits run side by side (the
-    count is process-wide: a fit that set and restored it itself would change it under
-    the other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def diagnose(dataset: str, *, model: str | None = None, config: TrainConfig | None = None, workers: int | None = None,
              progress: Progress = SILENT, log: Callable[[str], None] = lambda line: None) -> Diagnosis:
     config = config or TrainConfig()
@@ -250,8 +236,12 @@ def diagnose(dataset: str, *, model: str | None = None, config: TrainConfig | No
 
     start = time.perf_counter()
     # the leakage check's head and the label check's cross-validation are independent
-    # fits of a few thousand rows, each bound by one core: side by side on two threads
-    with _one_thread_each(), ThreadPoolExecutor(1, thread_name_prefix="tagmill-leakage-head") as pool:
+    # fits of a few thousand rows, each bound by one core: side by side on two threads,
+    # torch's intra-op threads at one for both (the count is process-wide: a fit that
+    # set and restored it itself would change it under the other)
+    from tagmill.train.head_fit import intra_op_threads
+
+    with intra_op_threads(1), ThreadPoolExecutor(1, thread_name_prefix="tagmill-leakage-head") as pool:
         train_head = pool.submit(_train_head, facts, x, y, task, config.seed)
         issues, ranking, how = _label_issues(x, y, task, config.seed)
         leakage = _leakage(facts, x, y, duplicates, task, train_head.result())

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from tagmill.errors import InputError
+from tagmill.train.head_fit import intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,9 @@ def with_tag_context(probs: Tensor, targets: Tensor, *, seed: int = 0) -> Tensor
     fold = torch.randperm(n, generator=generator) % CONTEXT_FOLDS
     out = probs.to(torch.float32).clone()
     judged = (tags.sum(dim=0) > 0) & (tags.sum(dim=0) < n)
-    threads = torch.get_num_threads()
     # products of (rows × C) by (C × C): a second thread only adds synchronisation, and on a
     # busy machine spinning threads made each fold 20× slower (15 s instead of 0.7)
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         for k in range(CONTEXT_FOLDS):
             train = torch.nonzero(fold != k).flatten()
             if len(train) > CONTEXT_MAX_ROWS:
@@ -172,8 +171,6 @@ def with_tag_context(probs: Tensor, targets: Tensor, *, seed: int = 0) -> Tensor
             held = torch.nonzero(fold == k).flatten()
             z = logit[held] * a + tags[held] @ v.T + b
             out[held[:, None], torch.nonzero(judged).flatten()[None, :]] = torch.sigmoid(z[:, judged])
-    finally:
-        torch.set_num_threads(threads)
     return out.to(probs.dtype)
 
 

@@ -138,7 +138,7 @@ def fit_head(
                          "of more rows than features can span, final=False")
     size = rows * len(views) * views[0].shape[1] * task.num_outputs(targets)  # as for all the rows: same threads, same sums
     threads = 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
-    with _threads(threads):
+    with intra_op_threads(threads):
         return _fit_head(views, targets, task, seed=seed, grid=grid, folds=folds, device=device, final=final,
                          population=population)
 
@@ -253,7 +253,7 @@ def out_of_fold_probabilities(
     fold_of = _assign_folds(y, task, k, seed, limit=len(y))
     probs = torch.zeros(len(y), num_classes)
     threads = 1 if device.type == "cpu" and x.numel() * num_classes < ONE_THREAD_BELOW else torch.get_num_threads()
-    with _threads(threads):
+    with intra_op_threads(threads):
         for fold in range(k):
             held = fold_of == fold
             weight, bias = _fit([x[~held]], y[~held], task, num_classes, l2)
@@ -273,7 +273,9 @@ def _near_best(grid: tuple[float, ...], plain: dict[tuple[int, float], float]) -
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads at ``count`` inside the block, as they were after it (the
+    count is process-wide)."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -530,7 +532,7 @@ def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit:
     return fold_of.to(targets.device)
 
 
-__all__ = [
+__all__ = ["intra_op_threads", 
     "CV_MAX_IMAGES", "FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "Population", "RunningMoments", "choose_folds", "cv_rows",
     "fit_head", "fits_on_a_sample", "out_of_fold_probabilities",
 ]

@@ -139,10 +139,30 @@ class ServerProcess:
         with httpx.Client(base_url=self.url) as client:
             try:
                 wait_ready(client.get)
+                self._wait_for_every_worker()
             except TimeoutError:
                 self.__exit__()
                 raise
         return self
+
+    def _wait_for_every_worker(self) -> None:
+        """With ``--workers N``, until all N listen: /readyz answers once the first one
+        does, and a worker listens only when its model is loaded, so connections made
+        before the others are up all land on the first (a test counting the workers that
+        answered saw one of two)."""
+        if "--workers" not in self.command:
+            return
+        count = int(self.command[self.command.index("--workers") + 1])
+        if count < 2:
+            return  # one worker is the server process itself, ready when /readyz is
+        assert self.process is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            workers = server_workers(self.process.pid)
+            if len(workers) == count and all(is_listening(pid) for pid in workers):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"not all {count} workers are listening")
 
     def __exit__(self, *exc: object) -> None:
         if self.process is None:
@@ -168,6 +188,24 @@ def _command_line(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return b""
+
+
+def is_listening(pid: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket in the LISTEN state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                return True
+    return False
 
 
 def metric(text: str, name: str, **labels: str) -> float:

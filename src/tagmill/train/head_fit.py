@@ -26,10 +26,11 @@ decides whether training on them helps (held-out images are always plain views):
 augmentation that changes what an image shows can hurt a linear head.
 
 With fewer rows than features (up to a few thousand images against ~4,000 pooled
-features), every fit runs in the span of the rows instead: an L2-penalised linear model's weights
-lie in that span (any component outside it changes no logit and only adds to the
-penalty), so fitting on the rows' coordinates in an orthonormal basis of it gives the
-same optimum, exactly, at a fraction of the arithmetic per step.
+features; see ``PROJECT_BELOW``), every fit runs in the span of the rows instead: an
+L2-penalised linear model's weights lie in that span (any component outside it changes
+no logit and only adds to the penalty), so fitting on the rows' coordinates in an
+orthonormal basis of it gives the same optimum, exactly, at a fraction of the
+arithmetic per step.
 """
 
 from __future__ import annotations

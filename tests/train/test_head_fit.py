@@ -133,6 +133,24 @@ def test_fitting_in_the_span_of_the_rows_finds_the_same_head(monkeypatch, kind):
     assert torch.allclose(projected.oof_probs, full.oof_probs, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["single", "multi"])
+def test_folds_fitted_side_by_side_give_the_very_same_head(kind):
+    """A fit held at one thread fits its folds on the other cores at once: the same fits,
+    each on one thread, so the same numbers to the bit as one fold after another."""
+    from tagmill.train.head_fit import intra_op_threads
+
+    task = objective(kind)
+    features, labels = blobs(40, 5, dim=64, spread=1.5)  # overlapping: every fold's fit takes its steps
+    targets = labels if kind == "single" else torch.nn.functional.one_hot(labels, 5).float()
+    with intra_op_threads(4):  # the folds side by side (torch may use 4 threads here)
+        together = fit_head([features], targets, task)
+    with intra_op_threads(1):  # one fold after another
+        apart = fit_head([features], targets, task)
+    assert together.l2 == apart.l2 and together.cv_scores == apart.cv_scores
+    assert torch.equal(together.oof_probs, apart.oof_probs)
+    assert torch.equal(together.weight, apart.weight) and torch.equal(together.bias, apart.bias)
+
+
 def test_moments_are_taken_a_chunk_at_a_time(monkeypatch):
     """_moments sums each chunk of rows in float64 (a float64 cast of a whole view was a
     copy twice the cache's size): the same means and scale as over the whole views."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -139,14 +140,18 @@ def fit_head(
                          "of more rows than features can span, final=False")
     size = rows * len(views) * views[0].shape[1] * task.num_outputs(targets)  # as for all the rows: same threads, same sums
     threads = 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
+    # fits held at one thread each leave the other cores idle: the folds' fits, which are
+    # independent, run side by side on them instead (each still on one thread, so the
+    # same arithmetic in the same order: the same numbers)
+    side_by_side = torch.get_num_threads() if threads == 1 else 1
     with intra_op_threads(threads):
         return _fit_head(views, targets, task, seed=seed, grid=grid, folds=folds, device=device, final=final,
-                         population=population)
+                         population=population, side_by_side=side_by_side)
 
 
 def _fit_head(
     views: list[Tensor], targets: Tensor, task: Objective, *, seed: int, grid: tuple[float, ...], folds: int,
-    device: torch.device, final: bool, population: Population | None = None,
+    device: torch.device, final: bool, population: Population | None = None, side_by_side: int = 1,
 ) -> HeadFit:
     # The views are the run's feature cache (at 250k images, gigabytes): nothing below
     # copies them whole. Standardising happens a chunk at a time inside each fit, and
@@ -192,7 +197,8 @@ def _fit_head(
         for count in sorted({1, len(views)}):
             tried = grid if count == 1 else _near_best(grid, candidates)
             cv_scores, (kept_l2, kept_oof), cv_heads = _cross_validate(cv_views[:count], targets[cv_rows], task,
-                                                                       num_classes, fold_of[cv_rows], k, tried)
+                                                                       num_classes, fold_of[cv_rows], k, tried,
+                                                                       side_by_side=side_by_side)
             candidates.update({(count, g): v for g, v in cv_scores.items()})
             # only the winner's out-of-fold table is used, and the winner is the best of
             # some count: each count keeps its best table (20,000 x C floats each)
@@ -457,7 +463,7 @@ def _fit(
 
 def _cross_validate(
     views: list[Tensor], targets: Tensor, task: Objective, num_classes: int, fold_of: Tensor, k: int,
-    grid: tuple[float, ...],
+    grid: tuple[float, ...], *, side_by_side: int = 1,
 ) -> tuple[dict[float, float], tuple[float, Tensor], dict[float, tuple[Tensor, Tensor]]]:
     """Per L2 strength: the selection metric over pooled out-of-fold predictions, and the
     last fold's head (a warm start for the final fit); and the best strength with its
@@ -467,7 +473,11 @@ def _cross_validate(
     the previous (stronger) L2: the same fits as folds outer, strengths inner, but only
     two (N, C) tables are alive at once (the one being filled and the best so far)
     instead of one per strength: at the CV_MAX_IMAGES cap with 183 tags, 29 MB instead
-    of 117 MB for the eight strengths of ``L2_GRID``."""
+    of 117 MB for the eight strengths of ``L2_GRID``.
+
+    ``side_by_side``: threads fitting a strength's folds at once (they are independent;
+    each fit's rows are gathered per fit, so that many copies are alive at once, each at
+    most ``PREPARE_ONCE_BYTES``)."""
     in_cv = (fold_of >= 0).nonzero().flatten()  # images taking part, in order
     position = torch.full_like(fold_of, -1)
     position[in_cv] = torch.arange(len(in_cv), device=fold_of.device)
@@ -478,19 +488,30 @@ def _cross_validate(
     scores: dict[float, float] = {}
     models: dict[float, tuple[Tensor, Tensor]] = {}
     best: tuple[float, Tensor] | None = None
+    pool = ThreadPoolExecutor(min(side_by_side, k), thread_name_prefix="tagmill-fold") if side_by_side > 1 else None
+
+    def fit_fold(fold: int, l2: float) -> tuple[Tensor, Tensor]:
+        return _fit(views, targets[folds[fold][1]], task, num_classes, l2, init=previous[fold],
+                    max_iter=CV_MAX_ITER, rows_of=folds[fold][1])
+
     # strongest regularisation first: each fold's solution warm-starts its next, weaker one
-    for l2 in sorted(grid, reverse=True):
-        oof = torch.zeros(len(in_cv), num_classes)
-        for fold, (held, kept) in enumerate(folds):
-            previous[fold] = head = _fit(views, targets[kept], task, num_classes, l2, init=previous[fold],
-                                         max_iter=CV_MAX_ITER, rows_of=kept)
-            logits = views[0][held] @ head[0].T + head[1]  # (H, C) plain view only
-            oof[position[held].cpu()] = task.probabilities(logits).cpu()
-        models[l2] = previous[-1]
-        scores[l2] = task.selection_score(oof, truth)
-        if best is None or _preference(scores[l2], 1, l2) > _preference(scores[best[0]], 1, best[0]):
-            best = (l2, oof)  # the view count is the same for every strength here
-        del oof
+    try:
+        for l2 in sorted(grid, reverse=True):
+            oof = torch.zeros(len(in_cv), num_classes)
+            fitted = pool.map(fit_fold, range(k), [l2] * k) if pool else (fit_fold(fold, l2) for fold in range(k))
+            for fold, head in enumerate(fitted):
+                previous[fold] = head
+                held = folds[fold][0]
+                logits = views[0][held] @ head[0].T + head[1]  # (H, C) plain view only
+                oof[position[held].cpu()] = task.probabilities(logits).cpu()
+            models[l2] = previous[-1]
+            scores[l2] = task.selection_score(oof, truth)
+            if best is None or _preference(scores[l2], 1, l2) > _preference(scores[best[0]], 1, best[0]):
+                best = (l2, oof)  # the view count is the same for every strength here
+            del oof
+    finally:
+        if pool is not None:
+            pool.shutdown()
     assert best is not None  # grid is never empty
     return {g: scores[g] for g in grid}, best, models  # in the grid's order, as reported
 

@@ -139,7 +139,7 @@ def fit_head(
         raise ValueError("fit_head(population=...) takes the CV_MAX_IMAGES rows drawn from a larger multi-label set "
                          "of more rows than features can span, final=False")
     size = rows * len(views) * views[0].shape[1] * task.num_outputs(targets)  # as for all the rows: same threads, same sums
-    threads = 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
+    threads = _intra_op_threads_for(size, device)
     # fits held at one thread each leave the other cores idle: the folds' fits, which are
     # independent, run side by side on them instead (each still on one thread, so the
     # same arithmetic in the same order: the same numbers)
@@ -259,8 +259,7 @@ def out_of_fold_probabilities(
     num_classes = task.num_outputs(y)
     fold_of = _assign_folds(y, task, k, seed, limit=len(y))
     probs = torch.zeros(len(y), num_classes)
-    threads = 1 if device.type == "cpu" and x.numel() * num_classes < ONE_THREAD_BELOW else torch.get_num_threads()
-    with intra_op_threads(threads):
+    with intra_op_threads(_intra_op_threads_for(x.numel() * num_classes, device)):
         for fold in range(k):
             held = fold_of == fold
             weight, bias = _fit([x[~held]], y[~held], task, num_classes, l2)
@@ -277,6 +276,12 @@ def _near_best(grid: tuple[float, ...], plain: dict[tuple[int, float], float]) -
     ordered = sorted(grid)
     best = ordered.index(max((g for (_, g) in plain), key=lambda g: _preference(plain[(1, g)], 1, g)))
     return tuple(ordered[max(0, best - 2) : best + 2])
+
+
+def _intra_op_threads_for(size: int, device: torch.device) -> int:
+    """torch's intra-op threads for a fit of ``size`` multiply-adds per loss evaluation
+    (N·D·C): one below ``ONE_THREAD_BELOW`` on the CPU, else as many as torch may use."""
+    return 1 if device.type == "cpu" and size < ONE_THREAD_BELOW else torch.get_num_threads()
 
 
 @contextlib.contextmanager
@@ -557,7 +562,7 @@ def _assign_folds(targets: Tensor, task: Objective, k: int, seed: int, *, limit:
     return fold_of.to(targets.device)
 
 
-__all__ = ["intra_op_threads", 
+__all__ = [
     "CV_MAX_IMAGES", "FALLBACK_L2", "FOLDS", "HeadFit", "L2_GRID", "Population", "RunningMoments", "choose_folds", "cv_rows",
-    "fit_head", "fits_on_a_sample", "out_of_fold_probabilities",
+    "fit_head", "fits_on_a_sample", "intra_op_threads", "out_of_fold_probabilities",
 ]

@@ -5,17 +5,21 @@ A request goes through three stages:
 1. **admission** (event loop): :meth:`Batcher.reserve` counts it as waiting, or
    refuses it with :class:`QueueFullError` when ``queue_size`` requests already wait.
    Refusing before decoding sheds load before any CPU is spent on it.
-2. **decoding** (a thread pool): bytes → (n, 3, S, S), in parallel with the forward
+2. **decoding**: bytes → (n, 3, S, S). In a thread pool, in parallel with the forward
    pass that is running meanwhile; the decoding thread queues the tensors itself
-   (:meth:`Slot.decode_and_submit`), so the event loop is not woken in between.
+   (:meth:`Slot.decode_and_submit`), so the event loop is not woken in between. Or,
+   with no pool (where the workers' model threads already keep every CPU busy:
+   ``service.decode_threads``), the request is queued as bytes and the model thread
+   decodes it when it takes it into a batch: no hand-off between threads, and the
+   images are decoded right before the forward pass that reads them.
 3. **inference** (the one model thread): the
    model thread takes every queued request that fits in ``max_batch`` images, runs one
    forward pass, post-processes each request with its own options, and hands the
    answers of the whole batch to the event loop at once.
 
 The model thread waits for more requests (at most ``max_wait_ms``) only while other
-admitted requests are still being decoded: a lone request at concurrency 1 never
-waits, and under load batches fill without a fixed delay.
+admitted requests are still being decoded in the pool: a lone request at concurrency 1
+never waits, and under load batches fill without a fixed delay.
 
 Each request is decoded for, and run by, the model that was served when it was
 admitted: after a swap (``models.py``) the requests already admitted finish on the old
@@ -52,16 +56,14 @@ log = logging.getLogger(__name__)
 class Job:
     """One request's images, waiting for the model."""
 
-    images: torch.Tensor  #: (n, 3, S, S)
-    predictor: Predictor  #: the model the images were preprocessed for, which runs them
+    images: torch.Tensor | None  #: (n, 3, S, S); None until ``decode`` runs in the model thread
+    size: int  #: n, the request's image count
+    predictor: Predictor  #: the model the images are preprocessed for, which runs them
     top_k: int
     thresholds: list[float] | None
     loop: asyncio.AbstractEventLoop  #: the event loop the request waits on
     future: asyncio.Future[list[Prediction]]  #: of ``loop``: set there only (see :func:`_settle`)
-
-    @property
-    def size(self) -> int:
-        return int(self.images.shape[0])
+    decode: Callable[[], torch.Tensor] | None = None  #: for the model thread, when there is no pool
 
 
 class Slot:
@@ -71,13 +73,13 @@ class Slot:
         self._batcher = batcher
         self.submitted = False
 
-    def decode_and_submit(self, pool: Executor, decode: Callable[[], torch.Tensor], top_k: int,
+    def decode_and_submit(self, pool: Executor | None, decode: Callable[[], torch.Tensor], size: int, top_k: int,
                           thresholds: list[float] | None, *,
                           predictor: Predictor | None = None) -> asyncio.Future[list[Prediction]]:
-        """Run ``decode`` (-> (n, 3, S, S)) in ``pool`` and queue its images from there for
-        ``predictor`` (default: the served one); await the answer, or ``decode``'s error,
-        on the running event loop. Cancelling it skips the images if the model has not
-        taken them yet.
+        """Run ``decode`` (-> (``size``, 3, S, S)) in ``pool`` and queue its images from there
+        for ``predictor`` (default: the served one), or with no pool, queue ``decode`` for
+        the model thread to run; await the answer, or ``decode``'s error, on the running
+        event loop. Cancelling it skips the images if the model has not taken them yet.
 
         Why the pool thread queues them: handing the decoded images back to the event loop
         first woke it once more per request, and each wake-up costs the waking thread a
@@ -89,6 +91,10 @@ class Slot:
             raise NotReadyError("the model is still loading")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Prediction]] = loop.create_future()
+        if pool is None:
+            batcher._enqueue(Job(None, size, model, top_k, thresholds, loop, future, decode))
+            self.submitted = True
+            return future
 
         def work() -> None:
             try:
@@ -97,7 +103,7 @@ class Slot:
                 batcher._release()
                 _settle([(loop, future, exc)])
                 return
-            batcher._enqueue(Job(images, model, top_k, thresholds, loop, future))
+            batcher._enqueue(Job(images, size, model, top_k, thresholds, loop, future))
 
         pool.submit(work)
         self.submitted = True
@@ -280,11 +286,12 @@ class Batcher:
     def _run(self, predictor: Predictor, jobs: list[Job]) -> None:
         # a client that went away cancelled its future: skip its images (read from this
         # thread, a cancel can come just after; _settle then drops that answer)
-        jobs = [job for job in jobs if not job.future.cancelled()]
-        if not jobs:
+        ready = _decoded([job for job in jobs if not job.future.cancelled()])
+        if not ready:
             return
+        jobs = [job for job, _ in ready]
         start = time.perf_counter()
-        images = jobs[0].images if len(jobs) == 1 else torch.cat([job.images for job in jobs])  # (N, 3, S, S)
+        images = ready[0][1] if len(ready) == 1 else torch.cat([tensor for _, tensor in ready])  # (N, 3, S, S)
         try:
             logits = predictor.logits(images)  # (N, C)
         except Exception as exc:  # a failing model fails these requests, not the server
@@ -302,6 +309,23 @@ class Batcher:
                 answers.append((job.loop, job.future, exc))
         _settle(answers)
         self._metrics.observe_batch(int(images.shape[0]), time.perf_counter() - start)
+
+
+def _decoded(jobs: list[Job]) -> list[tuple[Job, torch.Tensor]]:
+    """Each job with its images, decoding those queued as bytes (no pool) first; a request
+    whose images fail gets its error (a bad image: 422) and leaves the batch."""
+    ready: list[tuple[Job, torch.Tensor]] = []
+    failed: list[_Answer] = []
+    for job in jobs:
+        if job.images is None and job.decode is not None:
+            try:
+                job.images = job.decode()
+            except Exception as exc:
+                failed.append((job.loop, job.future, exc))
+        if job.images is not None:
+            ready.append((job, job.images))
+    _settle(failed)
+    return ready
 
 
 #: a request's answer: the loop its future belongs to, the future, predictions or an error

@@ -1,4 +1,4 @@
-"""One worker's serving state: the served model, the batcher, the decode pool.
+"""One worker's serving state: the served model, the batcher, the decoding threads.
 
 The routes only parse and format; everything that touches images or the model goes
 through :meth:`Service.predict`, which also says which model answered, and
@@ -25,7 +25,7 @@ from tagmill.bundle.predictor import Prediction, Predictor, Threshold
 from tagmill.errors import BundleError, UnreadableImageError
 from tagmill.serve.batching import Batcher
 from tagmill.serve.capture import Capture
-from tagmill.serve.config import STARTUP_FAILURE, ServeConfig
+from tagmill.serve.config import DECODE_THREADS, STARTUP_FAILURE, ServeConfig
 from tagmill.serve.errors import NotReadyError
 from tagmill.serve.explanations import Explainer
 from tagmill.serve.metrics import ServeMetrics
@@ -99,7 +99,9 @@ class Service:
         """Start decoding threads and the model thread (which loads the model); idempotent."""
         if self._pool is None:
             torch.set_num_threads(self.config.threads)  # decode threads run small torch ops too
-            self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="tagmill-decode")
+            threads = decode_threads(self.config)
+            if threads > 0:  # else the model thread decodes (Slot.decode_and_submit)
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tagmill-decode")
         self.explainer.start()
         self.batcher.start()
         if self.capture is not None:
@@ -149,13 +151,12 @@ class Service:
         A bad image fails the whole request (UnreadableImageError, 422)."""
         model = self.require_ready()
         predictor = model.predictor
-        pool = self._pool
-        if pool is None:
+        if not self.batcher.started:
             raise NotReadyError("the server is not started")
         k, thresholds = predictor.resolve_options(top_k, threshold)  # bad options: 400 before any work
         with self.batcher.reserve() as slot:
-            future = slot.decode_and_submit(pool, partial(_preprocess_all, predictor, images), k, thresholds,
-                                            predictor=predictor)
+            future = slot.decode_and_submit(self._pool, partial(_preprocess_all, predictor, images), len(images), k,
+                                            thresholds, predictor=predictor)
         predictions = await future
         self.metrics.answers.labels(model.version).inc()
         if self.capture is not None:  # every prediction route comes through here: one hook
@@ -195,6 +196,20 @@ class Service:
             self.metrics.swaps.labels("swapped").inc()
             log.info("model swapped: %s -> %s (%s)", served.version, model.version, target)
             return SwapOutcome("swapped", model.version, served.version, target)
+
+
+def decode_threads(config: ServeConfig) -> int:
+    """How many threads of each worker decode request images beside its model thread:
+    ``config.decode_threads``, or where that is None, 0 (the model thread decodes) when the
+    model runs on the CPU and the workers' model threads are as many as the CPUs this
+    process may use, else DECODE_THREADS. With every CPU running a model thread, a
+    decoding pool adds no CPU, only hand-offs between threads; with a GPU, or CPUs left
+    over, it decodes the next requests while the model runs."""
+    if config.decode_threads is not None:
+        return config.decode_threads
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if on_cpu and config.workers * config.threads >= cpus else DECODE_THREADS
 
 
 def _exit_process(_: BaseException) -> None:

@@ -65,7 +65,7 @@ class ServeConfig:
     #: pass. None picks (``serve.service.decode_threads``): 0 where the workers' model
     #: threads already keep every CPU busy and the model runs on the CPU (then a decoding
     #: pool only adds hand-offs between threads: INT8 ONNX served 5% more images per second
-    #: on 2 cores with 2 workers without it, measured), else DECODE_THREADS.
+    #: on 2 cores with 2 workers without it; bench/README.md), else DECODE_THREADS.
     decode_threads: int | None = None
     #: open connections per worker, idle ones included; beyond, new requests get 503. Half
     #: of the usual 1,024 open-file limit: the rest is for the model, logs and metrics files

@@ -8,7 +8,7 @@ A request goes through three stages:
 2. **decoding**: bytes → (n, 3, S, S). In a thread pool, in parallel with the forward
    pass that is running meanwhile; the decoding thread queues the tensors itself
    (:meth:`Slot.decode_and_submit`), so the event loop is not woken in between. Or,
-   with no pool (where the workers' model threads already keep every CPU busy:
+   with no pool (where the workers' inference threads already keep every CPU busy:
    ``service.decode_threads``), the request is queued as bytes and the model thread
    decodes it when it takes it into a batch: no hand-off between threads, and the
    images are decoded right before the forward pass that reads them.

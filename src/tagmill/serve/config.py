@@ -62,7 +62,7 @@ class ServeConfig:
     queue_size: int = 64  #: requests admitted but not yet in a forward pass; more get 503
     #: per worker: threads that decode and resize request images beside the model thread.
     #: 0: the model thread decodes each batch's images itself, just before its forward
-    #: pass. None picks (``serve.service.decode_threads``): 0 where the workers' model
+    #: pass. None picks (``serve.service.decode_threads``): 0 where the workers' inference
     #: threads already keep every CPU busy and the model runs on the CPU (then a decoding
     #: pool only adds hand-offs between threads: INT8 ONNX served 5% more images per second
     #: on 2 cores with 2 workers without it; bench/README.md), else DECODE_THREADS.

@@ -201,10 +201,10 @@ class Service:
 def decode_threads(config: ServeConfig) -> int:
     """How many threads of each worker decode request images beside its model thread:
     ``config.decode_threads``, or where that is None, 0 (the model thread decodes) when the
-    model runs on the CPU and the workers' model threads are as many as the CPUs this
-    process may use, else DECODE_THREADS. With every CPU running a model thread, a
-    decoding pool adds no CPU, only hand-offs between threads; with a GPU, or CPUs left
-    over, it decodes the next requests while the model runs."""
+    model runs on the CPU and the workers' inference threads (workers x threads) are at
+    least as many as the CPUs this process may use, else DECODE_THREADS. With every CPU
+    running the model, a decoding pool adds no CPU, only hand-offs between threads; with a
+    GPU, or CPUs left over, it decodes the next requests while the model runs."""
     if config.decode_threads is not None:
         return config.decode_threads
     on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())

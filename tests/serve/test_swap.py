@@ -70,7 +70,8 @@ def test_versions_are_stable_and_differ_between_bundles(bundles: dict[str, str])
 
 @pytest.fixture()
 def server(bundles: dict[str, str]) -> ThreadedServer:
-    with ThreadedServer(create_app(ServeConfig(bundle=bundles["a"], api_key=KEY))) as running:
+    # a decoding pool on any machine (test_every_worker_swaps_... swaps without one)
+    with ThreadedServer(create_app(ServeConfig(bundle=bundles["a"], api_key=KEY, decode_threads=2))) as running:
         yield running
 
 
@@ -270,7 +271,9 @@ def wait_for(condition, timeout: float = 60) -> None:  # type: ignore[no-untyped
 
 def test_every_worker_swaps_under_load_and_none_loses_a_request(bundles: dict[str, str], tmp_path: Path) -> None:
     a, b = version_of(bundles["a"]), version_of(bundles["b"])
-    with ServerProcess(bundles["a"], "--workers", "2", "--api-key", KEY) as server:
+    # --decode-threads 0: each worker's model thread decodes (the pick on 2 cores, here on
+    # any machine); the tests on the `server` fixture swap with a decoding pool
+    with ServerProcess(bundles["a"], "--workers", "2", "--decode-threads", "0", "--api-key", KEY) as server:
         wait_for(lambda: metric(httpx.get(f"{server.url}/metrics").text, "tagmill_model_version", version=a) == 2)
         outcomes = []
 

@@ -23,8 +23,8 @@ STARTUP_FAILURE = 3
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
 #: max_batch when none is given (why these: ServeConfig.max_batch)
 AUTO_MAX_BATCH: dict[str, int] = {"torch": 1, "onnx": 4}
-#: decoding threads per worker where a pool is picked (ServeConfig.decode_threads); one and
-#: two served the same on 2 cores (bench/README.md), two leave room for large images
+#: decoding threads per worker where a pool is picked (ServeConfig.decode_threads): the
+#: default since the first server; one served no faster on 2 cores (bench/README.md)
 DECODE_THREADS = 2
 
 

@@ -30,6 +30,7 @@ from tagmill.serve.errors import NotReadyError
 from tagmill.serve.explanations import Explainer
 from tagmill.serve.metrics import ServeMetrics
 from tagmill.serve.models import ServedModel, SwapOutcome, check_compatible, load_model, read_version
+from tagmill.train.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def decode_threads(config: ServeConfig) -> int:
     GPU, or CPUs left over, it decodes the next requests while the model runs."""
     if config.decode_threads is not None:
         return config.decode_threads
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    on_cpu = config.device == "cpu" or (config.device == "auto" and resolve_device("auto").type == "cpu")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 0 if on_cpu and config.workers * config.threads >= cpus else DECODE_THREADS
 

@@ -62,6 +62,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -454,6 +455,12 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     return sum(map(_cpu_seconds, process_tree(pid) if tree else [pid]))
 
 
+def own_cpu_seconds() -> float:
+    """CPU time (user + system) of this process, the load generator, so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def tree_rss_mb(pid: int) -> float:
     """The resident memory of a process and its live descendants, summed (MB): what
     "total RSS" means for a server of several processes (shared pages count in each)."""
@@ -666,10 +673,15 @@ def paired_runs(bundle: str, backends: list[str], workers: int, rounds: int, con
                 idle_mb = tree_rss_mb(server.process.pid)
                 with PeakRSS(server.process.pid) as memory:
                     asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
+                    server_before, load_before = process_cpu_seconds(server.process.pid), own_cpu_seconds()
                     result = asyncio.run(drive(server.url, photos, concurrency, seconds, max_requests))
+                    server_cpu = process_cpu_seconds(server.process.pid) - server_before
+                    load_cpu = own_cpu_seconds() - load_before
+            per_image = 1000 / max(result.requests, 1)  # ms per request of one image
             rows.append([str(round_ + 1), backend, str(concurrency), str(result.requests), f"{result.rate:.1f}",
                          f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
-                         f"{idle_mb:.0f}", f"{memory.peak_mb:.0f}"])
+                         f"{idle_mb:.0f}", f"{memory.peak_mb:.0f}", f"{server_cpu * per_image:.2f}",
+                         f"{load_cpu * per_image:.3f}"])
             print(rows[-1], flush=True)
     return rows
 
@@ -677,14 +689,20 @@ def paired_runs(bundle: str, backends: list[str], workers: int, rounds: int, con
 def paired_summary(rows: list[list[str]], backends: list[str]) -> list[list[str]]:
     """Per backend: images/s across the rounds, and each round's images/s over the first
     backend's in the same round (mean, 95% t-interval): a slow spell of the host moves
-    both runs of a round alike and drops out of the ratio."""
+    both runs of a round alike and drops out of the ratio. Then the same for the server's
+    CPU per image, as the first backend's over this one's (above 1: cheaper), which the
+    load generator's share of the CPU and other jobs on the host blur less."""
     base = {row[0]: float(row[4]) for row in rows if row[1] == backends[0]}
+    base_cpu = {row[0]: float(row[10]) for row in rows if row[1] == backends[0]}
     out = []
     for backend in backends:
         runs = [row for row in rows if row[1] == backend]
         rate = np.array([float(row[4]) for row in runs])
         out.append([backend, str(len(runs)), f"{rate.mean():.1f}", f"{rate.min():.1f}-{rate.max():.1f}",
                     mean_interval([float(row[4]) / base[row[0]] for row in runs]),
+                    f"{np.mean([float(row[10]) for row in runs]):.2f}",
+                    mean_interval([base_cpu[row[0]] / float(row[10]) for row in runs]),
+                    f"{np.mean([float(row[11]) for row in runs]):.3f}",
                     str(sum(int(row[7]) for row in runs)), f"{max(float(row[9]) for row in runs):.0f}"])
     return out
 
@@ -767,9 +785,10 @@ def main() -> None:
         rows = paired_runs(bundle, backends, args.workers, args.paired, concurrency, args.duration,
                            args.max_requests, photos)
         header = ["round", "backend", "concurrency", "requests", "images/s", "p50 ms", "p99 ms", "errors",
-                  "RSS idle MB", "RSS peak MB"]
+                  "RSS idle MB", "RSS peak MB", "server CPU ms/image", "load CPU ms/image"]
         print_table(header, rows)
         print_table(["backend", "rounds", "images/s, mean", "range", f"images/s vs {backends[0]} (95% interval)",
+                     "server CPU ms/image", f"{backends[0]}'s CPU / this (95% interval)", "load CPU ms/image",
                      "errors", "RSS peak MB, largest"], paired_summary(rows, backends))
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         (workdir / "paired_results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

@@ -18,8 +18,10 @@ TCP_NODELAY off) to show what tagmill's own worker startup changes.
 
 ``--paired ROUNDS`` measures the backends against each other instead: each one's server
 with its default batching at the last ``--concurrency`` level, ROUNDS times in rotating
-order, then each round's images/s over the first backend's (mean, 95% t-interval), and the
-server's total RSS (every process summed) when idle and its peak under the load:
+order, then each round's images/s over the first backend's (mean, 95% t-interval), the
+same for the server's CPU per image (all its processes, user + system; the first backend's
+over each one's), the load generator's own CPU per image, and the server's total RSS
+(every process summed) when idle and its peak under the load:
 ``--backends onnx,onnx-int8 --concurrency 32 --paired 5`` is what INT8 gains when served.
 
 ``--swap`` measures model swaps under load instead: a server on bundle A (with 1 and

@@ -458,7 +458,8 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
 
 
 def own_cpu_seconds() -> float:
-    """CPU time (user + system) of this process, the load generator, so far."""
+    """CPU time (user + system) of this process, the load generator (its RSS sampling
+    thread included), so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 

@@ -64,7 +64,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import resource
 import shutil
 import socket
 import subprocess
@@ -457,13 +456,6 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     return sum(map(_cpu_seconds, process_tree(pid) if tree else [pid]))
 
 
-def own_cpu_seconds() -> float:
-    """CPU time (user + system) of this process, the load generator (its RSS sampling
-    thread included), so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def tree_rss_mb(pid: int) -> float:
     """The resident memory of a process and its live descendants, summed (MB): what
     "total RSS" means for a server of several processes (shared pages count in each)."""
@@ -676,10 +668,12 @@ def paired_runs(bundle: str, backends: list[str], workers: int, rounds: int, con
                 idle_mb = tree_rss_mb(server.process.pid)
                 with PeakRSS(server.process.pid) as memory:
                     asyncio.run(drive(server.url, photos, 8, 3.0, 10**6))  # warm-up, not counted
-                    server_before, load_before = process_cpu_seconds(server.process.pid), own_cpu_seconds()
+                    # the load generator's CPU: this process's, its RSS sampling thread included
+                    server_before = process_cpu_seconds(server.process.pid)
+                    load_before = process_cpu_seconds(os.getpid(), tree=False)
                     result = asyncio.run(drive(server.url, photos, concurrency, seconds, max_requests))
                     server_cpu = process_cpu_seconds(server.process.pid) - server_before
-                    load_cpu = own_cpu_seconds() - load_before
+                    load_cpu = process_cpu_seconds(os.getpid(), tree=False) - load_before
             per_image = 1000 / max(result.requests, 1)  # ms per request of one image
             rows.append([str(round_ + 1), backend, str(concurrency), str(result.requests), f"{result.rate:.1f}",
                          f"{result.percentile(0.5):.0f}", f"{result.percentile(0.99):.0f}", str(result.errors),
